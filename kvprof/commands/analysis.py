@@ -1,0 +1,95 @@
+"""`kvprof report`, `audit`, `compare` and `traces convert`: the analysis commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+traces_app = typer.Typer(help="Convert traces between OTLP JSON, Jaeger JSON and Perfetto.",
+                         no_args_is_help=True)
+
+
+def report(
+    traces: str = typer.Option(
+        ..., "--traces", help="OTLP/Jaeger JSON file or directory, or a Jaeger URL."
+    ),
+    samples: Path | None = typer.Option(None, "--samples", help="Collector Parquet directory."),
+    aiperf: Path | None = typer.Option(None, "--aiperf", help="aiperf artifact directory."),
+    microbench: Path | None = typer.Option(None, "--microbench", help="microbench --json file."),
+    placement: Path | None = typer.Option(None, "--placement", help="Placement records dir."),
+    service: str | None = typer.Option(None, "--service", help="With a Jaeger URL: service."),
+    lookback: str = typer.Option("1h", "--lookback", help="With a Jaeger URL: time window."),
+    out: Path = typer.Option(Path("out/report.html"), "--out", help="Output file."),
+    fmt: str = typer.Option("html", "--format", help="html, md or json."),
+) -> None:
+    """Break each request's TTFT into prefill, serialize, handshake, transfer, deserialize,
+    queueing and unaccounted hand-over time, with link utilisation and a ranked verdict."""
+    from kvprof.analysis.report import run_report_command
+
+    run_report_command(
+        traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
+        placement=placement, service=service, lookback=lookback, out=out, fmt=fmt,
+    )
+
+
+def audit(
+    pods: Path | None = typer.Option(None, "--pods", help="`kubectl get pods -o json` file."),
+    nodes: Path | None = typer.Option(None, "--nodes", help="`kubectl get nodes -o json` file."),
+    kubeconfig: Path | None = typer.Option(None, "--kubeconfig", help="Audit a live cluster."),
+    namespace: str | None = typer.Option(None, "--namespace", help="Only this namespace."),
+    placement: Path | None = typer.Option(None, "--placement", help="Collector placement dir."),
+    role_label: str | None = typer.Option(None, "--role-label", help="Pod label naming roles."),
+    tokens: int = typer.Option(4000, "--tokens", help="Request size for the cost column."),
+    model: str = typer.Option("qwen3-32b", "--model", help="Model preset for the cost column."),
+    fmt: str = typer.Option("md", "--format", help="md, json or html."),
+    out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
+) -> None:
+    """Audit where prefill and decode pods run and which path each KV hand-off must take."""
+    from kvprof.analysis.audit import run_audit_command
+
+    run_audit_command(
+        pods=pods, nodes=nodes, kubeconfig=kubeconfig, namespace=namespace,
+        placement=placement, role_label=role_label, tokens=tokens, model=model, fmt=fmt, out=out,
+    )
+
+
+def compare(
+    baseline: Path = typer.Option(..., "--baseline", help="aiperf tree, one dir per concurrency."),
+    candidate: Path = typer.Option(..., "--candidate", help="aiperf tree of the other setup."),
+    gpus: list[int] = typer.Option(
+        [], "--gpus", help="GPU count of baseline then candidate (give twice)."
+    ),
+    baseline_name: str = typer.Option("baseline", "--baseline-name"),
+    candidate_name: str = typer.Option("candidate", "--candidate-name"),
+    out: Path = typer.Option(Path("out/compare"), "--out", help="Output directory."),
+    fmt: str = typer.Option("md", "--format", help="md or json (printed); files always written."),
+) -> None:
+    """Compare two deployments' aiperf runs: the seed report's tables and Pareto plot."""
+    from kvprof.analysis.compare import run_compare_command
+
+    run_compare_command(
+        baseline=baseline, candidate=candidate, gpus=gpus, baseline_name=baseline_name,
+        candidate_name=candidate_name, out=out, fmt=fmt,
+    )
+
+
+@traces_app.command("convert")
+def convert(
+    src: Path = typer.Argument(..., help="OTLP JSON(-lines) or Jaeger JSON file or directory."),
+    to: str = typer.Option(..., "--to", help="jaeger, otlp or perfetto."),
+    out: Path | None = typer.Option(None, "--out", help="Output file (default: stdout)."),
+) -> None:
+    """Convert traces to Jaeger JSON (UI upload), OTLP JSON or Perfetto trace-event JSON."""
+    from kvprof.analysis.convert import run_convert_command
+
+    run_convert_command(src=src, to=to, out=out)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the analysis commands to the app."""
+    ctx = {"help_option_names": ["-h", "--help"]}
+    app.command("report", context_settings=ctx)(report)
+    app.command("audit", context_settings=ctx)(audit)
+    app.command("compare", context_settings=ctx)(compare)
+    app.add_typer(traces_app, name="traces")

@@ -1,0 +1,126 @@
+"""Every span name, attribute key, resource key and metric name kvprof emits or reads."""
+
+from __future__ import annotations
+
+# --- Span names: one trace per request (shared/DESIGN.md "Span conventions") -------------
+SPAN_PREFILL = "vllm.prefill"
+SPAN_PREFILL_QUEUE = "vllm.prefill.queue"
+SPAN_PREFILL_COMPUTE = "vllm.prefill.compute"
+SPAN_KV_SERIALIZE = "kv.serialize"
+SPAN_KV_HOLD = "kv.hold"
+
+SPAN_DECODE = "vllm.decode"
+SPAN_KV_HANDSHAKE = "kv.handshake"
+SPAN_KV_TRANSFER = "kv.transfer"
+SPAN_KV_DESERIALIZE = "kv.deserialize"
+SPAN_DECODE_QUEUE = "vllm.decode.queue"
+SPAN_DECODE_FIRST_TOKEN = "vllm.decode.first_token"
+
+# Aggregated (non-disaggregated) engines still get one request span, so agg and disagg
+# traces can be compared phase by phase.
+SPAN_REQUEST = "vllm.request"
+
+PREFILL_CHILDREN = (SPAN_PREFILL_QUEUE, SPAN_PREFILL_COMPUTE, SPAN_KV_SERIALIZE, SPAN_KV_HOLD)
+DECODE_CHILDREN = (
+    SPAN_KV_HANDSHAKE,
+    SPAN_KV_TRANSFER,
+    SPAN_KV_DESERIALIZE,
+    SPAN_DECODE_QUEUE,
+    SPAN_DECODE_FIRST_TOKEN,
+)
+ALL_SPANS = (SPAN_PREFILL, *PREFILL_CHILDREN, SPAN_DECODE, *DECODE_CHILDREN, SPAN_REQUEST)
+
+# The order phases happen in for one request: reports stack them in this order.
+PHASE_ORDER = (
+    SPAN_PREFILL_QUEUE,
+    SPAN_PREFILL_COMPUTE,
+    SPAN_KV_SERIALIZE,
+    SPAN_KV_HOLD,
+    SPAN_KV_HANDSHAKE,
+    SPAN_KV_TRANSFER,
+    SPAN_KV_DESERIALIZE,
+    SPAN_DECODE_QUEUE,
+    SPAN_DECODE_FIRST_TOKEN,
+)
+
+# --- Span attributes -----------------------------------------------------------------------
+ATTR_ROLE = "kvprof.role"  # "prefill" | "decode" | "aggregated"
+ATTR_REQUEST_ID = "kvprof.request_id"
+ATTR_REMOTE_REQUEST_ID = "kvprof.remote_request_id"  # the peer engine's id for the request
+ATTR_ENGINE_ID = "kvprof.engine_id"
+ATTR_PROMPT_TOKENS = "kvprof.prompt_tokens"  # a count, never the text
+ATTR_KV_BYTES = "kv.bytes"
+ATTR_KV_BLOCKS = "kv.blocks"
+ATTR_KV_DESCRIPTORS = "kv.descriptors"
+ATTR_KV_CONNECTOR = "kv.connector"
+ATTR_KV_REMOTE_ENGINE_ID = "kv.remote.engine_id"
+ATTR_KV_REMOTE_HOST = "kv.remote.host"
+ATTR_KV_GBPS = "kv.gbps"  # achieved GB/s (1e9 bytes/s) of a transfer
+ATTR_KV_PATH = "kv.path"  # "nvlink" | "pcie" | "infiniband" | "tcp" | "loopback" | "file"
+ATTR_K8S_POD_NAME = "k8s.pod.name"
+ATTR_K8S_NAMESPACE = "k8s.namespace.name"
+ATTR_K8S_NODE_NAME = "k8s.node.name"
+ATTR_GPU_UUID = "gpu.uuid"
+
+# --- Resource attributes (per process) -------------------------------------------------------
+RES_SERVICE_NAME = "service.name"
+RES_HOST_NAME = "host.name"
+RES_PROCESS_PID = "process.pid"
+RES_VLLM_VERSION = "vllm.version"
+RES_KVPROF_VERSION = "kvprof.version"
+
+# W3C trace context key the prefill side adds to the kv_transfer_params it returns.
+TRACEPARENT_KEY = "traceparent"
+
+# --- Environment variables ---------------------------------------------------------------------
+ENV_ENABLED = "KVPROF_ENABLED"  # "1" turns probes on; unset means a plain install does nothing
+ENV_EXPORTER = "KVPROF_EXPORTER"
+ENV_OUTPUT = "KVPROF_OUTPUT"
+ENV_ROLE = "KVPROF_ROLE"
+ENV_SERVICE_NAME = "KVPROF_SERVICE_NAME"
+ENV_NODE_NAME = "NODE_NAME"  # downward API
+ENV_POD_NAME = "POD_NAME"
+ENV_POD_NAMESPACE = "POD_NAMESPACE"
+
+# --- Metric names: kvprof_<subsystem>_<name>_<unit>[_total] ------------------------------------
+# Counters are named without _total here; prometheus-client appends it on exposition.
+METRIC_GPU_UTILIZATION = "kvprof_gpu_utilization_ratio"
+METRIC_GPU_MEMORY_UTILIZATION = "kvprof_gpu_memory_utilization_ratio"
+METRIC_GPU_MEMORY_USED = "kvprof_gpu_memory_used_bytes"
+METRIC_GPU_MEMORY_TOTAL = "kvprof_gpu_memory_total_bytes"
+METRIC_GPU_POWER = "kvprof_gpu_power_watts"
+METRIC_GPU_ENERGY = "kvprof_gpu_energy_joules"  # counter
+METRIC_GPU_TEMPERATURE = "kvprof_gpu_temperature_celsius"
+METRIC_GPU_PCIE_TX = "kvprof_gpu_pcie_tx_bytes"  # counter
+METRIC_GPU_PCIE_RX = "kvprof_gpu_pcie_rx_bytes"  # counter
+METRIC_GPU_INFO = "kvprof_gpu_info"
+METRIC_GPU_PROCESS = "kvprof_gpu_process_info"
+
+METRIC_NVLINK_TX = "kvprof_nvlink_tx_bytes"  # counter {gpu,link}
+METRIC_NVLINK_RX = "kvprof_nvlink_rx_bytes"  # counter {gpu,link}
+METRIC_NVLINK_UP = "kvprof_nvlink_up"
+
+METRIC_IB_XMIT = "kvprof_ib_port_xmit_bytes"  # counter {device,port}; sysfs words x 4
+METRIC_IB_RCV = "kvprof_ib_port_rcv_bytes"  # counter
+METRIC_IB_XMIT_PACKETS = "kvprof_ib_port_xmit_packets"  # counter
+METRIC_IB_RCV_PACKETS = "kvprof_ib_port_rcv_packets"  # counter
+METRIC_IB_XMIT_WAIT = "kvprof_ib_port_xmit_wait"  # counter (ticks)
+METRIC_IB_ERRORS = "kvprof_ib_port_errors"  # counter {device,port,counter}
+METRIC_IB_RATE = "kvprof_ib_port_rate_bytes_per_second"
+METRIC_IB_UP = "kvprof_ib_port_up"
+
+METRIC_HOST_CPU = "kvprof_host_cpu_utilization_ratio"
+METRIC_HOST_MEMORY_USED = "kvprof_host_memory_used_bytes"
+METRIC_NIC_TX = "kvprof_nic_tx_bytes"  # counter {nic}
+METRIC_NIC_RX = "kvprof_nic_rx_bytes"  # counter {nic}
+
+METRIC_PLACEMENT_INFO = "kvprof_placement_info"  # {pod,namespace,node,gpu_uuid,role}
+METRIC_COLLECTOR_DURATION = "kvprof_collector_duration_seconds"  # {collector}
+METRIC_COLLECTOR_SUCCESS = "kvprof_collector_success"  # {collector}
+
+# --- Roles -------------------------------------------------------------------------------------
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+ROLE_AGGREGATED = "aggregated"
+ROLE_FRONTEND = "frontend"
+ROLES = (ROLE_PREFILL, ROLE_DECODE, ROLE_AGGREGATED, ROLE_FRONTEND)
