@@ -118,6 +118,15 @@ METRIC_PLACEMENT_INFO = "kvprof_placement_info"  # {pod,namespace,node,gpu_uuid,
 METRIC_COLLECTOR_DURATION = "kvprof_collector_duration_seconds"  # {collector}
 METRIC_COLLECTOR_SUCCESS = "kvprof_collector_success"  # {collector}
 
+# Collectors (issue 3), additive.
+METRIC_GPU_PROCESS_MEMORY = "kvprof_gpu_process_memory_used_bytes"  # {gpu,uuid,pid}
+METRIC_GPU_TOPOLOGY_INFO = "kvprof_gpu_topology_info"  # {pci_bus_id,gpu_uuid,numa_node,closest_ib}
+METRIC_IB_XMIT_RATE = "kvprof_ib_port_xmit_throughput_bytes_per_second"  # achieved, per interval
+METRIC_IB_RCV_RATE = "kvprof_ib_port_rcv_throughput_bytes_per_second"
+METRIC_HOST_MEMORY_TOTAL = "kvprof_host_memory_total_bytes"
+# One series per explicit "no data": {collector,entity,metric,reason}, value 1.
+METRIC_COLLECTOR_NO_DATA = "kvprof_collector_no_data_info"
+
 # --- Roles -------------------------------------------------------------------------------------
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"

@@ -12,12 +12,16 @@ def collect(
     once: bool = typer.Option(False, "--once", help="Take one sample set, print it, exit."),
     fmt: str = typer.Option("json", "--format", help="Output of --once: json or prom."),
     listen: str = typer.Option(
-        "127.0.0.1:9402", "--listen", help="HOST:PORT serving Prometheus /metrics ('' = off)."
+        "127.0.0.1:9402", "--listen",
+        help="HOST:PORT serving Prometheus /metrics, /healthz and /readyz ('' = off). "
+        "The default port 9402 never clashes with dcgm-exporter's 9400.",
     ),
     output: Path | None = typer.Option(
         None, "--output", help="Directory for time-rotated Parquet sample files."
     ),
-    rotate: float = typer.Option(60.0, "--rotate", help="Seconds per Parquet file."),
+    rotate: float = typer.Option(
+        60.0, "--rotate", help="Seconds per Parquet file (written as .tmp, renamed when done)."
+    ),
     sysfs: Path = typer.Option(Path("/sys"), "--sysfs", help="Root of sysfs (for fixtures)."),
     proc: Path = typer.Option(Path("/proc"), "--proc", help="Root of procfs (/host/proc in pods)."),
     no_nvml: bool = typer.Option(False, "--no-nvml", help="Do not touch NVML at all."),
@@ -30,7 +34,11 @@ def collect(
     ),
 ) -> None:
     """Sample GPU, NVLink, InfiniBand and host counters at 10 Hz and record pod placement;
-    serve them as Prometheus metrics and write them as Parquet."""
+    serve them as Prometheus metrics and write them as Parquet.
+
+    Start with `kvprof collect --once`: one sample set as JSON, with the reason for every
+    value that has no data (no NVML, no InfiniBand, no kubelet socket). SIGTERM / SIGINT
+    finish the current Parquet file and exit 0."""
     from kvprof.collectors.daemon import run_collect_command
 
     run_collect_command(

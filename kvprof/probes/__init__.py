@@ -1,0 +1,1 @@
+"""Probes: OpenTelemetry spans for every KV hand-off phase of an unmodified vLLM engine."""

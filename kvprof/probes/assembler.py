@@ -1,0 +1,388 @@
+"""Fold hot-path events into finished spans (plain records), one request at a time."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvprof import semconv
+from kvprof.probes import events as ev
+from kvprof.probes.ids import external_request_id, parse_traceparent, span_id_for, trace_id_for
+
+log = logging.getLogger(__name__)
+
+# A request whose closing event never comes (aborted mid-transfer, engine killed) is dropped
+# after this long so a long-running engine does not grow without bound.
+STALE_AFTER_NS = 600 * 1_000_000_000
+# A finished transfer waits this long for the NIXL stats of its step before it is emitted
+# without them.
+STATS_WAIT_NS = 1_000_000_000
+
+
+@dataclass
+class SpanRecord:
+    """One finished span, independent of any OpenTelemetry SDK object."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_id: int | None
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    req_id: str
+    arrival: int | None = None
+    prompt_tokens: int | None = None
+    params: dict | None = None
+    scheduled: int | None = None
+    step_start: int | None = None
+    first_token: int | None = None
+    kv_wait: int | None = None
+    kv_ready: int | None = None
+    hold: int | None = None
+    emitted_first: bool = False
+    finished: bool = False
+    touched: int = 0
+
+
+@dataclass
+class _Load:
+    req_id: str
+    start: int
+    blocks: int
+    remote_req: str | None
+    remote_engine: str | None
+    remote_host: str | None
+    handshake: bool
+    done: int | None = None
+
+
+@dataclass
+class ProcessFacts:
+    """What this process knows about its engine: connector, KV layout, role."""
+
+    connector: str | None = None
+    profile: str = "none"  # "nixl" | "example" | "base" | "none"
+    kv_role: str | None = None
+    engine_id: str | None = None
+    bytes_per_block: int | None = None
+    block_size: int | None = None
+    layers: int | None = None
+    forced_role: str = "auto"
+    static_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SpanAssembler:
+    """Turns the events of one process into SpanRecords as soon as each span's end is known."""
+
+    def __init__(self, facts: ProcessFacts | None = None):
+        self.facts = facts or ProcessFacts()
+        self._reqs: dict[str, _Request] = {}
+        self._loads: dict[str, _Load] = {}
+        self._handshakes: dict[str, tuple[int, int, bool]] = {}
+        self._done_loads: list[_Load] = []
+        self._out: list[SpanRecord] = []
+
+    # -- public -----------------------------------------------------------------------------
+    def feed(self, events: list[tuple]) -> list[SpanRecord]:
+        """Apply events in order; return the spans they completed."""
+        for e in events:
+            try:
+                self._apply(e)
+            except Exception:  # a malformed event must not stop the others
+                log.debug("kvprof: could not apply event %r", e[:2], exc_info=True)
+        return self._take()
+
+    def flush(self, now_ns: int, final: bool = False) -> list[SpanRecord]:
+        """Emit transfers still waiting for stats, and forget stale requests."""
+        keep = []
+        for load in self._done_loads:
+            if final or now_ns - (load.done or now_ns) >= STATS_WAIT_NS:
+                self._emit_load(load, None)
+            else:
+                keep.append(load)
+        self._done_loads = keep
+        for rid, r in list(self._reqs.items()):
+            if now_ns - r.touched > STALE_AFTER_NS:
+                del self._reqs[rid]
+        for rid, load in list(self._loads.items()):
+            if now_ns - load.start > STALE_AFTER_NS:
+                del self._loads[rid]
+        return self._take()
+
+    # -- roles and ids ----------------------------------------------------------------------
+    def _role(self, r: _Request) -> str:
+        if self.facts.forced_role in (semconv.ROLE_PREFILL, semconv.ROLE_DECODE):
+            return self.facts.forced_role
+        p = r.params or {}
+        if p.get("do_remote_decode"):
+            return semconv.ROLE_PREFILL
+        if p.get("do_remote_prefill"):
+            return semconv.ROLE_DECODE
+        if self.facts.kv_role == "kv_producer":
+            return semconv.ROLE_PREFILL
+        if self.facts.kv_role == "kv_consumer":
+            return semconv.ROLE_DECODE
+        return semconv.ROLE_AGGREGATED
+
+    @staticmethod
+    def _key(req_id: str, remote_req: str | None) -> str:
+        # The prefill side's external id keys the whole trace (see ids.py).
+        return external_request_id(remote_req or req_id)
+
+    def _base_attrs(self, role: str, req_id: str) -> dict[str, Any]:
+        a: dict[str, Any] = {semconv.ATTR_ROLE: role, semconv.ATTR_REQUEST_ID: req_id}
+        if self.facts.connector:
+            a[semconv.ATTR_KV_CONNECTOR] = self.facts.connector
+        return a
+
+    def _span(self, name, trace_id, span_id, parent, start, end, attrs) -> None:
+        if start is None or end is None:
+            return
+        self._out.append(
+            SpanRecord(name, trace_id, span_id, parent, int(start), int(max(end, start)), attrs)
+        )
+
+    def _child(self, name, trace_id, parent, start, end, attrs, key: str) -> None:
+        self._span(name, trace_id, span_id_for(key + "/" + attrs.get(
+            semconv.ATTR_REQUEST_ID, ""), name), parent, start, end, attrs)
+
+    def _take(self) -> list[SpanRecord]:
+        out, self._out = self._out, []
+        return out
+
+    # -- event handling ---------------------------------------------------------------------
+    def _req(self, rid: str, t: int) -> _Request:
+        r = self._reqs.get(rid)
+        if r is None:
+            r = self._reqs[rid] = _Request(rid)
+        r.touched = t
+        return r
+
+    def _apply(self, e: tuple) -> None:
+        kind = e[0]
+        if kind == ev.ARRIVE:
+            _, rid, t, arrival, prompt, params = e
+            r = self._req(rid, t)
+            r.arrival = arrival or t
+            r.prompt_tokens = prompt
+            r.params = params
+        elif kind == ev.SCHEDULED:
+            r = self._req(e[1], e[2])
+            if r.scheduled is None:
+                r.scheduled = e[2]
+        elif kind == ev.FIRST_TOKEN:
+            r = self._req(e[1], e[3])
+            if r.first_token is None:
+                r.step_start, r.first_token = e[2], e[3]
+                self._on_first_token(r)
+        elif kind == ev.FINISH:
+            r = self._reqs.get(e[1])
+            if r is not None:
+                r.touched = e[2]
+                self._on_finish(r, e[2])
+        elif kind == ev.KV_WAIT:
+            r = self._req(e[1], e[2])
+            if r.kv_wait is None:
+                r.kv_wait = e[2]
+        elif kind == ev.KV_READY:
+            r = self._req(e[1], e[2])
+            r.kv_ready = e[2]
+        elif kind == ev.HOLD:
+            self._req(e[1], e[2]).hold = e[2]
+        elif kind == ev.RELEASED:
+            r = self._reqs.get(e[1])
+            if r is not None:
+                self._on_released(r, e[2])
+        elif kind == ev.LOAD_START:
+            _, rid, t, blocks, remote_req, remote_engine, remote_host, handshake = e
+            if rid not in self._loads:
+                self._loads[rid] = _Load(rid, t, blocks, remote_req, remote_engine,
+                                         remote_host, handshake)
+        elif kind == ev.LOAD_DONE:
+            load = self._loads.pop(e[1], None)
+            if load is not None:
+                load.done = e[2]
+                self._done_loads.append(load)
+        elif kind == ev.HANDSHAKE:
+            self._handshakes[e[1]] = (e[2], e[3], e[4])
+        elif kind == ev.XFER_STATS:
+            self._on_stats(e[1], e[2], e[3], e[4])
+        elif kind in (ev.SERIALIZE, ev.DESERIALIZE):
+            self._on_file_io(kind, *e[1:])
+        elif kind == ev.CONNECTOR:
+            _, name, profile, kv_role, engine_id = e
+            self.facts.connector, self.facts.profile = name, profile
+            self.facts.kv_role, self.facts.engine_id = kv_role, engine_id
+        elif kind == ev.KV_LAYOUT:
+            _, self.facts.bytes_per_block, self.facts.block_size, self.facts.layers = e
+
+    # -- scheduler-side spans ---------------------------------------------------------------
+    def _ids(self, r: _Request, role: str) -> tuple[str, int, int, int | None]:
+        """(key, trace_id, top span id, top span parent) for a request seen by the scheduler."""
+        p = r.params or {}
+        key = self._key(r.req_id, p.get("remote_request_id") if role == "decode" else None)
+        if role == semconv.ROLE_PREFILL:
+            return key, trace_id_for(key), span_id_for(key, semconv.SPAN_PREFILL), None
+        if role == semconv.ROLE_DECODE:
+            ctx = parse_traceparent(p.get(semconv.TRACEPARENT_KEY))
+            trace_id, parent = ctx if ctx else (trace_id_for(key),
+                                                span_id_for(key, semconv.SPAN_PREFILL))
+            return key, trace_id, span_id_for(key, semconv.SPAN_DECODE), parent
+        return key, trace_id_for(key), span_id_for(key, semconv.SPAN_REQUEST), None
+
+    def _top_attrs(self, r: _Request, role: str) -> dict[str, Any]:
+        a = self._base_attrs(role, r.req_id)
+        a.update(self.facts.static_attrs)
+        if r.prompt_tokens is not None:
+            a[semconv.ATTR_PROMPT_TOKENS] = int(r.prompt_tokens)
+        if self.facts.engine_id:
+            a[semconv.ATTR_ENGINE_ID] = self.facts.engine_id
+        p = r.params or {}
+        if p.get("remote_request_id"):
+            a[semconv.ATTR_REMOTE_REQUEST_ID] = str(p["remote_request_id"])
+        if p.get("remote_engine_id"):
+            a[semconv.ATTR_KV_REMOTE_ENGINE_ID] = str(p["remote_engine_id"])
+        if p.get("remote_host"):
+            a[semconv.ATTR_KV_REMOTE_HOST] = str(p["remote_host"])
+        return a
+
+    def _on_first_token(self, r: _Request) -> None:
+        role = self._role(r)
+        key, trace_id, top, parent = self._ids(r, role)
+        attrs = self._base_attrs(role, r.req_id)
+        if role in (semconv.ROLE_PREFILL, semconv.ROLE_AGGREGATED):
+            self._child(semconv.SPAN_PREFILL_QUEUE, trace_id, top, r.arrival, r.scheduled,
+                        dict(attrs), key)
+            self._child(semconv.SPAN_PREFILL_COMPUTE, trace_id, top, r.scheduled,
+                        r.first_token, dict(attrs), key)
+            if role == semconv.ROLE_AGGREGATED:
+                self._child(semconv.SPAN_DECODE_FIRST_TOKEN, trace_id, top, r.step_start,
+                            r.first_token, dict(attrs), key)
+            return
+        # Decode: the KV wait as the scheduler sees it stands in for kv.transfer only for
+        # connectors whose worker side has no finer hooks.
+        if self.facts.profile == "base" and r.kv_wait is not None and r.kv_ready is not None:
+            a = dict(attrs)
+            a["kvprof.source"] = "scheduler"
+            self._child(semconv.SPAN_KV_TRANSFER, trace_id, top, r.kv_wait, r.kv_ready, a, key)
+        if r.kv_ready is not None and r.scheduled is not None:
+            self._child(semconv.SPAN_DECODE_QUEUE, trace_id, top, r.kv_ready, r.scheduled,
+                        dict(attrs), key)
+        self._child(semconv.SPAN_DECODE_FIRST_TOKEN, trace_id, top,
+                    r.scheduled or r.step_start, r.first_token, dict(attrs), key)
+        self._span(semconv.SPAN_DECODE, trace_id, top, parent, r.arrival or r.scheduled,
+                   r.first_token, self._top_attrs(r, role))
+        r.emitted_first = True
+
+    def _on_finish(self, r: _Request, t: int) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        role = self._role(r)
+        if role == semconv.ROLE_PREFILL:
+            if r.hold is not None:
+                return  # vllm.prefill ends when the decode side has read the blocks
+            key, trace_id, top, parent = self._ids(r, role)
+            self._span(semconv.SPAN_PREFILL, trace_id, top, parent, r.arrival, t,
+                       self._top_attrs(r, role))
+        elif role == semconv.ROLE_AGGREGATED:
+            key, trace_id, top, parent = self._ids(r, role)
+            self._span(semconv.SPAN_REQUEST, trace_id, top, parent, r.arrival, t,
+                       self._top_attrs(r, role))
+        self._reqs.pop(r.req_id, None)
+
+    def _on_released(self, r: _Request, t: int) -> None:
+        role = self._role(r)
+        key, trace_id, top, parent = self._ids(r, role)
+        if r.hold is not None:
+            self._child(semconv.SPAN_KV_HOLD, trace_id, top, r.hold, t,
+                        self._base_attrs(role, r.req_id), key)
+        self._span(semconv.SPAN_PREFILL, trace_id, top, parent, r.arrival, t,
+                   self._top_attrs(r, role))
+        self._reqs.pop(r.req_id, None)
+
+    # -- worker-side spans ------------------------------------------------------------------
+    def _on_stats(self, t: int, nbytes: list, descs: list, durs: list) -> None:
+        ready = [x for x in self._done_loads if (x.done or 0) <= t]
+        if not ready:
+            return
+        # NIXL reports one entry per completed transfer; a 1:1 match attributes them exactly,
+        # otherwise the step's totals are left off rather than guessed per request.
+        if len(ready) == len(nbytes):
+            for load, b, d, s in zip(ready, nbytes, descs, durs, strict=False):
+                self._emit_load(load, (int(b), int(d), float(s)))
+        else:
+            for load in ready:
+                self._emit_load(load, None)
+        self._done_loads = [x for x in self._done_loads if x not in ready]
+
+    def _emit_load(self, load: _Load, stats: tuple[int, int, float] | None) -> None:
+        role = semconv.ROLE_DECODE
+        key = self._key(load.req_id, load.remote_req)
+        trace_id, parent = trace_id_for(key), span_id_for(key, semconv.SPAN_DECODE)
+        base = self._base_attrs(role, load.req_id)
+        if load.remote_engine:
+            base[semconv.ATTR_KV_REMOTE_ENGINE_ID] = load.remote_engine
+        if load.remote_host:
+            base[semconv.ATTR_KV_REMOTE_HOST] = load.remote_host
+        start = load.start
+        hs = self._handshakes.get(load.remote_engine or "")
+        if load.handshake and hs is not None:
+            a = dict(base)
+            a["kvprof.handshake.ok"] = bool(hs[2])
+            self._child(semconv.SPAN_KV_HANDSHAKE, trace_id, parent, hs[0], hs[1], a, key)
+            start = max(start, hs[1])
+        a = dict(base)
+        a[semconv.ATTR_KV_BLOCKS] = int(load.blocks)
+        if self.facts.bytes_per_block:
+            a[semconv.ATTR_KV_BYTES] = int(load.blocks) * int(self.facts.bytes_per_block)
+        if self.facts.layers:
+            # vLLM's NIXL plan: one descriptor per (layer, K|V, block).
+            a[semconv.ATTR_KV_DESCRIPTORS] = 2 * int(self.facts.layers) * int(load.blocks)
+        seconds = (load.done - start) / 1e9 if load.done else 0.0
+        if stats is not None:
+            a["nixl.bytes_transferred"], a["nixl.descriptors"] = stats[0], stats[1]
+            a["nixl.transfer_duration_s"] = stats[2]
+            if stats[2] > 0:
+                seconds = stats[2]
+        if a.get(semconv.ATTR_KV_BYTES) and seconds > 0:
+            a[semconv.ATTR_KV_GBPS] = a[semconv.ATTR_KV_BYTES] / seconds / 1e9
+        if _is_loopback(load.remote_host):
+            a[semconv.ATTR_KV_PATH] = "loopback"
+        self._child(semconv.SPAN_KV_TRANSFER, trace_id, parent, start, load.done, a, key)
+
+    def _on_file_io(self, kind: int, rid: str, t0: int, t1: int, nbytes: int, tokens: int):
+        serialize = kind == ev.SERIALIZE
+        role = semconv.ROLE_PREFILL if serialize else semconv.ROLE_DECODE
+        key = external_request_id(rid)
+        top = semconv.SPAN_PREFILL if serialize else semconv.SPAN_DECODE
+        a = self._base_attrs(role, rid)
+        if nbytes is None and self.facts.bytes_per_block and self.facts.block_size:
+            # The connector copies exactly these tokens of every layer's K and V.
+            nbytes = int(tokens) * int(self.facts.bytes_per_block) // int(self.facts.block_size)
+        if nbytes is not None:
+            a[semconv.ATTR_KV_BYTES] = int(nbytes)
+        a["kvprof.tokens"] = int(tokens)
+        if self.facts.block_size:
+            a[semconv.ATTR_KV_BLOCKS] = -(-int(tokens) // int(self.facts.block_size))
+        a[semconv.ATTR_KV_PATH] = "file"
+        name = semconv.SPAN_KV_SERIALIZE if serialize else semconv.SPAN_KV_DESERIALIZE
+        self._child(name, trace_id_for(key), span_id_for(key, top), t0, t1, a, key)

@@ -1,0 +1,27 @@
+"""The hot-path event vocabulary: tuples of (kind, ...) with timestamps and a few ints.
+
+Hooks append these to a buffer and return; everything else (span objects, ids, attributes)
+is built later, off vLLM's critical path, by the assembler.
+"""
+
+from __future__ import annotations
+
+# Scheduler process (EngineCore)
+ARRIVE = 1  # (ARRIVE, req, t, arrival_ns, prompt_tokens, kv_params_info | None)
+SCHEDULED = 2  # (SCHEDULED, req, t)
+FIRST_TOKEN = 3  # (FIRST_TOKEN, req, step_start_ns, t)
+FINISH = 4  # (FINISH, req, t)
+KV_WAIT = 5  # (KV_WAIT, req, t, external_tokens): KV will arrive asynchronously
+KV_READY = 6  # (KV_READY, req, t): scheduler saw finished_recving
+HOLD = 7  # (HOLD, req, t): blocks kept for the decode side
+RELEASED = 8  # (RELEASED, req, t): scheduler saw finished_sending
+# Worker process
+LOAD_START = 20  # (LOAD_START, req, t, blocks, remote_req, remote_engine, remote_host, handshake)
+LOAD_DONE = 21  # (LOAD_DONE, req, t)
+HANDSHAKE = 22  # (HANDSHAKE, engine_id, t0, t1, ok)
+XFER_STATS = 23  # (XFER_STATS, t, bytes[], descriptors[], durations_s[])
+SERIALIZE = 24  # (SERIALIZE, req, t0, t1, nbytes, tokens)
+DESERIALIZE = 25  # (DESERIALIZE, req, t0, t1, nbytes, tokens)
+# Process facts (rare)
+CONNECTOR = 40  # (CONNECTOR, class_name, profile, kv_role, engine_id)
+KV_LAYOUT = 41  # (KV_LAYOUT, bytes_per_block, block_size, layers)

@@ -1,0 +1,199 @@
+"""VllmInstrumentor: BaseInstrumentor-style instrument()/uninstrument() for vLLM (wrapt)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import wrapt
+
+from kvprof.probes import events as ev
+from kvprof.probes import hooks
+
+log = logging.getLogger(__name__)
+
+MIN_VLLM = (0, 30)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One method to wrap: module, dotted attribute path inside it, and the wrapper."""
+
+    module: str
+    path: str
+    wrapper: Any
+
+
+SCHED = "vllm.v1.core.sched.scheduler"
+FACTORY = "vllm.distributed.kv_transfer.kv_connector.factory"
+RUNNER = "vllm.v1.worker.gpu_model_runner"
+NIXL_WORKER = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker"
+
+
+def _resolve(module: Any, path: str) -> tuple[Any, str]:
+    owner = module
+    parts = path.split(".")
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    return owner, parts[-1]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+class VllmInstrumentor:
+    """Wraps vLLM's scheduler, model runner and KV connectors; restores them exactly.
+
+    Modules not imported yet are wrapped when they are (post-import hooks), so instrument()
+    can run in a sitecustomize before vLLM exists in the process.
+    """
+
+    _instruments = ("vllm >= 0.30",)
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.is_instrumented = False
+        # (owner, name, was in owner.__dict__, original __dict__ value)
+        self._patched: list[tuple[Any, str, bool, Any]] = []
+        self._connector_classes: set[type] = set()
+        self._warned: set[str] = set()
+        self._hooks_registered: set[str] = set()
+
+    def targets(self) -> list[Target]:
+        return [
+            Target(SCHED, "Scheduler.add_request", hooks.scheduler_add_request),
+            Target(SCHED, "Scheduler.schedule", hooks.scheduler_schedule),
+            Target(SCHED, "Scheduler.update_from_output", hooks.scheduler_update_from_output),
+            Target(SCHED, "Scheduler.finish_requests", hooks.scheduler_finish_requests),
+            Target(FACTORY, "KVConnectorFactory.create_connector", self._create_connector),
+            Target(RUNNER, "GPUModelRunner.execute_model", hooks.runner_execute_model),
+            Target(NIXL_WORKER, "NixlBaseConnectorWorker._nixl_handshake", hooks.nixl_handshake),
+        ]
+
+    # -- public API -------------------------------------------------------------------------
+    def instrument(self, emit: Any = None) -> None:
+        """Wrap every target (now or on import). Calling it again does nothing."""
+        with self._lock:
+            if self.is_instrumented:
+                return
+            if not self._version_ok():
+                return
+            hooks.set_emit(emit)
+            self.is_instrumented = True
+            for target in self.targets():
+                if target.module in sys.modules:
+                    self._apply(target, sys.modules[target.module])
+                elif target.module not in self._hooks_registered:
+                    self._hooks_registered.add(target.module)
+                    wrapt.register_post_import_hook(self._on_import, target.module)
+
+    def uninstrument(self) -> None:
+        """Put every original back exactly as it was. Calling it again does nothing."""
+        with self._lock:
+            if not self.is_instrumented:
+                return
+            for owner, name, was_own, original in reversed(self._patched):
+                if was_own:
+                    setattr(owner, name, original)
+                else:
+                    delattr(owner, name)
+            self._patched.clear()
+            self._connector_classes.clear()
+            hooks.set_emit(None)
+            hooks.reset_state()
+            self.is_instrumented = False
+
+    # -- internals --------------------------------------------------------------------------
+    def _version_ok(self) -> bool:
+        mod = sys.modules.get("vllm")
+        version = getattr(mod, "__version__", None) if mod else None
+        if version is None:
+            from kvprof.probes.recorder import vllm_version
+
+            version = vllm_version()
+        if version is None:
+            return True  # not installed yet / unknown: the hooks below still check each name
+        if version != "dev" and _version_tuple(version) < MIN_VLLM:
+            self._warn_once("version", "kvprof: vLLM %s is older than the supported %s; "
+                            "probes disabled", version, self._instruments[0])
+            return False
+        return True
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def _on_import(self, module: Any) -> None:
+        with self._lock:
+            if not self.is_instrumented:
+                return
+            for target in self.targets():
+                if target.module == module.__name__:
+                    self._apply(target, module)
+
+    def _apply(self, target: Target, module: Any) -> None:
+        try:
+            owner, name = _resolve(module, target.path)
+        except AttributeError:
+            owner, name = None, target.path
+        self._wrap(owner, name, target.wrapper, f"{target.module}.{target.path}")
+
+    def _wrap(self, owner: Any, name: str, wrapper: Any, label: str) -> bool:
+        if owner is None or not hasattr(owner, name):
+            # This vLLM has no such method: skip that hook alone, say so once.
+            self._warn_once(label, "kvprof: %s not found in this vLLM; that hook is skipped",
+                            label)
+            return False
+        own = getattr(owner, "__dict__", {})
+        if isinstance(own.get(name), wrapt.ObjectProxy):
+            return True  # already ours
+        was_own = name in own
+        self._patched.append((owner, name, was_own, own.get(name)))
+        wrapt.wrap_function_wrapper(owner, name, wrapper)
+        return True
+
+    def _create_connector(self, wrapped, instance, args, kwargs):
+        connector = wrapped(*args, **kwargs)
+        try:
+            self.instrument_connector(connector, args[0] if args else kwargs.get("config"))
+        except Exception:
+            hooks._hook_failed("KVConnectorFactory.create_connector")
+        return connector
+
+    def instrument_connector(self, connector: Any, vllm_config: Any = None) -> None:
+        """Wrap the hook set of this connector's class (once per class) and note its facts."""
+        cls = type(connector)
+        profile = hooks.connector_profile(cls)
+        with self._lock:
+            if not self.is_instrumented:
+                return
+            if cls not in self._connector_classes:
+                self._connector_classes.add(cls)
+                for name, wrapper in hooks.PROFILES[profile].items():
+                    if name in ("request_finished", "request_finished_all_groups",
+                                "register_kv_caches") and not hasattr(cls, name):
+                        continue  # optional: either name is enough
+                    self._wrap(cls, name, wrapper, f"{cls.__name__}.{name}")
+        kv = getattr(vllm_config, "kv_transfer_config", None)
+        hooks._EMIT((ev.CONNECTOR, cls.__name__, profile, getattr(kv, "kv_role", None),
+                     getattr(kv, "engine_id", None)))
+
+
+_INSTRUMENTOR: VllmInstrumentor | None = None
+
+
+def get_instrumentor() -> VllmInstrumentor:
+    """The process-wide instrumentor (instrument() on it is idempotent)."""
+    global _INSTRUMENTOR
+    if _INSTRUMENTOR is None:
+        _INSTRUMENTOR = VllmInstrumentor()
+    return _INSTRUMENTOR

@@ -1,0 +1,134 @@
+"""`kvprof attach -- COMMAND`: run a command with probes in every Python process it starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvprof import semconv
+from kvprof.errors import UsageError
+from kvprof.probes.config import ENV_STATS_DIR, EXPORTERS
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_DIR = Path(__file__).resolve().parent / "bootstrap"
+ROLES = ("prefill", "decode", "auto")
+
+
+def probe_environment(base: dict[str, str], exporter: str, endpoint: str | None, output: Path,
+                      service_name: str | None, role: str, stats_dir: str) -> dict[str, str]:
+    """The environment that turns the probes on in COMMAND and every Python child of it."""
+    env = dict(base)
+    env[semconv.ENV_ENABLED] = "1"
+    env[semconv.ENV_EXPORTER] = exporter
+    env[semconv.ENV_OUTPUT] = str(output.resolve())
+    env[semconv.ENV_ROLE] = role
+    env[ENV_STATS_DIR] = stats_dir
+    if service_name:
+        env[semconv.ENV_SERVICE_NAME] = service_name
+    if endpoint:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    # The bootstrap goes first on PYTHONPATH and chains any sitecustomize already there.
+    paths = [str(BOOTSTRAP_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def summarize(stats_dir: str, exporter: str, output: Path, endpoint: str | None) -> str:
+    """One line: how many spans went where, and how to look at them."""
+    exported = dropped = procs = 0
+    destinations: set[str] = set()
+    for path in Path(stats_dir).glob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        procs += 1
+        exported += int(doc.get("exported", 0))
+        dropped += int(doc.get("dropped", 0))
+        if doc.get("destination"):
+            destinations.add(str(doc["destination"]))
+    where = ", ".join(sorted(destinations)) or exporter
+    line = f"kvprof: {exported} spans from {procs} probed processes -> {where}"
+    if dropped:
+        line += f" ({dropped} dropped: exporter unreachable or failing)"
+    if exporter == "file":
+        line += f"; view: kvprof report --traces {output}"
+    elif exporter == "otlp":
+        line += "; view: Jaeger UI (e.g. http://127.0.0.1:16686), service vllm-prefill/decode"
+    elif exporter == "console":
+        line += "; spans were printed to stderr"
+    return line
+
+
+def run_with_probes(command: list[str], exporter: str, endpoint: str | None, output: Path,
+                    service_name: str | None, role: str) -> int:
+    """Run COMMAND with probes; pass stdio, exit code and signals through."""
+    # A late engine process may still write its counts while the directory goes away.
+    with tempfile.TemporaryDirectory(prefix="kvprof-attach-",
+                                     ignore_cleanup_errors=True) as stats_dir:
+        env = probe_environment(dict(os.environ), exporter, endpoint, output, service_name,
+                                role, stats_dir)
+        if exporter == "file":
+            output.mkdir(parents=True, exist_ok=True)
+        try:
+            # Own process group: a signal to kvprof reaches every engine process it started.
+            child = subprocess.Popen(command, env=env, start_new_session=True)
+        except FileNotFoundError:
+            raise UsageError(f"command not found: {command[0]}",
+                             hint="Give the full command after --, e.g. "
+                             "kvprof attach -- python -m vllm.entrypoints.openai.api_server "
+                             "--model M") from None
+        except PermissionError:
+            raise UsageError(f"command not executable: {command[0]}") from None
+
+        def forward(signum, _frame):
+            try:
+                os.killpg(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM,
+                                                      signal.SIGHUP)}
+        try:
+            rc = child.wait()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        sys.stderr.write(summarize(stats_dir, exporter, output, endpoint) + "\n")
+    # A child killed by a signal exits like a shell reports it: 128 + signal number.
+    return 128 - rc if rc < 0 else rc
+
+
+def run_attach_command(command: list[str], exporter: str, endpoint: str | None, output: Path,
+                       service_name: str | None, role: str, pid: int | None, duration: float,
+                       rate: int) -> int:
+    """Body of `kvprof attach`: validate the options, then launch or sample."""
+    exporter = exporter.lower()
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}",
+                         hint="Use one of: " + ", ".join(EXPORTERS) + ".")
+    if role not in ROLES:
+        raise UsageError(f"unknown role {role!r}", hint="Use prefill, decode or auto.")
+    if pid is not None:
+        if command:
+            raise UsageError("--pid and a command after -- exclude each other",
+                             hint="Sample a running process with --pid, or launch one after --.")
+        if duration <= 0 or rate <= 0:
+            raise UsageError("--duration and --rate must be positive")
+        from kvprof.probes.pyspy import sample_process
+
+        return sample_process(pid, duration=duration, rate=rate, output=output)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("no command to run",
+                         hint="kvprof attach [OPTIONS] -- python -m vllm.entrypoints.openai."
+                         "api_server --model M   (or --pid PID to sample a running worker)")
+    return run_with_probes(command, exporter, endpoint, output, service_name, role)

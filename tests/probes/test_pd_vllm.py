@@ -1,0 +1,186 @@
+"""Real vLLM P/D pairs on 127.0.0.1 under `kvprof attach --exporter file`, via demo/router.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from kvprof import semconv
+from kvprof.model import KvGeometry, load_hf_config
+
+from . import engines as E
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm")
+
+sys.path.insert(0, str(E.REPO / "demo"))
+import router  # noqa: E402
+
+PROMPTS = [
+    "The prefill engine computes the KV cache of the prompt and hands it to the decode "
+    "engine. " * 3,
+    "Kubernetes places pods on nodes; the placement decides which links the KV cache "
+    "crosses. " * 2,
+    "Time to first token grows when the handshake between engines happens on first contact, "
+    "and a KV cache block holds the keys and values of thirty-two tokens per layer. " * 2,
+]
+MAX_TOKENS = 8
+
+
+def load_spans(directory: Path) -> list[dict]:
+    """Flatten OTLP/JSON lines into dicts with name, ids, times and attributes."""
+    out = []
+    for f in sorted(directory.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            doc = json.loads(line)
+            for rs in doc["resourceSpans"]:
+                res = {a["key"]: next(iter(a["value"].values()))
+                       for a in rs["resource"]["attributes"]}
+                for ss in rs["scopeSpans"]:
+                    for s in ss["spans"]:
+                        attrs = {a["key"]: next(iter(a["value"].values()))
+                                 for a in s.get("attributes", [])}
+                        out.append({"name": s["name"], "trace": s["traceId"],
+                                    "span": s["spanId"], "parent": s.get("parentSpanId"),
+                                    "start": int(s["startTimeUnixNano"]),
+                                    "end": int(s["endTimeUnixNano"]), "attrs": attrs,
+                                    "resource": res})
+    return out
+
+
+def run_pair(tmp: Path, model: Path, connector: dict, name: str) -> tuple[list[str], list[dict],
+                                                                            list[str]]:
+    traces = tmp / f"{name}-traces"
+    pp, dp = E.free_port(), E.free_port()
+    att = ["--exporter", "file", "--output", str(traces)]
+    p = E.start_server(model, pp, 0, {**connector, "kv_role": "kv_producer"}, tmp / f"{name}-p.log",
+                       att + ["--service-name", "vllm-prefill"], side_port=E.free_port())
+    d = E.start_server(model, dp, 1, {**connector, "kv_role": "kv_consumer"}, tmp / f"{name}-d.log",
+                       att + ["--service-name", "vllm-decode"], side_port=E.free_port())
+    srv = None
+    try:
+        E.wait_ready(p, pp, tmp / f"{name}-p.log")
+        E.wait_ready(d, dp, tmp / f"{name}-d.log")
+        srv, _ = router.serve_in_thread(f"127.0.0.1:{pp}", f"127.0.0.1:{dp}")
+        texts = [E.complete(srv.server_address[1], prompt, MAX_TOKENS, f"{name}-{i}",
+                            stream=(i == 1))["choices"][0]["text"]
+                 for i, prompt in enumerate(PROMPTS)]
+        time.sleep(1.5)  # one export interval, so nothing waits for the exit flush alone
+    finally:
+        if srv is not None:
+            srv.shutdown()
+            srv.server_close()
+        E.stop(p)
+        E.stop(d)
+    logs = [(tmp / f"{name}-{r}.log").read_text(errors="replace") for r in "pd"]
+    return texts, load_spans(traces), logs
+
+
+@pytest.fixture(scope="module")
+def nixl_run(tmp_path_factory, tiny_model):
+    pytest.importorskip("nixl")
+    tmp = tmp_path_factory.mktemp("nixl")
+    return run_pair(tmp, tiny_model, {"kv_connector": "NixlConnector",
+                                      "kv_buffer_device": "cpu"}, "nixl")
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory, tiny_model, nixl_run):
+    tmp = tmp_path_factory.mktemp("example")
+    storage = tmp / "kv-files"
+    cfg = {"kv_connector": "ExampleConnector",
+           "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+    texts, spans, logs = run_pair(tmp, tiny_model, cfg, "example")
+    return texts, spans, logs, storage
+
+
+@pytest.fixture(scope="module")
+def baseline_texts(tmp_path_factory, tiny_model, example_run):
+    """The same prompts on one plain engine: no probes, no connector."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    port = E.free_port()
+    proc = E.start_server(tiny_model, port, 0, None, tmp / "plain.log")
+    try:
+        E.wait_ready(proc, port, tmp / "plain.log")
+        return [E.complete(port, p, MAX_TOKENS, f"plain-{i}")["choices"][0]["text"]
+                for i, p in enumerate(PROMPTS)]
+    finally:
+        E.stop(proc)
+
+
+def by_trace(spans):
+    traces = defaultdict(list)
+    for s in spans:
+        traces[s["trace"]].append(s)
+    return traces
+
+
+def geometry(model: Path, tokens: int) -> KvGeometry:
+    return KvGeometry(load_hf_config(model), "bf16", E.BLOCK_SIZE, tokens)
+
+
+def test_nixl_every_request_is_one_trace_with_all_phases(nixl_run, tiny_model):
+    texts, spans, logs = nixl_run
+    traces = by_trace(spans)
+    assert len(traces) == len(PROMPTS), sorted({s["attrs"].get("kvprof.request_id")
+                                                for s in spans})
+    expected = {semconv.SPAN_PREFILL, semconv.SPAN_PREFILL_QUEUE, semconv.SPAN_PREFILL_COMPUTE,
+                semconv.SPAN_KV_HOLD, semconv.SPAN_DECODE, semconv.SPAN_KV_TRANSFER,
+                semconv.SPAN_DECODE_QUEUE, semconv.SPAN_DECODE_FIRST_TOKEN}
+    ordered = sorted(traces.values(), key=lambda t: min(s["start"] for s in t))
+    for i, trace in enumerate(ordered):
+        names = [s["name"] for s in trace]
+        assert expected <= set(names), names
+        assert (semconv.SPAN_KV_HANDSHAKE in names) == (i == 0), (i, names)
+        ids = {s["span"] for s in trace}
+        top = next(s for s in trace if s["name"] == semconv.SPAN_PREFILL)
+        assert not top["parent"]
+        for s in trace:  # one tree: every parent is in the trace
+            assert not s["parent"] or s["parent"] in ids, s["name"]
+        assert {s["resource"]["service.name"] for s in trace} == {"vllm-prefill",
+                                                                  "vllm-decode"}
+        prompt_tokens = int(top["attrs"][semconv.ATTR_PROMPT_TOKENS])
+        xfer = next(s for s in trace if s["name"] == semconv.SPAN_KV_TRANSFER)
+        blocks = int(xfer["attrs"][semconv.ATTR_KV_BLOCKS])
+        assert blocks == math.ceil(prompt_tokens / E.BLOCK_SIZE)
+        assert int(xfer["attrs"][semconv.ATTR_KV_BYTES]) == geometry(
+            tiny_model, blocks * E.BLOCK_SIZE).total_bytes
+        assert xfer["attrs"][semconv.ATTR_KV_CONNECTOR] == "NixlPullConnector"
+        assert xfer["attrs"][semconv.ATTR_KV_PATH] == "loopback"
+        for s in trace:  # never prompt or output text
+            assert not any(PROMPTS[0][:20] in str(v) for v in s["attrs"].values())
+    assert "kvprof:" in logs[0] and "spans from" in logs[0]
+
+
+def test_example_connector_serialize_is_a_file_write(example_run, tiny_model):
+    texts, spans, logs, storage = example_run
+    assert list(storage.rglob("*.safetensors"))
+    traces = by_trace(spans)
+    assert len(traces) == len(PROMPTS)
+    bpt = geometry(tiny_model, 1).bytes_per_token
+    for trace in traces.values():
+        names = {s["name"] for s in trace}
+        assert {semconv.SPAN_PREFILL, semconv.SPAN_PREFILL_COMPUTE, semconv.SPAN_KV_SERIALIZE,
+                semconv.SPAN_DECODE, semconv.SPAN_KV_DESERIALIZE,
+                semconv.SPAN_DECODE_FIRST_TOKEN} <= names, names
+        assert semconv.SPAN_KV_HANDSHAKE not in names
+        prompt_tokens = int(next(s for s in trace if s["name"] == semconv.SPAN_PREFILL)
+                            ["attrs"][semconv.ATTR_PROMPT_TOKENS])
+        saved = (prompt_tokens - 1) // E.BLOCK_SIZE * E.BLOCK_SIZE  # whole blocks only
+        for name in (semconv.SPAN_KV_SERIALIZE, semconv.SPAN_KV_DESERIALIZE):
+            s = next(x for x in trace if x["name"] == name)
+            assert int(s["attrs"]["kvprof.tokens"]) == saved
+            assert int(s["attrs"][semconv.ATTR_KV_BYTES]) == saved * bpt
+            assert s["attrs"][semconv.ATTR_KV_PATH] == "file"
+
+
+def test_tokens_identical_with_and_without_probes(nixl_run, example_run, baseline_texts):
+    assert nixl_run[0] == baseline_texts
+    assert example_run[0] == baseline_texts
+    assert all(t for t in baseline_texts)

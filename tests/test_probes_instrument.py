@@ -1,0 +1,76 @@
+"""instrument()/uninstrument() on the real vLLM classes: idempotent, exact restore, skips."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kvprof.probes import hooks
+from kvprof.probes.instrumentor import SCHED, Target, VllmInstrumentor
+
+sched_mod = pytest.importorskip(SCHED)
+Scheduler = sched_mod.Scheduler
+NAMES = ("add_request", "schedule", "update_from_output", "finish_requests")
+
+
+def _originals():
+    return {n: Scheduler.__dict__[n] for n in NAMES}
+
+
+def test_round_trip_restores_the_exact_originals():
+    before = _originals()
+    inst = VllmInstrumentor()
+    events = []
+    inst.instrument(emit=events.append)
+    inst.instrument(emit=events.append)  # idempotent
+    wrapped = _originals()
+    assert all(wrapped[n] is not before[n] for n in NAMES)
+    assert all(wrapped[n].__wrapped__ is before[n] for n in NAMES)
+    inst.uninstrument()
+    inst.uninstrument()  # idempotent
+    assert _originals() == before and all(_originals()[n] is before[n] for n in NAMES)
+    inst.instrument(emit=events.append)
+    assert all(Scheduler.__dict__[n].__wrapped__ is before[n] for n in NAMES)
+    inst.uninstrument()
+    assert all(Scheduler.__dict__[n] is before[n] for n in NAMES)
+
+
+def test_missing_hook_is_skipped_with_one_warning(caplog):
+    class Partial(VllmInstrumentor):
+        def targets(self):
+            return super().targets() + [
+                Target(SCHED, "Scheduler.no_such_method_in_this_vllm", hooks.scheduler_schedule)]
+
+    inst = Partial()
+    with caplog.at_level(logging.WARNING, logger="kvprof.probes.instrumentor"):
+        inst.instrument()
+        inst.uninstrument()
+        inst.instrument()
+    try:
+        msgs = [r.getMessage() for r in caplog.records if "no_such_method" in r.getMessage()]
+        assert len(msgs) == 1 and "skipped" in msgs[0]
+        assert Scheduler.__dict__["schedule"].__wrapped__  # the others still work
+    finally:
+        inst.uninstrument()
+
+
+def test_connector_class_hooks_round_trip():
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
+
+    inst = VllmInstrumentor()
+    inst.instrument()
+    before = {n: NixlPullConnector.__dict__.get(n) for n in hooks.PROFILES["nixl"]}
+    fake = object.__new__(NixlPullConnector)
+    inst.instrument_connector(fake)
+    inst.instrument_connector(fake)
+    assert hooks.connector_profile(NixlPullConnector) == "nixl"
+    assert hooks.connector_profile(ExampleConnector) == "example"
+    for name in ("get_transfer_results", "request_finished_all_groups", "start_load_kv"):
+        assert hasattr(NixlPullConnector.__dict__[name], "__wrapped__")
+    inst.uninstrument()
+    after = {n: NixlPullConnector.__dict__.get(n) for n in hooks.PROFILES["nixl"]}
+    assert after == before
+    # inherited methods were restored by deleting the subclass attribute, not copying it
+    assert "get_transfer_results" not in NixlPullConnector.__dict__

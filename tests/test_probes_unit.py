@@ -1,0 +1,255 @@
+"""Probe internals without vLLM: ids, span assembly, OTLP/JSON files, recorder, exporters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from kvprof import semconv
+from kvprof.probes import events as ev
+from kvprof.probes import hooks
+from kvprof.probes.assembler import ProcessFacts, SpanAssembler
+from kvprof.probes.config import ProbeConfig
+from kvprof.probes.export import OtlpJsonFileExporter, to_readable_spans
+from kvprof.probes.ids import (
+    external_request_id,
+    format_traceparent,
+    parse_traceparent,
+    span_id_for,
+    trace_id_for,
+)
+from kvprof.probes.recorder import Recorder
+
+MS = 1_000_000
+
+
+def test_ids_are_shared_by_both_sides_and_traceparent_round_trips():
+    assert external_request_id("cmpl-req-0-0-92a805db") == "cmpl-req-0-0"
+    assert external_request_id("plain") == "plain"
+    assert trace_id_for("a") == trace_id_for("a") != trace_id_for("b")
+    tp = format_traceparent(trace_id_for("a"), span_id_for("a", "vllm.prefill"))
+    assert parse_traceparent(tp) == (trace_id_for("a"), span_id_for("a", "vllm.prefill"))
+    assert parse_traceparent("garbage") is None
+    assert parse_traceparent(None) is None
+    assert parse_traceparent("00-" + "0" * 32 + "-" + "1" * 16 + "-01") is None
+
+
+def _prefill_events(rid="r-1-abcdef01"):
+    params = {"do_remote_decode": True}
+    return [
+        (ev.ARRIVE, rid, 0, 1000 * MS, 40, params),
+        (ev.SCHEDULED, rid, 1002 * MS),
+        (ev.HOLD, rid, 1010 * MS),
+        (ev.FIRST_TOKEN, rid, 1002 * MS, 1009 * MS),
+        (ev.FINISH, rid, 1011 * MS),
+        (ev.RELEASED, rid, 1030 * MS),
+    ]
+
+
+def test_prefill_side_spans_and_parentage():
+    spans = {s.name: s for s in SpanAssembler(ProcessFacts(connector="NixlPullConnector"))
+             .feed(_prefill_events())}
+    assert set(spans) == {semconv.SPAN_PREFILL, semconv.SPAN_PREFILL_QUEUE,
+                          semconv.SPAN_PREFILL_COMPUTE, semconv.SPAN_KV_HOLD}
+    top = spans[semconv.SPAN_PREFILL]
+    assert top.trace_id == trace_id_for("r-1")
+    assert top.span_id == span_id_for("r-1", semconv.SPAN_PREFILL) and top.parent_id is None
+    assert (top.start_ns, top.end_ns) == (1000 * MS, 1030 * MS)
+    assert spans[semconv.SPAN_PREFILL_QUEUE].end_ns - spans[
+        semconv.SPAN_PREFILL_QUEUE].start_ns == 2 * MS
+    assert spans[semconv.SPAN_KV_HOLD].start_ns == 1010 * MS
+    for s in spans.values():
+        if s is not top:
+            assert s.parent_id == top.span_id and s.trace_id == top.trace_id
+        assert s.attributes[semconv.ATTR_ROLE] == "prefill"
+        assert s.attributes[semconv.ATTR_KV_CONNECTOR] == "NixlPullConnector"
+
+
+def test_decode_side_joins_through_traceparent_and_handshake_only_when_paid():
+    key = "r-1"
+    tp = format_traceparent(trace_id_for(key), span_id_for(key, semconv.SPAN_PREFILL))
+    sched = SpanAssembler(ProcessFacts(connector="NixlPullConnector", profile="nixl"))
+    params = {"do_remote_prefill": True, "remote_request_id": "r-1-abcdef01",
+              semconv.TRACEPARENT_KEY: tp}
+    out = sched.feed([
+        (ev.ARRIVE, "r-1-0000aaaa", 0, 2000 * MS, 40, params),
+        (ev.KV_WAIT, "r-1-0000aaaa", 2001 * MS, 40),
+        (ev.KV_READY, "r-1-0000aaaa", 2100 * MS),
+        (ev.SCHEDULED, "r-1-0000aaaa", 2102 * MS),
+        (ev.FIRST_TOKEN, "r-1-0000aaaa", 2102 * MS, 2110 * MS),
+    ])
+    names = {s.name: s for s in out}
+    assert set(names) == {semconv.SPAN_DECODE, semconv.SPAN_DECODE_QUEUE,
+                          semconv.SPAN_DECODE_FIRST_TOKEN}
+    assert names[semconv.SPAN_DECODE].parent_id == span_id_for(key, semconv.SPAN_PREFILL)
+    assert names[semconv.SPAN_DECODE].trace_id == trace_id_for(key)
+
+    worker = SpanAssembler(ProcessFacts(connector="NixlPullConnector", profile="nixl"))
+    spans = worker.feed([
+        (ev.KV_LAYOUT, 8192, 32, 2),
+        (ev.LOAD_START, "r-1-0000aaaa", 2003 * MS, 2, "r-1-abcdef01", "eng", "127.0.0.1", True),
+        (ev.HANDSHAKE, "eng", 2004 * MS, 2090 * MS, True),
+        (ev.LOAD_DONE, "r-1-0000aaaa", 2095 * MS),
+        (ev.XFER_STATS, 2096 * MS, [16384], [8], [0.004]),
+        (ev.LOAD_START, "r-2-0000bbbb", 3000 * MS, 1, "r-2-abcdef02", "eng", "127.0.0.1", False),
+        (ev.LOAD_DONE, "r-2-0000bbbb", 3001 * MS),
+    ]) + worker.flush(10_000 * MS)
+    by = [(s.name, s.attributes[semconv.ATTR_REQUEST_ID]) for s in spans]
+    assert (semconv.SPAN_KV_HANDSHAKE, "r-1-0000aaaa") in by
+    assert (semconv.SPAN_KV_HANDSHAKE, "r-2-0000bbbb") not in by
+    t1 = next(s for s in spans if s.name == semconv.SPAN_KV_TRANSFER
+              and s.attributes[semconv.ATTR_REQUEST_ID] == "r-1-0000aaaa")
+    assert t1.start_ns == 2090 * MS  # the transfer starts once the handshake is done
+    assert t1.attributes[semconv.ATTR_KV_BYTES] == 2 * 8192
+    assert t1.attributes[semconv.ATTR_KV_DESCRIPTORS] == 8
+    assert t1.attributes[semconv.ATTR_KV_GBPS] == pytest.approx(16384 / 0.004 / 1e9)
+    assert t1.attributes[semconv.ATTR_KV_PATH] == "loopback"
+    assert t1.parent_id == span_id_for(key, semconv.SPAN_DECODE)
+
+
+def test_aggregated_request_gets_comparable_spans():
+    a = SpanAssembler(ProcessFacts())
+    spans = a.feed([
+        (ev.ARRIVE, "x-1", 0, 10 * MS, 5, None), (ev.SCHEDULED, "x-1", 11 * MS),
+        (ev.FIRST_TOKEN, "x-1", 12 * MS, 15 * MS), (ev.FINISH, "x-1", 40 * MS),
+    ])
+    names = sorted(s.name for s in spans)
+    assert names == sorted([semconv.SPAN_REQUEST, semconv.SPAN_PREFILL_QUEUE,
+                            semconv.SPAN_PREFILL_COMPUTE, semconv.SPAN_DECODE_FIRST_TOKEN])
+
+
+def test_malformed_event_is_skipped_not_fatal():
+    a = SpanAssembler()
+    spans = a.feed([(ev.ARRIVE, "only-two-fields"), *_prefill_events()])
+    assert any(s.name == semconv.SPAN_PREFILL for s in spans)
+
+
+def test_in_memory_exporter_receives_sdk_spans():
+    records = SpanAssembler().feed(_prefill_events())
+    mem = InMemorySpanExporter()
+    mem.export(to_readable_spans(records, Resource.create({"service.name": "t"})))
+    got = mem.get_finished_spans()
+    assert {s.name for s in got} == {r.name for r in records}
+    top = next(s for s in got if s.name == semconv.SPAN_PREFILL)
+    child = next(s for s in got if s.name == semconv.SPAN_KV_HOLD)
+    assert child.parent.span_id == top.context.span_id
+    assert top.resource.attributes["service.name"] == "t"
+
+
+def test_file_exporter_writes_otlp_json_lines_and_rotates(tmp_path):
+    records = SpanAssembler().feed(_prefill_events())
+    spans = to_readable_spans(records, Resource.create({"service.name": "vllm-prefill"}))
+    exp = OtlpJsonFileExporter(tmp_path, "kvprof-test", max_bytes=4096)
+    for _ in range(6):
+        exp.export(spans)
+    exp.shutdown()
+    files = sorted(tmp_path.glob("*.jsonl"))
+    assert len(files) > 1  # rotated
+    for f in files:
+        for line in f.read_text().splitlines():
+            doc = json.loads(line)  # every line a whole ExportTraceServiceRequest
+            rs = doc["resourceSpans"][0]
+            sp = rs["scopeSpans"][0]["spans"]
+            for s in sp:
+                assert len(s["traceId"]) == 32 and int(s["traceId"], 16)
+                assert len(s["spanId"]) == 16
+                assert isinstance(s["startTimeUnixNano"], str)
+                for a in s.get("attributes", []):
+                    assert set(a["value"]) <= {"stringValue", "intValue", "doubleValue",
+                                               "boolValue"}
+    first = json.loads(files[0].read_text().splitlines()[0])
+    top = next(s for s in first["resourceSpans"][0]["scopeSpans"][0]["spans"]
+               if s["name"] == semconv.SPAN_PREFILL)
+    assert top["traceId"] == f"{trace_id_for('r-1'):032x}"
+    attrs = {a["key"]: a["value"] for a in top["attributes"]}
+    assert attrs[semconv.ATTR_PROMPT_TOKENS] == {"intValue": "40"}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_exporter_down_drops_with_one_warning_and_a_count(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    cfg = ProbeConfig(enabled=True, exporter="otlp", stats_dir=str(tmp_path))
+    rec = Recorder(cfg)
+    with caplog.at_level(logging.WARNING, logger="kvprof.probes.recorder"):
+        for i in range(2):
+            for e in _prefill_events(f"r-{i}-abcdef01"):
+                rec.emit(e)
+            rec.flush()
+    rec.shutdown()
+    assert rec.exported == 0 and rec.dropped == 8
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1
+    stats = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert stats["dropped"] == 8 and stats["destination"].startswith("otlp http")
+
+
+def test_recorder_exports_to_files_and_counts(tmp_path):
+    cfg = ProbeConfig(enabled=True, exporter="file", output=str(tmp_path / "t"),
+                      stats_dir=str(tmp_path / "s"), flush_interval_s=0.05)
+    rec = Recorder(cfg)
+    rec.start()
+    for e in _prefill_events():
+        rec.emit(e)
+    rec.shutdown()
+    assert rec.exported == 4 and rec.dropped == 0
+    assert list((tmp_path / "t").glob("*.jsonl"))
+    stats = json.loads(next((tmp_path / "s").glob("*.json")).read_text())
+    assert stats["exported"] == 4
+
+
+def test_failing_recorder_never_reaches_the_host(caplog):
+    def broken_emit(event):
+        raise RuntimeError("recorder is broken")
+
+    class Out:
+        scheduled_new_reqs = [type("R", (), {"req_id": "a"})()]
+
+    sentinel = Out()
+    hooks.set_emit(broken_emit)
+    hooks._failed.discard("Scheduler.schedule")
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvprof.probes.hooks"):
+            for _ in range(3):
+                got = hooks.scheduler_schedule(lambda: sentinel, None, (), {})
+                assert got is sentinel
+    finally:
+        hooks.set_emit(None)
+        hooks.reset_state()
+    assert sum("Scheduler.schedule" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_request_finished_adds_only_the_traceparent():
+    events = []
+    hooks.set_emit(events.append)
+    req = type("Req", (), {"request_id": "cmpl-7-0-deadbeef"})()
+    original = {"do_remote_prefill": True, "remote_block_ids": [1, 2]}
+    try:
+        delay, params = hooks.conn_request_finished(lambda r, b: (True, original), None,
+                                                    (req, [1, 2]), {})
+    finally:
+        hooks.set_emit(None)
+    assert delay is True and original == {"do_remote_prefill": True, "remote_block_ids": [1, 2]}
+    assert {k: v for k, v in params.items() if k != semconv.TRACEPARENT_KEY} == original
+    assert parse_traceparent(params[semconv.TRACEPARENT_KEY]) == (
+        trace_id_for("cmpl-7-0"), span_id_for("cmpl-7-0", semconv.SPAN_PREFILL))
+    assert events[0][:2] == (ev.HOLD, "cmpl-7-0-deadbeef")
+    # No params (aggregated / decode side): result passes through untouched.
+    out = (False, None)
+    assert hooks.conn_request_finished(lambda r, b: out, None, (req, []), {}) is out
+
+
+def test_config_is_off_unless_enabled():
+    assert not ProbeConfig.from_env({}).enabled
+    cfg = ProbeConfig.from_env({semconv.ENV_ENABLED: "1", semconv.ENV_EXPORTER: "bogus"})
+    assert cfg.enabled and cfg.exporter == "none"
