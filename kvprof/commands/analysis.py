@@ -20,17 +20,26 @@ def report(
     placement: Path | None = typer.Option(None, "--placement", help="Placement records dir."),
     service: str | None = typer.Option(None, "--service", help="With a Jaeger URL: service."),
     lookback: str = typer.Option("1h", "--lookback", help="With a Jaeger URL: time window."),
+    vllm_log: Path | None = typer.Option(
+        None, "--vllm-log", help="vLLM log with 'KV Transfer metrics' lines."
+    ),
+    vllm_metrics: Path | None = typer.Option(
+        None, "--vllm-metrics", help="Saved /metrics page with vllm:nixl_* samples."
+    ),
     out: Path = typer.Option(Path("out/report.html"), "--out", help="Output file."),
     fmt: str = typer.Option("html", "--format", help="html, md or json."),
+    json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
     """Break each request's TTFT into prefill, serialize, handshake, transfer, deserialize,
     queueing and unaccounted hand-over time, with link utilisation and a ranked verdict."""
     from kvprof.analysis.report import run_report_command
 
-    run_report_command(
+    summary = run_report_command(
         traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
-        placement=placement, service=service, lookback=lookback, out=out, fmt=fmt,
+        placement=placement, service=service, lookback=lookback, out=out,
+        fmt="json" if json_out else fmt, vllm_log=vllm_log, vllm_metrics=vllm_metrics,
     )
+    typer.echo(summary, err=True)
 
 
 def audit(
@@ -43,15 +52,20 @@ def audit(
     tokens: int = typer.Option(4000, "--tokens", help="Request size for the cost column."),
     model: str = typer.Option("qwen3-32b", "--model", help="Model preset for the cost column."),
     fmt: str = typer.Option("md", "--format", help="md, json or html."),
+    json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
     out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
 ) -> None:
     """Audit where prefill and decode pods run and which path each KV hand-off must take."""
     from kvprof.analysis.audit import run_audit_command
 
-    run_audit_command(
+    text, summary = run_audit_command(
         pods=pods, nodes=nodes, kubeconfig=kubeconfig, namespace=namespace,
-        placement=placement, role_label=role_label, tokens=tokens, model=model, fmt=fmt, out=out,
+        placement=placement, role_label=role_label, tokens=tokens, model=model,
+        fmt="json" if json_out else fmt, out=out,
     )
+    if text is not None:
+        typer.echo(text)
+    typer.echo(summary, err=True)
 
 
 def compare(
@@ -64,14 +78,17 @@ def compare(
     candidate_name: str = typer.Option("candidate", "--candidate-name"),
     out: Path = typer.Option(Path("out/compare"), "--out", help="Output directory."),
     fmt: str = typer.Option("md", "--format", help="md or json (printed); files always written."),
+    json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
     """Compare two deployments' aiperf runs: the seed report's tables and Pareto plot."""
     from kvprof.analysis.compare import run_compare_command
 
-    run_compare_command(
+    text, summary = run_compare_command(
         baseline=baseline, candidate=candidate, gpus=gpus, baseline_name=baseline_name,
-        candidate_name=candidate_name, out=out, fmt=fmt,
+        candidate_name=candidate_name, out=out, fmt="json" if json_out else fmt,
     )
+    typer.echo(text)
+    typer.echo(summary, err=True)
 
 
 @traces_app.command("convert")
@@ -83,7 +100,10 @@ def convert(
     """Convert traces to Jaeger JSON (UI upload), OTLP JSON or Perfetto trace-event JSON."""
     from kvprof.analysis.convert import run_convert_command
 
-    run_convert_command(src=src, to=to, out=out)
+    text, summary = run_convert_command(src=src, to=to, out=out)
+    if text is not None:
+        typer.echo(text)
+    typer.echo(summary, err=True)
 
 
 def register(app: typer.Typer) -> None:

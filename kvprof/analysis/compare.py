@@ -1,0 +1,149 @@
+"""`kvprof compare`: two deployments' aiperf trees -> the seed report's tables + Pareto plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvprof.analysis.aiperf import (
+    SUMMARY_CSV,
+    SUMMARY_JSON,
+    concurrency_of,
+    load_aiperf_summary,
+)
+from kvprof.analysis.render import fmt, md_table
+from kvprof.errors import BadInputError, UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# (row label, metric, stat, lower is better) in the seed report's order.
+ROWS = (
+    ("TTFT avg (ms)", "time_to_first_token", "avg", True),
+    ("TTFT p99 (ms)", "time_to_first_token", "p99", True),
+    ("ITL avg (ms)", "inter_token_latency", "avg", True),
+    ("Request latency avg (ms)", "request_latency", "avg", True),
+    ("Request latency p99 (ms)", "request_latency", "p99", True),
+    ("Output tok/s total", "output_token_throughput", "avg", False),
+    ("Output tok/s per GPU", "tps_per_gpu", "", False),
+    ("Output tok/s per user", "tps_per_user", "", False),
+)
+
+
+def load_tree(root: Path, gpus: int | None) -> pd.DataFrame:
+    """One row per concurrency folder: the metrics the tables need (NaN where absent)."""
+    import pandas as pd
+
+    if not root.is_dir():
+        raise BadInputError(f"aiperf tree not found: {root}",
+                            hint="Pass the --output-artifact-dir parent holding c1/, c10/, ...")
+    rows = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+        summary_file = next((run / f for f in (SUMMARY_JSON, SUMMARY_CSV)
+                             if (run / f).exists()), None)
+        if summary_file is None:
+            continue
+        conc = concurrency_of(run, summary_file)
+        if conc is None:
+            raise BadInputError(f"cannot tell the concurrency of {run}",
+                                hint="Name run folders c1, c10, ... as the seed's script does.")
+        m = load_aiperf_summary(summary_file)
+        row: dict[str, Any] = {"concurrency": conc, "run": str(run)}
+        for _, metric, stat, _ in ROWS:
+            if stat:
+                row[f"{metric}.{stat}"] = m.get(metric, {}).get(stat, math.nan)
+        total = row["output_token_throughput.avg"]
+        row["tps_per_gpu"] = total / gpus if gpus else math.nan
+        row["tps_per_user"] = total / conc
+        rows.append(row)
+    if not rows:
+        raise BadInputError(f"no aiperf runs under {root}",
+                            hint=f"Expected sub-folders (one per concurrency) with {SUMMARY_JSON}.")
+    return pd.DataFrame(rows).sort_values("concurrency").reset_index(drop=True)
+
+
+def _column(metric: str, stat: str) -> str:
+    return f"{metric}.{stat}" if stat else metric
+
+
+def comparison_tables(base: pd.DataFrame, cand: pd.DataFrame, names: tuple[str, str]
+                      ) -> list[dict]:
+    """Per table row (metric): each concurrency both runs have, with winner and ratio."""
+    merged = base.merge(cand, on="concurrency", suffixes=("_b", "_c"))
+    tables = []
+    for label, metric, stat, lower in ROWS:
+        col = _column(metric, stat)
+        rows = []
+        for _, r in merged.iterrows():
+            b, c = r[f"{col}_b"], r[f"{col}_c"]
+            if math.isnan(b) or math.isnan(c):
+                continue
+            if b == c:
+                winner, ratio = "tie", 1.0
+            else:
+                base_wins = (b < c) if lower else (b > c)
+                winner = names[0] if base_wins else names[1]
+                hi, lo = max(b, c), min(b, c)
+                ratio = hi / lo if lo > 0 else math.inf
+            rows.append({"concurrency": int(r["concurrency"]), names[0]: float(b),
+                         names[1]: float(c), "winner": winner, "ratio": ratio})
+        tables.append({"label": label, "metric": col, "lower_is_better": lower, "rows": rows})
+    return tables
+
+
+def render_markdown(tables: list[dict], names: tuple[str, str], gpus: tuple) -> str:
+    out = [f"# {names[0]} vs {names[1]}", "",
+           f"GPUs: {names[0]} {gpus[0] or 'not given'}, {names[1]} {gpus[1] or 'not given'}. "
+           "Ratio = worse / better (how many times the winner is better)."]
+    for t in tables:
+        out += ["", f"## {t['label']}", ""]
+        if not t["rows"]:
+            out.append("no data (neither run holds this metric at a common concurrency)")
+            continue
+        out.append(md_table(["concurrency", names[0], names[1], "winner", "ratio"],
+                            [[r["concurrency"], r[names[0]], r[names[1]], r["winner"],
+                              f"{r['ratio']:.2f}x"] for r in t["rows"]]))
+    return "\n".join(out) + "\n"
+
+
+def run_compare_command(baseline: Path, candidate: Path, gpus: list[int], baseline_name: str,
+                        candidate_name: str, out: Path, fmt: str) -> tuple[str, str]:
+    """The body of `kvprof compare`: writes compare.md/.json and pareto.png/.svg."""
+    from kvprof.analysis.plots import pareto
+
+    fmt_name = fmt.lower()
+    if fmt_name not in ("md", "json"):
+        raise UsageError(f"--format {fmt!r} is not md or json")
+    if len(gpus) not in (0, 2):
+        raise UsageError("give --gpus twice (baseline then candidate), e.g. --gpus 10 --gpus 10")
+    if any(g <= 0 for g in gpus):
+        raise UsageError("--gpus must be >= 1")
+    g = (gpus[0], gpus[1]) if gpus else (None, None)
+    names = (baseline_name, candidate_name)
+    if names[0] == names[1]:
+        raise UsageError("--baseline-name and --candidate-name must differ")
+    base, cand = load_tree(baseline, g[0]), load_tree(candidate, g[1])
+    tables = comparison_tables(base, cand, names)
+    doc = {"baseline": {"name": names[0], "tree": str(baseline), "gpus": g[0]},
+           "candidate": {"name": names[1], "tree": str(candidate), "gpus": g[1]},
+           "tables": tables}
+    md = render_markdown(tables, names, g)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(md, encoding="utf-8")
+    (out / "compare.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    written = ["compare.md", "compare.json"]
+    if gpus:
+        png, svg = pareto({names[0]: base, names[1]: cand})
+        (out / "pareto.png").write_bytes(png)
+        (out / "pareto.svg").write_bytes(svg)
+        written += ["pareto.png", "pareto.svg"]
+        note = ""
+    else:
+        note = " (no Pareto plot: tok/s per GPU needs --gpus)"
+    text = json.dumps(doc, indent=1) if fmt_name == "json" else md
+    return text, f"Wrote {', '.join(written)} to {out}{note}"
+
+
+__all__ = ["comparison_tables", "fmt", "load_tree", "run_compare_command"]

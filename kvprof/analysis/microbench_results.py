@@ -1,0 +1,63 @@
+"""Read `kvprof microbench --json` output: what a transfer should cost on a measured path."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvprof.errors import BadInputError
+
+HINT = "Pass the file `kvprof microbench --json FILE` wrote."
+
+
+@dataclass
+class ShouldCost:
+    """Medians of each measured step and their sum: this path's cost for one request."""
+
+    steps: dict[str, dict[str, float]]
+    total_ms: float
+    kv_bytes: float | None
+    environment: dict[str, Any] = field(default_factory=dict)
+    links: list[dict] = field(default_factory=list)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "total_ms": self.total_ms, "kv_bytes": self.kv_bytes,
+                "environment": self.environment, "links": self.links, "source": self.source}
+
+
+def load_microbench(path: str | Path) -> ShouldCost:
+    """Parse the microbench JSON tolerantly (unknown extra keys are ignored)."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        raise BadInputError(f"microbench file not found: {p}", hint=HINT) from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{p} is not JSON (line {exc.lineno}: {exc.msg})", hint=HINT) from None
+    steps_raw = doc.get("steps") if isinstance(doc, dict) else None
+    if isinstance(steps_raw, list):  # a list of {"name": ..., "median_ms": ...} also counts
+        steps_raw = {s.get("name", f"step{i}"): s for i, s in enumerate(steps_raw)
+                     if isinstance(s, dict)}
+    if not isinstance(steps_raw, dict) or not steps_raw:
+        raise BadInputError(f"{p} has no \"steps\" object of microbench results", hint=HINT)
+    steps: dict[str, dict[str, float]] = {}
+    for name, stats in steps_raw.items():
+        if isinstance(stats, dict) and isinstance(stats.get("median_ms"), (int, float)):
+            steps[str(name)] = {k: float(v) for k, v in stats.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not steps:
+        raise BadInputError(f"{p}: no step carries median_ms", hint=HINT)
+    # A "total" step, when the microbench reports one, already is the end-to-end cost.
+    total = steps.get("total", {}).get("median_ms")
+    if total is None:
+        total = sum(s["median_ms"] for s in steps.values())
+    geometry = doc.get("geometry") or {}
+    kv_bytes = geometry.get("total_bytes") if isinstance(geometry, dict) else None
+    return ShouldCost(
+        steps=steps, total_ms=float(total) if not math.isnan(total) else math.nan,
+        kv_bytes=float(kv_bytes) if kv_bytes else None,
+        environment=doc.get("environment") or {}, links=doc.get("links") or [], source=str(p))

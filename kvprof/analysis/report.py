@@ -1,0 +1,412 @@
+"""`kvprof report`: load everything given, build the TTFT breakdown and render it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kvprof import semconv as sc
+from kvprof.analysis.breakdown import (
+    STACKED_PHASES,
+    UNACCOUNTED,
+    build_breakdown,
+    pair_view,
+    percentile_view,
+    phase_stats,
+)
+from kvprof.analysis.render import (
+    NO_DATA,
+    esc,
+    fmt,
+    html_img,
+    html_page,
+    html_table,
+    md_table,
+)
+from kvprof.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("html", "md", "json")
+MAX_REQUEST_ROWS = 2000  # the JSON lists requests up to this many; counts cover all
+
+
+@dataclass
+class ReportInputs:
+    """Paths and options of one report."""
+
+    traces: str
+    samples: Path | None = None
+    aiperf: Path | None = None
+    microbench: Path | None = None
+    placement: Path | None = None
+    vllm_log: Path | None = None
+    vllm_metrics: Path | None = None
+    service: str | None = None
+    lookback: str = "1h"
+
+
+@dataclass
+class Report:
+    """The numbers (``data``, what the JSON holds) and the figures of one report."""
+
+    data: dict[str, Any]
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+
+def _records(frame, columns: list[str], limit: int | None = None) -> list[dict]:
+    out = []
+    for row in frame[columns].head(limit).itertuples(index=False):
+        rec = {}
+        for c, v in zip(columns, row, strict=True):
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float) and math.isnan(v):
+                v = None
+            rec[c] = v
+        out.append(rec)
+    return out
+
+
+def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
+    """Everything the report shows, as JSON-able data plus PNG figures."""
+    from kvprof.analysis import plots
+    from kvprof.analysis.aiperf import load_aiperf_records
+    from kvprof.analysis.links import link_timeline, transfer_links
+    from kvprof.analysis.traces import load_spans, require_kvprof_spans
+    from kvprof.analysis.verdict import rank_causes
+
+    spans_load = load_spans(inputs.traces, inputs.service, inputs.lookback)
+    require_kvprof_spans(spans_load, inputs.traces)
+    aiperf = load_aiperf_records(inputs.aiperf) if inputs.aiperf else None
+    bd = build_breakdown(spans_load.spans, aiperf)
+    req = bd.requests
+    data: dict[str, Any] = {
+        "title": "kvprof TTFT breakdown",
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {"traces": {"source": str(inputs.traces), "files": len(spans_load.files),
+                              "spans": int(len(spans_load.spans)),
+                              "formats": sorted(spans_load.formats),
+                              "skipped": [{"file": f, "why": w} for f, w in spans_load.skipped]}},
+        "notes": list(bd.notes),
+    }
+    if aiperf is not None:
+        data["inputs"]["aiperf"] = {"source": str(inputs.aiperf), "records": int(len(aiperf))}
+    samples_load = None
+    if inputs.samples:
+        from kvprof.analysis.samples import load_samples
+
+        samples_load = load_samples(inputs.samples)
+        data["inputs"]["samples"] = {
+            "source": str(inputs.samples), "files": len(samples_load.files),
+            "samples": int(len(samples_load.samples)),
+            "skipped": [{"file": f, "why": w} for f, w in samples_load.skipped]}
+    should = None
+    if inputs.microbench:
+        from kvprof.analysis.microbench_results import load_microbench
+
+        should = load_microbench(inputs.microbench)
+        data["should_cost"] = should.to_dict()
+    done = req[req["ttft_ms"].notna()]
+    data["summary"] = {
+        "requests": int(len(req)),
+        "requests_with_ttft": int(len(done)),
+        "pairs": int(req["pair"].nunique()),
+        "first_contact_requests": int(req["first_contact"].sum()),
+        "ttft_mean_ms": float(done["ttft_ms"].mean()) if len(done) else None,
+        "ttft_p50_ms": float(done["ttft_ms"].quantile(0.5)) if len(done) else None,
+        "ttft_p99_ms": float(done["ttft_ms"].quantile(0.99)) if len(done) else None,
+        "stacked_mean_ms": float(done["stacked_ms"].mean()) if len(done) else None,
+        "unaccounted_mean_ms": float(done["unaccounted_ms"].mean()) if len(done) else None,
+        "ttft_sources": {str(k): int(v) for k, v in done["ttft_source"].value_counts().items()},
+    }
+    data["skew"] = bd.skew.to_dict()
+    data["percentiles"] = percentile_view(req)
+    data["phase_stats"] = phase_stats(req)
+    data["pairs"] = pair_view(req)
+    links = None
+    if samples_load is not None:
+        links = transfer_links(bd, spans_load.spans, samples_load.samples)
+        timeline = link_timeline(samples_load.samples, bd.skew.offsets_ns)
+        data["links"] = _links_data(links)
+        if len(links):
+            data["links"]["rows"] = _records(links, list(links.columns), 200)
+            plots_ok = links.dropna(subset=["achieved_gbps"])
+            if len(plots_ok) and with_plots:
+                data.setdefault("_plots", {})["transfer_rates"] = plots.transfer_rates(plots_ok)
+        if len(timeline) and with_plots:
+            data.setdefault("_plots", {})["link_timeline"] = plots.link_timeline(timeline)
+    if inputs.placement:
+        from kvprof.analysis.samples import load_samples, placement_records
+
+        pl = placement_records(load_samples(inputs.placement).samples)
+        data["placement"] = _records(pl, list(pl.columns))
+    if inputs.vllm_log:
+        from kvprof.analysis.vllm_metrics import parse_kv_transfer_log
+
+        kv_log = parse_kv_transfer_log(inputs.vllm_log)
+        data["vllm_kv_transfer_log"] = _records(kv_log, list(kv_log.columns))
+    if inputs.vllm_metrics:
+        from kvprof.analysis.vllm_metrics import nixl_summary, parse_nixl_prometheus
+
+        data["nixl_metrics"] = nixl_summary(parse_nixl_prometheus(inputs.vllm_metrics))
+    data["verdict"] = rank_causes(req, links, should)
+    cols = ["key", "trace_id", "pair", "first_contact", "prefill_pod", "decode_pod",
+            "prefill_node", "decode_node", "kv_path", "kv_bytes", *STACKED_PHASES,
+            sc.SPAN_KV_HOLD, "stacked_ms", "ttft_ms", "ttft_source", "unaccounted_ms",
+            "transfer_gbps"]
+    data["requests"] = _records(req, cols, MAX_REQUEST_ROWS)
+    if len(req) > MAX_REQUEST_ROWS:
+        data["notes"].append(f"requests lists the first {MAX_REQUEST_ROWS} of {len(req)} "
+                             "requests; every statistic covers all of them.")
+    figures = data.pop("_plots", {})
+    if data["percentiles"] and with_plots:
+        figures["stacked_percentiles"] = plots.stacked_percentiles(data["percentiles"])
+    if len(done) and with_plots:
+        figures["ttft_by_pair"] = plots.ttft_by_pair(req)
+    return Report(data=data, plots=figures)
+
+
+def _links_data(links) -> dict:
+    if links is None or not len(links):
+        return {"transfers": 0, "by_path": []}
+    by_path = []
+    for path, grp in links.groupby("path"):
+        by_path.append({
+            "path": path, "transfers": int(len(grp)),
+            "entities": sorted(set(grp["entity"].dropna().astype(str))),
+            "median_transfer_ms": float(grp["transfer_ms"].median()),
+            "median_achieved_gbps": float(grp["achieved_gbps"].median()),
+            "median_link_gbps": float(grp["link_gbps"].median()),
+            "link_rate_gbps": float(grp["link_rate_gbps"].median()),
+            "rate_source": ", ".join(sorted(set(grp["rate_source"].dropna().astype(str)))),
+            "median_pct_of_link_rate": float(grp["pct_of_link_rate"].median()),
+            "path_mismatches": int(grp["path_mismatch"].sum()),
+        })
+    return {"transfers": int(len(links)), "by_path": by_path}
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+def _verdict_lines(data: dict) -> list[tuple[dict, str]]:
+    return [(c, f"{c['label']} ({c['cause']}): {fmt(c['mean_ms'])} ms per request, "
+                f"{100 * c['share']:.0f}% of the overhead"
+                + (" — estimate" if c["estimate"] else ""))
+            for c in data["verdict"]]
+
+
+def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """Every table of the report, once, for both Markdown and HTML."""
+    t: dict[str, tuple[list[str], list[list]]] = {}
+    phases = [*STACKED_PHASES, UNACCOUNTED]
+    view = data["percentiles"]
+    # Phases as rows, percentiles as columns: stays narrow however long the request ids are.
+    t["percentiles"] = (["", *[f"p{v['percentile']}" for v in view]],
+                        [["TTFT ms", *[v["ttft_ms"] for v in view]],
+                         *[[p, *[v["phases_ms"].get(p) for v in view]] for p in phases],
+                         ["kv.hold ms (overlaps, not stacked)", *[v["kv_hold_ms"] for v in view]],
+                         ["pair", *[v["pair"] for v in view]],
+                         ["first contact", *[v["first_contact"] for v in view]],
+                         ["TTFT source", *[v["ttft_source"] for v in view]],
+                         ["request", *[v["key"] for v in view]]])
+    t["phases"] = (["phase", "requests", "mean ms", "p50 ms", "p99 ms", "max ms"],
+                   [[s["phase"], s["count"], s["mean_ms"], s["p50_ms"], s["p99_ms"],
+                     s["max_ms"]] for s in data["phase_stats"]])
+    t["pairs"] = (["pair", "requests", "path", "first TTFT ms", "first handshake ms",
+                   "steady TTFT ms (median)", "steady handshake ms", "steady transfer ms",
+                   "transfer GB/s"],
+                  [[p["pair"], p["requests"], p["path"], p["first_ttft_ms"],
+                    p["first_handshake_ms"], p["steady_ttft_ms"], p["steady_handshake_ms"],
+                    p["steady_transfer_ms"], p["median_transfer_gbps"]] for p in data["pairs"]])
+    skew = data["skew"]
+    t["skew"] = (["clock (node/host)", "offset applied ms"],
+                 [[k, v] for k, v in skew["offsets_ms"].items()])
+    t["skew_pairs"] = (["clocks (A -> B)", "offset(B) - offset(A): lower ms", "upper ms",
+                        "estimate ms", "constraints", "consistent"],
+                       [[" -> ".join(i["clocks"]), i["lower_ms"], i["upper_ms"],
+                         i["estimate_ms"], i["constraints"], i["consistent"]]
+                        for i in skew["pair_intervals"]])
+    if "links" in data:
+        t["links"] = (["path seen on counters", "transfers", "links", "median ms",
+                       "achieved GB/s (kv.bytes)", "link GB/s (counters)", "link rate GB/s",
+                       "% of rate", "rate from", "kv.path mismatches"],
+                      [[b["path"], b["transfers"], ", ".join(b["entities"]) or NO_DATA,
+                        b["median_transfer_ms"], b["median_achieved_gbps"],
+                        b["median_link_gbps"], b["link_rate_gbps"],
+                        b["median_pct_of_link_rate"], b["rate_source"] or NO_DATA,
+                        b["path_mismatches"]] for b in data["links"]["by_path"]])
+    if "should_cost" in data:
+        sc_ = data["should_cost"]
+        t["should_cost"] = (["microbench step", "median ms", "p10 ms", "p90 ms", "GB/s"],
+                            [[n, s.get("median_ms"), s.get("p10_ms"), s.get("p90_ms"),
+                              s.get("gbps")] for n, s in sc_["steps"].items()]
+                            + [["total (what one transfer should cost)", sc_["total_ms"],
+                                None, None, None]])
+    if data.get("vllm_kv_transfer_log"):
+        rows = data["vllm_kv_transfer_log"]
+        t["kv_log"] = (list(rows[0].keys()), [list(r.values()) for r in rows])
+    if data.get("nixl_metrics"):
+        t["nixl"] = (["vllm:nixl metric", "value"], [[k, v] for k, v in
+                                                     data["nixl_metrics"].items()])
+    if data.get("placement"):
+        rows = data["placement"]
+        t["placement"] = (list(rows[0].keys()), [list(r.values()) for r in rows])
+    inputs = data["inputs"]
+    skipped = inputs["traces"]["skipped"] + inputs.get("samples", {}).get("skipped", [])
+    t["skipped"] = (["skipped file", "why"], [[s["file"], s["why"]] for s in skipped])
+    return t
+
+
+def render_markdown(report: Report) -> str:
+    """The report as Markdown (same numbers as the JSON)."""
+    d = report.data
+    s = d["summary"]
+    t = _tables(d)
+    out = [f"# {d['title']}", "",
+           f"{s['requests']} requests over {s['pairs']} prefill->decode pairs from "
+           f"{d['inputs']['traces']['spans']} spans; TTFT p50 {fmt(s['ttft_p50_ms'])} ms, "
+           f"p99 {fmt(s['ttft_p99_ms'])} ms; mean unaccounted {fmt(s['unaccounted_mean_ms'])} ms.",
+           "", "## Verdict: causes of the disaggregation overhead, ranked", ""]
+    for n, (c, line) in enumerate(_verdict_lines(d), start=1):
+        out.append(f"{n}. **{line}**")
+        out.extend(f"   - {e}" for e in c["evidence"])
+    sections = [("Percentile view (stacked phases, ms)", "percentiles"),
+                ("Each phase on its own", "phases"),
+                ("First contact vs steady state per pair", "pairs"),
+                ("Clock skew (offsets added to each clock)", "skew"),
+                ("Skew bounds per pair of clocks", "skew_pairs"),
+                ("Links during transfer windows", "links"),
+                ("What this transfer should cost (microbench, an estimate for this path)",
+                 "should_cost"),
+                ("vLLM KV Transfer metrics log lines", "kv_log"),
+                ("vllm:nixl_* metrics", "nixl"), ("Placement records", "placement"),
+                ("Skipped inputs", "skipped")]
+    for title, key in sections:
+        if key in t and t[key][1]:
+            out += ["", f"## {title}", "", md_table(*t[key])]
+    sk = d["skew"]
+    out += ["", f"Residual causal violations after skew correction: "
+            f"{sk['residual_violations']} (before: {sk['violations_before_correction']}); "
+            f"worst {fmt(sk['worst_residual_ms'])} ms."]
+    if d["notes"]:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in d["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page with its figures embedded."""
+    d = report.data
+    s = d["summary"]
+    t = _tables(d)
+    p = report.plots
+    sections: list[tuple[str, str]] = []
+    summary = (f"<p><b>{s['requests']}</b> requests over <b>{s['pairs']}</b> prefill&rarr;decode "
+               f"pairs ({s['first_contact_requests']} first contacts). TTFT p50 "
+               f"<b>{esc(fmt(s['ttft_p50_ms']))} ms</b>, p99 <b>{esc(fmt(s['ttft_p99_ms']))} ms"
+               f"</b>; the spans cover {esc(fmt(s['stacked_mean_ms']))} ms on average and "
+               f"<b>{esc(fmt(s['unaccounted_mean_ms']))} ms</b> is unaccounted (hand-over "
+               f"through the frontend/router lives there). TTFT sources: "
+               + esc(", ".join(f"{v} x {k}" for k, v in s["ttft_sources"].items()))
+               + ".</p>")
+    items = "".join(
+        f"<li><b>{esc(line)}</b><ul>" + "".join(f"<li>{esc(e)}</li>" for e in c["evidence"])
+        + "</ul></li>" for c, line in _verdict_lines(d))
+    sections.append(("Summary", summary))
+    sections.append(("Verdict: causes of the disaggregation overhead, ranked",
+                     f"<ol class=\"verdict\">{items}</ol><p class=\"note\">Share = a cause's "
+                     "mean per request over the sum of all overhead phases (serialize, "
+                     "handshake, transfer, deserialize, decode queue, unaccounted). Lines "
+                     "marked estimate rest on something not measured in these traces.</p>"))
+    block = ""
+    if "stacked_percentiles" in p:
+        block += html_img(p["stacked_percentiles"], "stacked breakdown per percentile")
+    sections.append(("Percentile view", block + html_table(*t["percentiles"])))
+    sections.append(("Each phase on its own", html_table(*t["phases"])
+                     + "<p class=\"note\">kv.hold overlaps the decode side's handshake and "
+                     "transfer, so it is listed but not stacked.</p>"))
+    block = html_img(p["ttft_by_pair"], "TTFT per pair") if "ttft_by_pair" in p else ""
+    sections.append(("First contact vs steady state per pair", block + html_table(*t["pairs"])))
+    sk = d["skew"]
+    sections.append(("Clock skew", html_table(*t["skew"]) + html_table(*t["skew_pairs"])
+                     + f"<p>Residual causal violations after correction: "
+                     f"<b>{sk['residual_violations']}</b> (before: "
+                     f"{sk['violations_before_correction']}; worst "
+                     f"{esc(fmt(sk['worst_residual_ms']))} ms). Reference clock: "
+                     f"{esc(sk['reference_clock'])}.</p>"))
+    if "links" in t:
+        block = html_table(*t["links"])
+        if "transfer_rates" in p:
+            block += html_img(p["transfer_rates"], "transfer GB/s vs link rate")
+        if "link_timeline" in p:
+            block += html_img(p["link_timeline"], "link utilisation timeline")
+        sections.append(("Links during transfer windows", block))
+    else:
+        sections.append(("Links during transfer windows",
+                         "<p class=\"note\">No collector samples given (--samples): link "
+                         "utilisation has no data.</p>"))
+    if "should_cost" in t:
+        sections.append(("What this transfer should cost",
+                         "<p class=\"estimate\">Estimate: measured by kvprof microbench, not "
+                         "in these traces.</p>" + html_table(*t["should_cost"])))
+    for title, key in (("vLLM KV Transfer metrics log lines", "kv_log"),
+                       ("vllm:nixl_* metrics", "nixl"), ("Placement records", "placement")):
+        if key in t:
+            sections.append((title, html_table(*t[key])))
+    if t["skipped"][1]:
+        sections.append(("Skipped inputs", html_table(*t["skipped"])))
+    if d["notes"]:
+        sections.append(("Notes", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in d["notes"])
+                         + "</ul>"))
+    subtitle = (f"{d['inputs']['traces']['spans']} spans from {d['inputs']['traces']['source']}"
+                f" · generated {d['generated_at']}")
+    return html_page(d["title"], subtitle, sections)
+
+
+def write_report(report: Report, out: Path, fmt_name: str) -> Path:
+    """Write the report in one format; the parent folder is created."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt_name == "json":
+        text = json.dumps(report.data, indent=1, default=str)
+    elif fmt_name == "md":
+        text = render_markdown(report)
+    else:
+        text = render_html(report)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,
+                       microbench: Path | None, placement: Path | None, service: str | None,
+                       lookback: str, out: Path, fmt: str, vllm_log: Path | None = None,
+                       vllm_metrics: Path | None = None) -> str:
+    """The body of `kvprof report`; returns the one-line summary the CLI prints."""
+    fmt_name = fmt.lower()
+    if fmt_name == "markdown":
+        fmt_name = "md"
+    if fmt_name not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    report = build_report(ReportInputs(
+        traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
+        placement=placement, vllm_log=vllm_log, vllm_metrics=vllm_metrics, service=service,
+        lookback=lookback), with_plots=fmt_name == "html")
+    path = write_report(report, out, fmt_name)
+    s = report.data["summary"]
+    top = report.data["verdict"][0] if report.data["verdict"] else None
+    skipped = len(report.data["inputs"]["traces"]["skipped"])
+    line = (f"Wrote {path}: {s['requests']} requests, TTFT p99 {_ms(s['ttft_p99_ms'])}"
+            + (f"; top cause {top['cause']} ({100 * top['share']:.0f}%)" if top else ""))
+    if skipped:
+        line += f"; skipped {skipped} trace file(s): " + ", ".join(
+            Path(x["file"]).name for x in report.data["inputs"]["traces"]["skipped"])
+    return line
+
+
+def _ms(v) -> str:
+    return NO_DATA if v is None else f"{v:.0f} ms"

@@ -1,0 +1,146 @@
+"""Clock-skew between hosts, estimated from causal order, and the violations left after it.
+
+Each cross-host causal rule gives a bound on delta = offset(b) - offset(a), where a host's
+offset is added to its raw timestamps to put them on the reference clock:
+
+* ``transfer-after-prefill``: a decode-side kv.transfer cannot start before its prefill
+  finished (compute/serialize end): delta >= prefill_done(a) - transfer_start(b).
+* ``hold-outlasts-transfer``: the prefill side releases its blocks (kv.hold end) only after
+  the decode side told it the transfer ended: delta <= hold_end(a) - transfer_end(b).
+* ``child-after-parent``: a span starts no earlier than its parent on another host.
+
+Per pair of hosts the estimate is the middle of the feasible interval [max lower, min upper]
+(NTP's symmetric-slack assumption); with only lower bounds, the smallest shift that satisfies
+them (0 when none is violated). Offsets spread from the reference host (the first prefill
+host, by name) along the pairs with the most constraints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+CONSTRAINT_COLUMNS = ("rule", "key", "a", "b", "lo_ns", "hi_ns")
+
+
+@dataclass
+class SkewResult:
+    """Offsets (ns, add to raw times) per clock and the constraints still violated."""
+
+    reference: str | None
+    offsets_ns: dict[str, float] = field(default_factory=dict)
+    intervals: list[dict] = field(default_factory=list)
+    constraints: int = 0
+    violations: pd.DataFrame | None = None
+    violations_before: int = 0
+
+    def to_dict(self) -> dict:
+        v = self.violations
+        return {
+            "reference_clock": self.reference,
+            "offsets_ms": {k: v_ns / 1e6 for k, v_ns in self.offsets_ns.items()},
+            "pair_intervals": self.intervals,
+            "constraints": self.constraints,
+            "violations_before_correction": self.violations_before,
+            "residual_violations": 0 if v is None else int(len(v)),
+            "worst_residual_ms": (0.0 if v is None or v.empty
+                                  else float(v["by_ms"].max())),
+            "residual_by_rule": ({} if v is None or v.empty
+                                 else v.groupby("rule").size().astype(int).to_dict()),
+        }
+
+
+def _violations(cons: pd.DataFrame, offsets: dict[str, float]) -> pd.DataFrame:
+    import numpy as np
+
+    if cons.empty:
+        return cons.assign(by_ms=[])
+    delta = (cons["b"].map(offsets).fillna(0.0).to_numpy(dtype=float)
+             - cons["a"].map(offsets).fillna(0.0).to_numpy(dtype=float))
+    below = cons["lo_ns"].to_numpy(dtype=float) - delta
+    above = delta - cons["hi_ns"].to_numpy(dtype=float)
+    by = np.maximum(below, above)
+    # 1 µs of tolerance: Jaeger input carries microseconds only.
+    mask = by > 1000.0
+    return cons[mask].assign(by_ms=by[mask] / 1e6).sort_values("by_ms", ascending=False)
+
+
+def estimate_skew(cons: pd.DataFrame, reference: str | None) -> SkewResult:
+    """Estimate per-clock offsets from a constraint table (columns CONSTRAINT_COLUMNS)."""
+    result = SkewResult(reference=reference, constraints=int(len(cons)))
+    cross = cons[cons["a"] != cons["b"]]
+    clocks = {str(c) for c in cross["a"].unique()} | {str(c) for c in cross["b"].unique()}
+    if reference is None and clocks:
+        reference = sorted(clocks)[0]
+        result.reference = reference
+    if reference is not None:
+        result.offsets_ns[reference] = 0.0
+    result.violations_before = int(len(_violations(cross, {})))
+    if cross.empty:
+        result.violations = _violations(cross, result.offsets_ns)
+        return result
+    # Orient every pair as (min, max) name so both directions pool into one interval; work
+    # on category codes (sorted names), not strings: there are two constraints per request.
+    import numpy as np
+    import pandas as pd
+
+    names = sorted(clocks)
+    a = cross["a"].astype("category").cat.set_categories(names).cat.codes.to_numpy()
+    b = cross["b"].astype("category").cat.set_categories(names).cat.codes.to_numpy()
+    flip = a > b
+    lo_raw, hi_raw = cross["lo_ns"].to_numpy(dtype=float), cross["hi_ns"].to_numpy(dtype=float)
+    table = pd.DataFrame({"x": np.where(flip, b, a), "y": np.where(flip, a, b),
+                          "lo": np.where(flip, -hi_raw, lo_raw),
+                          "hi": np.where(flip, -lo_raw, hi_raw)})
+    pairs = table.groupby(["x", "y"]).agg(lo=("lo", "max"), hi=("hi", "min"), n=("lo", "size"))
+    pairs.index = pd.MultiIndex.from_tuples([(names[x], names[y]) for x, y in pairs.index],
+                                            names=["x", "y"])
+    delta: dict[tuple[str, str], float] = {}
+    for (x, y), row in pairs.iterrows():
+        low, high = float(row["lo"]), float(row["hi"])
+        if math.isfinite(high) and math.isfinite(low):
+            d = (low + high) / 2
+        elif math.isfinite(low):
+            d = max(low, 0.0)
+        elif math.isfinite(high):
+            d = min(high, 0.0)
+        else:
+            d = 0.0
+        delta[(x, y)] = d
+        result.intervals.append({
+            "clocks": [x, y], "lower_ms": low / 1e6 if math.isfinite(low) else None,
+            "upper_ms": high / 1e6 if math.isfinite(high) else None,
+            "estimate_ms": d / 1e6, "constraints": int(row["n"]),
+            "consistent": not (math.isfinite(high) and low > high),
+        })
+    graph: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
+    for (x, y), d in delta.items():
+        n = int(pairs.loc[(x, y), "n"])
+        graph[x].append((n, y, d))  # off(y) = off(x) + d
+        graph[y].append((n, x, -d))
+    queue = deque([reference])
+    while queue:
+        here = queue.popleft()
+        for _n, there, d in sorted(graph[here], reverse=True):
+            if there not in result.offsets_ns:
+                result.offsets_ns[there] = result.offsets_ns[here] + d
+                queue.append(there)
+    # Report each interval as "offset of the second clock minus the first", the first being the
+    # one nearer the reference, so the estimate reads as the offset applied to the second.
+    for item in result.intervals:
+        x, y = item["clocks"]
+        if y == reference or (x != reference and result.offsets_ns.get(y, 0.0) == 0.0
+                              and result.offsets_ns.get(x, 0.0) != 0.0):
+            lo, hi = item["lower_ms"], item["upper_ms"]
+            item.update(clocks=[y, x], lower_ms=None if hi is None else -hi,
+                        upper_ms=None if lo is None else -lo, estimate_ms=-item["estimate_ms"])
+    for clock in sorted(clocks - set(result.offsets_ns)):
+        # A group of hosts with no causal link to the reference: left uncorrected.
+        result.offsets_ns[clock] = 0.0
+    result.violations = _violations(cross, result.offsets_ns)
+    return result

@@ -1,0 +1,79 @@
+"""The span table: its columns, the attributes they come from, and the final dtypes.
+
+One row per span, built column-wise so a million spans stay cheap:
+
+=================  ========  ==========================================================
+column             dtype     meaning
+=================  ========  ==========================================================
+trace_id           str       32 lowercase hex
+span_id            str       16 lowercase hex
+parent_span_id     str       "" for a root
+name               category  span name (kvprof.semconv SPAN_*)
+start_ns, end_ns   int64     epoch nanoseconds, on the clock of the host that recorded it
+service, host      category  resource service.name / host.name
+pid                float64   resource process.pid (NaN when absent)
+role, request_id, remote_request_id, engine_id, remote_engine_id, remote_host, connector,
+kv_path, pod, namespace, node, gpu_uuid
+                   str/cat   the kvprof.* / kv.* / k8s.* attributes (span first, then resource)
+kv_bytes, kv_blocks, kv_descriptors, prompt_tokens
+                   float64   numeric attributes (NaN when absent)
+clock              category  the clock domain: node, else host, else service
+source             category  file the span came from
+=================  ========  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvprof import semconv as sc
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ATTR_COLUMNS: dict[str, str] = {
+    sc.ATTR_ROLE: "role",
+    sc.ATTR_REQUEST_ID: "request_id",
+    sc.ATTR_REMOTE_REQUEST_ID: "remote_request_id",
+    sc.ATTR_ENGINE_ID: "engine_id",
+    sc.ATTR_KV_REMOTE_ENGINE_ID: "remote_engine_id",
+    sc.ATTR_KV_REMOTE_HOST: "remote_host",
+    sc.ATTR_KV_CONNECTOR: "connector",
+    sc.ATTR_KV_PATH: "kv_path",
+    sc.ATTR_K8S_POD_NAME: "pod",
+    sc.ATTR_K8S_NAMESPACE: "namespace",
+    sc.ATTR_K8S_NODE_NAME: "node",
+    sc.ATTR_GPU_UUID: "gpu_uuid",
+    sc.ATTR_KV_BYTES: "kv_bytes",
+    sc.ATTR_KV_BLOCKS: "kv_blocks",
+    sc.ATTR_KV_DESCRIPTORS: "kv_descriptors",
+    sc.ATTR_PROMPT_TOKENS: "prompt_tokens",
+    sc.RES_SERVICE_NAME: "service",
+    sc.RES_HOST_NAME: "host",
+    sc.RES_PROCESS_PID: "pid",
+}
+NUMERIC_COLUMNS = ("kv_bytes", "kv_blocks", "kv_descriptors", "prompt_tokens", "pid")
+CATEGORY_COLUMNS = ("name", "service", "host", "clock", "source", "role", "node", "connector",
+                    "kv_path", "namespace", "engine_id", "remote_engine_id", "pod",
+                    "remote_host", "gpu_uuid")
+SPAN_COLUMNS = ("trace_id", "span_id", "parent_span_id", "name", "start_ns", "end_ns",
+                *ATTR_COLUMNS.values(), "clock", "source")
+
+
+def finalize_spans(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the clock column and give every column its documented dtype."""
+    import numpy as np
+    import pandas as pd
+
+    if "clock" not in df or df["clock"].isna().any():
+        clock = df["node"].astype(object).fillna(df["host"].astype(object)).fillna(
+            df["service"].astype(object)).fillna("unknown")
+        df["clock"] = clock if "clock" not in df else df["clock"].astype(object).fillna(clock)
+    for col in NUMERIC_COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    df["start_ns"] = df["start_ns"].astype(np.int64)
+    df["end_ns"] = df["end_ns"].astype(np.int64)
+    for col in CATEGORY_COLUMNS:
+        if df[col].dtype.name != "category":
+            df[col] = df[col].astype("category")
+    return df[list(SPAN_COLUMNS)].reset_index(drop=True)
