@@ -80,6 +80,8 @@ def load_aiperf_records(source: str | Path) -> pd.DataFrame:
         found = sorted(path.rglob(RECORDS_FILE))
         if not found:
             raise BadInputError(f"no {RECORDS_FILE} under {path}", hint=HINT)
+        if len(found) > 1:  # an artifact tree, one folder per concurrency: every run counts
+            return pd.concat([load_aiperf_records(f) for f in found], ignore_index=True)
         path = found[0]
     if not path.exists():
         raise BadInputError(f"aiperf path not found: {path}", hint=HINT)

@@ -1,0 +1,1 @@
+"""The `make demo` run: kvprof on a tiny aggregated and disaggregated vLLM deployment on a CPU."""

@@ -1,0 +1,102 @@
+"""The demo's three closing numbers, computed from out/report.json (never typed in)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvprof import semconv as sc
+from kvprof.errors import BadInputError
+
+NO_DATA = "no data"
+
+
+@dataclass(frozen=True)
+class Share:
+    """part_ms of whole_ms, as medians over the requests it was computed from."""
+
+    part_ms: float | None
+    whole_ms: float | None
+    share: float | None
+    requests: int
+
+    def text(self, part_name: str) -> str:
+        if self.share is None or self.part_ms is None or self.whole_ms is None:
+            return NO_DATA
+        plural = "" if self.requests == 1 else "s"
+        return (f"{100 * self.share:.1f}% of TTFT ({part_name} {self.part_ms:.1f} ms of "
+                f"{self.whole_ms:.1f} ms, median of {self.requests} request{plural})")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What a serving engineer reads first: first contact, steady state, unexplained time."""
+
+    first_handshake: Share
+    steady_transfer: Share
+    unaccounted_mean_ms: float | None
+    requests: int
+    pairs: int
+
+    def lines(self) -> list[tuple[str, str]]:
+        unacc = (NO_DATA if self.unaccounted_mean_ms is None
+                 else f"{self.unaccounted_mean_ms:.1f} ms per request (mean; TTFT minus every "
+                      "measured phase)")
+        return [
+            ("First-request handshake share", self.first_handshake.text("kv.handshake")),
+            ("Steady-state transfer share", self.steady_transfer.text("kv.transfer")),
+            ("Unaccounted hand-over time", unacc),
+        ]
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return None if value != value else float(value)  # NaN check without math import
+
+
+def _share(rows: list[dict], phase: str) -> Share:
+    parts, wholes, shares = [], [], []
+    for row in rows:
+        part, whole = _num(row.get(phase)), _num(row.get("ttft_ms"))
+        if part is None or whole is None or whole <= 0:
+            continue
+        parts.append(part)
+        wholes.append(whole)
+        shares.append(part / whole)
+    if not shares:
+        return Share(None, None, None, 0)
+    return Share(statistics.median(parts), statistics.median(wholes),
+                 statistics.median(shares), len(shares))
+
+
+def headline_from_report(report: dict) -> Headline:
+    """First-contact requests' handshake share, later requests' transfer share, unaccounted."""
+    rows = [r for r in report.get("requests") or [] if isinstance(r, dict)]
+    first = [r for r in rows if r.get("first_contact") is True]
+    steady = [r for r in rows if r.get("first_contact") is False]
+    summary = report.get("summary") or {}
+    return Headline(
+        first_handshake=_share(first, sc.SPAN_KV_HANDSHAKE),
+        steady_transfer=_share(steady, sc.SPAN_KV_TRANSFER),
+        unaccounted_mean_ms=_num(summary.get("unaccounted_mean_ms")),
+        requests=int(summary.get("requests") or len(rows)),
+        pairs=int(summary.get("pairs") or 0),
+    )
+
+
+def load_headline(report_json: Path) -> Headline:
+    """Read `kvprof report --format json` output; a clear error when it is missing or broken."""
+    hint = "Run the demo's report step again: kvprof report ... --format json --out " + str(
+        report_json)
+    try:
+        doc = json.loads(report_json.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"report JSON not found: {report_json}", hint=hint) from None
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{report_json} is not JSON ({err.msg})", hint=hint) from None
+    if not isinstance(doc, dict):
+        raise BadInputError(f"{report_json} is not a kvprof report object", hint=hint)
+    return headline_from_report(doc)

@@ -1,0 +1,256 @@
+"""Start the demo's background processes in their own process groups and always stop them."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvprof.errors import KvprofError
+
+log = logging.getLogger("kvprof.demo.procs")
+
+# vLLM's API server forwards SIGTERM to its engine core and worker; 30 s covers a slow flush of
+# the probes' trace files on two busy cores before we stop asking politely.
+STOP_GRACE_S = 30.0
+
+
+class DemoProcessError(KvprofError):
+    """A process the demo started died or never became ready; the hint points at its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file, for error messages (empty when there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@dataclass
+class ManagedProcess:
+    """One started command: its Popen, its log file and the session it leads."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def describe_death(self) -> str:
+        tail = log_tail(self.log_path)
+        return f"{self.name} exited with code {self.popen.returncode}" + (
+            f"; last lines of {self.log_path}:\n{tail}" if tail else ""
+        )
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid, found before we signal anything (children may re-parent)."""
+    try:
+        import psutil
+    except ImportError:  # psutil is a kvprof dependency; without it the process group must do
+        return []
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _signal_pids(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _any_alive(pids: Sequence[int]) -> bool:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True
+        # A zombie child of ours still answers kill(0); reap it if it is ours.
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                continue
+        return True
+    return False
+
+
+class ProcessManager:
+    """Owns every background process of one demo run; stop_all() is safe to call repeatedly.
+
+    Each command leads its own session (start_new_session), so one killpg reaches the vLLM
+    API server, its EngineCore and Worker, and the kvprof attach launcher above them; the
+    descendant list taken before signalling also catches anything that left the group.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._procs: list[ManagedProcess] = []
+        self._installed = False
+        self._previous_handlers: dict[int, object] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def install_cleanup(self) -> None:
+        """Stop everything at interpreter exit and on SIGINT / SIGTERM / SIGHUP."""
+        if self._installed:
+            return
+        atexit.register(self.stop_all)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._installed = True
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Ignore further signals while cleaning up: a second Ctrl-C must not orphan engines.
+        for sig in self._previous_handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        log.warning("received %s: stopping %d process(es)", signal.Signals(signum).name,
+                    len(self.running()))
+        self.stop_all()
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str | None] | None = None,
+        cwd: Path | None = None,
+        log_path: Path | None = None,
+    ) -> ManagedProcess:
+        """Start argv in a new session, stdout and stderr into log_path (log_dir/<name>.log).
+
+        env entries override the inherited environment; a None value removes the variable.
+        """
+        log_path = log_path or self.log_dir / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        full_env = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        with open(log_path, "wb") as log_file:
+            popen = subprocess.Popen(
+                list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=full_env, cwd=cwd, start_new_session=True,
+            )
+        proc = ManagedProcess(name=name, argv=list(argv), log_path=log_path, popen=popen)
+        self._procs.append(proc)
+        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+        return proc
+
+    def running(self) -> list[ManagedProcess]:
+        return [p for p in self._procs if p.alive()]
+
+    def stop(self, proc: ManagedProcess, grace_s: float = STOP_GRACE_S) -> int | None:
+        """SIGTERM the process group, wait, then SIGKILL whatever is left; returns the code."""
+        pids = [proc.pid, *_descendants(proc.pid)]
+        if proc.alive():
+            # Only the group we started: `kvprof attach` forwards the signal to the engine's
+            # own group, and a second SIGTERM straight to vLLM would cut its flush short.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        orphans_told = False
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                if not _any_alive(pids[1:]):
+                    break
+                if not orphans_told:
+                    # The leader is gone, so nobody forwards to what it left in other
+                    # sessions; ask those directly before the deadline forces them.
+                    _signal_pids(pids[1:], signal.SIGTERM)
+                    orphans_told = True
+            time.sleep(0.1)
+        else:
+            log.warning("%s did not stop within %.0f s: SIGKILL", proc.name, grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _signal_pids([p for p in pids if _any_alive([p])], signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=5)
+        if proc in self._procs:
+            self._procs.remove(proc)
+        return proc.popen.returncode
+
+    def stop_all(self) -> None:
+        """Stop every process still owned, newest first (the router before its engines)."""
+        for proc in reversed(list(self._procs)):
+            try:
+                self.stop(proc)
+            except Exception:  # cleanup must reach every process even if one stop fails
+                log.exception("stopping %s failed", proc.name)
+
+    def wait_exit(self, proc: ManagedProcess, timeout_s: float) -> int | None:
+        """Wait for proc to end by itself; None when it is still running at the deadline."""
+        try:
+            return proc.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    # -- readiness ---------------------------------------------------------------------------
+    def wait_http_ok(
+        self,
+        proc: ManagedProcess,
+        url: str,
+        timeout_s: float,
+        progress: Callable[[float], None] | None = None,
+    ) -> float:
+        """Poll url until it answers 200; raise at once if proc dies. Returns seconds waited."""
+        start = time.monotonic()
+        while True:
+            if not proc.alive():
+                raise DemoProcessError(
+                    proc.describe_death(),
+                    hint=f"See {proc.log_path}; a second engine on the same cores or too little "
+                         "free memory are the usual causes here.",
+                )
+            if http_ok(url):
+                return time.monotonic() - start
+            waited = time.monotonic() - start
+            if waited > timeout_s:
+                raise DemoProcessError(
+                    f"{proc.name} did not answer {url} within {timeout_s:.0f} s",
+                    hint=f"See {proc.log_path}; on a busy 2-core machine an engine can take "
+                         "minutes to start: retry when other vLLM engines have stopped.",
+                )
+            if progress:
+                progress(waited)
+            time.sleep(0.5)
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether GET url answers 200 right now."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback)
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False

@@ -1,0 +1,201 @@
+"""The demo's process manager: real processes, real signals, real HTTP readiness."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from demo.procs import DemoProcessError, ProcessManager, free_port, http_ok  # noqa: E402
+
+# A parent that starts a grandchild, optionally in a session of its own (as `kvprof attach`
+# does for the engine), and prints the grandchild's pid.
+PARENT = textwrap.dedent("""
+    import subprocess, sys, time, signal
+    new_session = sys.argv[1] == "1"
+    ignore_term = sys.argv[2] == "1"
+    if ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             start_new_session=new_session)
+    print(child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; psutil tells them apart.
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _grandchild_pid(log: Path, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text().strip() if log.exists() else ""
+        if text:
+            return int(text.splitlines()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"parent never printed its child's pid; log: {log.read_text()!r}")
+
+
+@pytest.mark.parametrize("new_session", [False, True], ids=["same-group", "own-session"])
+def test_stop_reaches_grandchildren(tmp_path: Path, new_session: bool) -> None:
+    pm = ProcessManager(tmp_path)
+    proc = pm.start("parent", [sys.executable, "-c", PARENT, "1" if new_session else "0", "0"])
+    grandchild = _grandchild_pid(proc.log_path)
+    assert _alive(proc.pid) and _alive(grandchild)
+    rc = pm.stop(proc, grace_s=5)
+    assert rc == -signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), "grandchild survived stop()"
+    assert pm.running() == []
+
+
+def test_sigterm_ignored_means_sigkill_after_grace(tmp_path: Path) -> None:
+    pm = ProcessManager(tmp_path)
+    proc = pm.start("stubborn", [sys.executable, "-c", PARENT, "0", "1"])
+    grandchild = _grandchild_pid(proc.log_path)
+    started = time.monotonic()
+    rc = pm.stop(proc, grace_s=1.0)
+    assert rc == -signal.SIGKILL
+    assert time.monotonic() - started >= 1.0
+    time.sleep(0.2)
+    assert not _alive(grandchild)
+
+
+def test_env_override_and_removal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_TEST_REMOVE_ME", "x")
+    pm = ProcessManager(tmp_path)
+    code = ("import os; "
+            "print(os.environ.get('DEMO_TEST_SET'), os.environ.get('DEMO_TEST_REMOVE_ME'))")
+    proc = pm.start("env", [sys.executable, "-c", code],
+                    env={"DEMO_TEST_SET": "yes", "DEMO_TEST_REMOVE_ME": None})
+    assert pm.wait_exit(proc, 30) == 0
+    assert proc.log_path.read_text().strip() == "yes None"
+
+
+def test_wait_http_ok_against_a_real_server(tmp_path: Path) -> None:
+    port = free_port()
+    pm = ProcessManager(tmp_path)
+    # The server only starts listening after a second, so the poll loop really polls.
+    code = ("import time, http.server, functools; time.sleep(1); "
+            f"http.server.ThreadingHTTPServer(('127.0.0.1', {port}), "
+            "http.server.SimpleHTTPRequestHandler).serve_forever()")
+    proc = pm.start("http", [sys.executable, "-c", code], cwd=tmp_path)
+    try:
+        waited = pm.wait_http_ok(proc, f"http://127.0.0.1:{port}/", timeout_s=30)
+        assert waited >= 0.5
+        assert http_ok(f"http://127.0.0.1:{port}/")
+    finally:
+        pm.stop_all()
+    assert not http_ok(f"http://127.0.0.1:{port}/", timeout_s=0.5)
+
+
+def test_wait_http_ok_reports_a_dead_process_with_its_log(tmp_path: Path) -> None:
+    pm = ProcessManager(tmp_path)
+    proc = pm.start("dies", [sys.executable, "-c",
+                             "import sys; print('engine failed: no memory'); sys.exit(7)"])
+    with pytest.raises(DemoProcessError) as err:
+        pm.wait_http_ok(proc, f"http://127.0.0.1:{free_port()}/health", timeout_s=30)
+    assert "exited with code 7" in err.value.message
+    assert "engine failed: no memory" in err.value.message
+    assert str(proc.log_path) in (err.value.hint or "")
+
+
+def test_wait_http_ok_times_out(tmp_path: Path) -> None:
+    pm = ProcessManager(tmp_path)
+    proc = pm.start("silent", [sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(DemoProcessError, match="did not answer"):
+            pm.wait_http_ok(proc, f"http://127.0.0.1:{free_port()}/health", timeout_s=1)
+    finally:
+        pm.stop_all()
+    assert not proc.alive()
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_http_ok_is_false_for_non_200(tmp_path: Path) -> None:
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(503)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert not http_ok(f"http://127.0.0.1:{server.server_address[1]}/health")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# A driver that owns a ProcessManager with cleanup installed, as run_demo.py does, and
+# prints the pid of the engine-like grandchild it started.
+DRIVER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from demo.procs import ProcessManager
+    pm = ProcessManager(Path({logs!r}))
+    pm.install_cleanup()
+    try:
+        proc = pm.start("engine", [sys.executable, "-c", {parent!r}, "1", "0"])
+        deadline = time.monotonic() + 20
+        while not proc.log_path.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(proc.log_path.read_text().strip(), flush=True)
+        time.sleep(600)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_to_the_driver_stops_everything(tmp_path: Path, sig: int) -> None:
+    code = DRIVER.format(repo=str(REPO), logs=str(tmp_path), parent=PARENT)
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(driver.stdout.readline().strip())
+        assert _alive(grandchild)
+        driver.send_signal(sig)
+        rc = driver.wait(timeout=40)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert rc == (130 if sig == signal.SIGINT else 128 + sig)
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), "Ctrl-C / SIGTERM left the engine running"
