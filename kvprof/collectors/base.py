@@ -64,6 +64,12 @@ class SeriesKeys:
     def __len__(self) -> int:
         return len(self.metrics)
 
+    @classmethod
+    def join(cls, parts: Iterable[SeriesKeys]) -> SeriesKeys:
+        """The series of ``parts`` back to back."""
+        return cls(row for keys in parts for row in zip(
+            keys.metrics, keys.entities, keys.labels, keys.counters, strict=True))
+
     @property
     def labels_json(self) -> tuple[str, ...]:
         if self._labels_json is None:
@@ -120,7 +126,7 @@ class SampleSet:
         """Add the values of ``keys``; a None is a value not read this tick (the sampler
         records the NoData saying why) and its series is left out."""
         if None in values:
-            present = tuple(i for i, v in enumerate(values) if v is not None)
+            present = tuple([i for i, v in enumerate(values) if v is not None])
             if not present:
                 return
             keys = keys.subset(present)

@@ -18,7 +18,7 @@ from kvprof.collectors.base import Sampler, SampleSet
 from kvprof.collectors.host import HostSampler, NicSampler
 from kvprof.collectors.infiniband import IbPortSampler, IbPortStateSampler
 from kvprof.collectors.kubeapi import KubePodSource
-from kvprof.collectors.nvlink import NvlinkSampler
+from kvprof.collectors.nvlink import NvlinkSampler, NvlinkStateSampler
 from kvprof.collectors.nvml import GpuProcessSampler, GpuSampler, NvmlSession
 from kvprof.collectors.placement import PlacementSampler, node_name
 from kvprof.errors import UsageError
@@ -26,10 +26,11 @@ from kvprof.errors import UsageError
 log = logging.getLogger("kvprof.collectors")
 
 # How often the slow samplers run, whatever --interval is: process lists cost milliseconds
-# of NVML time, error counters and placement change rarely, host CPU / memory via psutil
-# cost ~0.2 ms and need no 10 Hz resolution (NIC bytes do: the NIC sampler runs each tick).
+# of NVML time; link states, error counters and placement change rarely; host CPU / memory
+# via psutil cost ~0.2 ms and need no 10 Hz resolution (NIC bytes do: read every tick).
 PROCESS_EVERY_S = 1.0
 IB_STATE_EVERY_S = 1.0
+NVLINK_STATE_EVERY_S = 1.0
 HOST_EVERY_S = 1.0
 PLACEMENT_EVERY_S = 5.0
 
@@ -70,6 +71,7 @@ def build_samplers(
     schedule = [
         Scheduled(GpuSampler(session)),
         Scheduled(NvlinkSampler(session)),
+        Scheduled(NvlinkStateSampler(session), NVLINK_STATE_EVERY_S),
         Scheduled(processes, PROCESS_EVERY_S),
         Scheduled(IbPortSampler(sysfs)),
         Scheduled(IbPortStateSampler(sysfs), IB_STATE_EVERY_S),

@@ -63,35 +63,6 @@ class SysfsValueError(ValueError):
     """A sysfs file that is missing, empty or not a number; the message is the reason."""
 
 
-def read_sysfs_text(path: str) -> str:
-    """The stripped content of a small sysfs file (os-level calls: this runs 10 times/s)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError as err:
-        raise SysfsValueError("file missing") from err
-    except OSError as err:
-        raise SysfsValueError(f"unreadable: {err.strerror}") from err
-    try:
-        data = os.read(fd, 256)
-    except OSError as err:  # e.g. EINVAL from a driver that cannot answer right now
-        raise SysfsValueError(f"unreadable: {err.strerror}") from err
-    finally:
-        os.close(fd)
-    text = data.decode("ascii", "replace").strip()
-    if not text:
-        raise SysfsValueError("file empty")
-    return text
-
-
-def read_sysfs_int(path: str) -> int:
-    text = read_sysfs_text(path)
-    try:
-        return int(text)
-    except ValueError:
-        # e.g. "N/A (no PMA)" from ports whose HCA has no performance management agent
-        raise SysfsValueError(f"not a number: {text[:40]!r}") from None
-
-
 def parse_rate_bytes_per_s(text: str) -> float:
     """``"25 Gb/sec (1X EDR)"`` -> 3.125e9 bytes/s (the signalling data rate / 8)."""
     match = _RATE_RE.match(text)
@@ -103,6 +74,62 @@ def parse_rate_bytes_per_s(text: str) -> float:
 def parse_state(text: str) -> str:
     """``"4: ACTIVE"`` -> ``"ACTIVE"``."""
     return text.split(":", 1)[-1].strip()
+
+
+class SysfsFiles:
+    """Small sysfs attribute files read through descriptors kept open.
+
+    sysfs regenerates an attribute on every read at offset 0, so ``pread(fd, n, 0)`` on a
+    kept descriptor gives a fresh value; an open + close per file per read was most of the
+    samplers' cost. A read error (device gone: ENODEV) drops the descriptor, the next read
+    reopens.
+    """
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def raw(self, path: str) -> bytes:
+        fd = self.fds.get(path)
+        if fd is None:
+            try:
+                fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise SysfsValueError("file missing") from None
+            except OSError as err:
+                raise SysfsValueError(f"unreadable: {err.strerror}") from None
+        try:
+            data = os.pread(fd, 256, 0)
+        except OSError as err:  # e.g. ENODEV, or EINVAL from a driver that cannot answer
+            self.close_path(path)
+            raise SysfsValueError(f"unreadable: {err.strerror}") from None
+        data = data.strip()
+        if not data:
+            raise SysfsValueError("file empty")
+        return data
+
+    def text(self, path: str) -> str:
+        return self.raw(path).decode("ascii", "replace")
+
+    def int(self, path: str) -> int:
+        data = self.raw(path)
+        try:
+            return int(data)
+        except ValueError:
+            # e.g. "N/A (no PMA)" from ports whose HCA has no performance management agent
+            raise SysfsValueError(f"not a number: {data[:40].decode('ascii', 'replace')!r}"
+                                  ) from None
+
+    def close_path(self, path: str) -> None:
+        fd = self.fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for path in list(self.fds):
+            self.close_path(path)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass(slots=True)
@@ -189,81 +216,63 @@ class IbPortSampler(_IbPorts):
 
     def __init__(self, sysfs: Path | str = "/sys"):
         super().__init__(sysfs)
-        self._fds: dict[str, int] = {}
+        self.files = SysfsFiles()
         # Built per port list: every traffic counter of every port, in order, and the two
         # rate series per port; the previous tick's values and time for the rates.
+        self._slots: list[tuple[str, str, str, int]] = []  # (entity, metric, path, mult)
+        self._fast: list[tuple[int, int]] | None = None  # (fd, mult) once all are open
         self._counter_keys = SeriesKeys(())
         self._rate_keys = SeriesKeys(())
         self._rate_of: list[tuple[int, int]] = []  # (rate slot, counter slot)
         self._previous: list[int | None] = []
         self._previous_ts = 0.0
 
-    def _read_counter(self, path: str) -> int:
-        """Read a counter through a descriptor kept open: sysfs regenerates an attribute on
-        every read at offset 0, and open+close per file per tick was most of the cost."""
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise SysfsValueError("file missing") from None
-            except OSError as err:
-                raise SysfsValueError(f"unreadable: {err.strerror}") from None
-        try:
-            data = os.pread(fd, 64, 0)
-        except OSError as err:  # device gone (ENODEV): reopen next time
-            self.close_path(path)
-            raise SysfsValueError(f"unreadable: {err.strerror}") from None
-        text = data.strip()
-        if not text:
-            raise SysfsValueError("file empty")
-        try:
-            return int(text)
-        except ValueError:
-            raise SysfsValueError(f"not a number: {text[:40].decode('ascii', 'replace')!r}"
-                                  ) from None
-
-    def close_path(self, path: str) -> None:
-        fd = self._fds.pop(path, None)
-        if fd is not None:
-            os.close(fd)
-
     def close(self) -> None:
-        for path in list(self._fds):
-            self.close_path(path)
-
-    def __del__(self) -> None:
-        self.close()
+        self.files.close()
+        self._fast = None
 
     def _ports_changed(self, ports: list[_Port]) -> None:
         self.close()  # ports came or went: drop descriptors of the old tree
         counters, rates = [], []
-        self._rate_of = []
+        self._rate_of, self._slots = [], []
         for port in ports:
-            for metric, _, _ in port.traffic:
+            for metric, path, mult in port.traffic:
                 rate_metric = RATE_OF.get(metric)
                 if rate_metric is not None:
                     self._rate_of.append((len(rates), len(counters)))
                     rates.append((rate_metric, port.entity, port.labels, False))
                 counters.append((metric, port.entity, port.labels, True))
+                self._slots.append((port.entity, metric, path, mult))
         self._counter_keys = SeriesKeys(counters)
         self._rate_keys = SeriesKeys(rates)
         self._previous = []
 
-    def _sample(self, result: SampleSet) -> None:
+    def _read_all(self, result: SampleSet) -> list[int | None]:
+        """Every counter of every port; None (with its NoData) for one that failed."""
+        if self._fast is not None:
+            pread = os.pread
+            try:
+                # int() takes the bytes with their newline; "", "N/A" raise ValueError.
+                return [int(pread(fd, 64, 0)) * mult for fd, mult in self._fast]
+            except (OSError, ValueError):
+                self._fast = None  # something is wrong: the careful path says what
         values: list[int | None] = []
-        read = self._read_counter
-        for port in self.ports(result):
-            for metric, path, mult in port.traffic:
-                try:
-                    values.append(read(path) * mult)
-                except SysfsValueError as err:
-                    name = path.rsplit("/", 2)
-                    result.no_data.append(NoData(port.entity, metric,
-                                                 f"{name[-2]}/{name[-1]}: {err}"))
-                    values.append(None)
-        if not values:
+        for entity, metric, path, mult in self._slots:
+            try:
+                values.append(self.files.int(path) * mult)
+            except SysfsValueError as err:
+                name = path.rsplit("/", 2)
+                result.no_data.append(NoData(entity, metric, f"{name[-2]}/{name[-1]}: {err}"))
+                values.append(None)
+        if None not in values:
+            fds = self.files.fds
+            self._fast = [(fds[path], mult) for _, _, path, mult in self._slots]
+        return values
+
+    def _sample(self, result: SampleSet) -> None:
+        if not self.ports(result):
             return
+        values = self._read_all(result)
         result.add_block(self._counter_keys, [None if v is None else float(v) for v in values])
         previous, elapsed = self._previous, result.ts - self._previous_ts
         self._previous, self._previous_ts = values, result.ts
@@ -285,6 +294,13 @@ class IbPortStateSampler(_IbPorts):
 
     name = "infiniband_state"
 
+    def __init__(self, sysfs: Path | str = "/sys"):
+        super().__init__(sysfs)
+        self.files = SysfsFiles()
+
+    def _ports_changed(self, ports: list[_Port]) -> None:
+        self.files.close()
+
     def _sample(self, result: SampleSet) -> None:
         for port in self.ports(result):
             self._sample_port(port, result)
@@ -293,14 +309,15 @@ class IbPortStateSampler(_IbPorts):
         samples, no_data = result.samples, result.no_data
         entity = port.entity
         base = port.path
+        read_text, read_int = self.files.text, self.files.int
         try:
-            state = parse_state(read_sysfs_text(f"{base}/state"))
-            phys = parse_state(read_sysfs_text(f"{base}/phys_state"))
+            state = parse_state(read_text(f"{base}/state"))
+            phys = parse_state(read_text(f"{base}/phys_state"))
         except SysfsValueError as err:
             no_data.append(NoData(entity, semconv.METRIC_IB_UP, f"state: {err}"))
         else:
             try:
-                link_layer = read_sysfs_text(f"{base}/link_layer")
+                link_layer = read_text(f"{base}/link_layer")
             except SysfsValueError:
                 link_layer = "unknown"
             labels = port.state_labels.get((state, phys, link_layer))
@@ -310,14 +327,14 @@ class IbPortStateSampler(_IbPorts):
             samples.append(Sample(semconv.METRIC_IB_UP, 1.0 if state == "ACTIVE" else 0.0,
                                   entity, labels))
         try:
-            rate = parse_rate_bytes_per_s(read_sysfs_text(f"{base}/rate"))
+            rate = parse_rate_bytes_per_s(read_text(f"{base}/rate"))
         except SysfsValueError as err:
             no_data.append(NoData(entity, semconv.METRIC_IB_RATE, f"rate: {err}"))
         else:
             samples.append(Sample(semconv.METRIC_IB_RATE, rate, entity, port.labels))
         for counter in ERROR_COUNTERS:
             try:
-                value = read_sysfs_int(f"{base}/counters/{counter}")
+                value = read_int(f"{base}/counters/{counter}")
             except SysfsValueError as err:
                 if str(err) == "file missing":
                     continue  # not every driver has every error counter (hfi1 vs mlx5)

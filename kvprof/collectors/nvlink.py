@@ -1,8 +1,11 @@
-"""NVLink sampler: per GPU and link, state, TX/RX data bytes and the device on the far end.
+"""NVLink samplers: per GPU and link, TX/RX data bytes, and state with the far end's device.
 
-One ``nvmlDeviceGetFieldValues`` call per GPU per tick reads every link's state and data
-counters (link number as the field's scope); the far end's PCI bus id changes only with a
-reset, so it is read at discovery and refreshed rarely.
+One ``nvmlDeviceGetFieldValues`` call per GPU per run reads every link's fields (link number
+as the field's scope), and all GPUs' answers are decoded as one array. The data counters are
+read every tick (:class:`NvlinkSampler`); link state changes rarely and is read at ~1 Hz by
+:class:`NvlinkStateSampler` (like InfiniBand's split), which keeps a 10 Hz tick on an
+8-GPU x 18-link node at 288 values instead of 432. The far end's PCI bus id changes only
+with a reset, so it is read at discovery and refreshed rarely.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from kvprof.collectors.base import ALL_METRICS, NoData, SampleSet, SeriesKeys, t
 from kvprof.collectors.nvml import (
     GpuDevice,
     NvmlSession,
-    decode_field_values,
+    bulk_field_values,
     field_value,
+    field_values,
     nvml_reason,
     nvml_text,
 )
@@ -42,13 +46,20 @@ class _GpuLinks:
 
 
 class NvlinkSampler:
-    """Per-link NVLink state and TX/RX bytes (NVML counts KiB; exported in bytes)."""
+    """Per-link NVLink TX/RX data bytes (NVML counts KiB; exported in bytes), every tick."""
 
     name = "nvlink"
+    # (NVML field id name, metric, counter, scale, with the far end's bus id as a label);
+    # scale 0 marks a state (1 when the field is non-zero).
+    FIELDS: tuple[tuple[str, str, bool, float, bool], ...] = (
+        ("NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX", semconv.METRIC_NVLINK_TX, True, KIB, False),
+        ("NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX", semconv.METRIC_NVLINK_RX, True, KIB, False),
+    )
 
     def __init__(self, session: NvmlSession):
         self.session = session
         self._links: dict[int, _GpuLinks] = {}
+        self._combos: dict[tuple[int, ...], tuple[tuple[_GpuLinks, ...], _GpuLinks]] = {}
 
     def sample(self) -> SampleSet:
         return timed_sample(self.name, self._sample)
@@ -56,7 +67,9 @@ class NvlinkSampler:
     def _sample(self, result: SampleSet) -> None:
         if self.session.unavailable(result):
             return
+        nvml = self.session.nvml
         now = time.monotonic()
+        batch: list[tuple[_GpuLinks, Any]] = []
         for gpu in self.session.devices:
             links = self._links.get(gpu.index)
             if links is None or now - links.refreshed > TOPOLOGY_REFRESH_S:
@@ -70,7 +83,60 @@ class NvlinkSampler:
             if links.reason:
                 result.no_data.append(NoData(gpu.entity, ALL_METRICS, links.reason))
                 continue
-            self._sample_gpu(gpu, links, result)
+            try:
+                batch.append((links, nvml.nvmlDeviceGetFieldValues(gpu.handle,
+                                                                   links.field_ids)))
+            except nvml.NVMLError as err:
+                result.no_data.append(NoData(gpu.entity, ALL_METRICS,
+                                             f"NVLink: {nvml_reason(nvml, err)}"))
+        if batch:
+            self._decode(batch, result)
+
+    def _combined(self, parts: tuple[_GpuLinks, ...]) -> _GpuLinks:
+        """The series of several GPUs back to back (memoised: the same GPUs answer every
+        tick), so all their answers are decoded as one array."""
+        key = tuple(map(id, parts))
+        entry = self._combos.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], parts, strict=True)):
+            import numpy as np
+
+            if len(self._combos) > 16:
+                self._combos.clear()
+            combined = _GpuLinks([])
+            combined.keys = SeriesKeys.join([p.keys for p in parts])
+            combined.scale = np.concatenate([p.scale for p in parts])
+            combined.state = np.concatenate([p.state for p in parts])
+            entry = self._combos[key] = (parts, combined)
+        return entry[1]
+
+    def _decode(self, batch: list[tuple[_GpuLinks, Any]], result: SampleSet) -> None:
+        import numpy as np
+
+        nvml = self.session.nvml
+        links = batch[0][0] if len(batch) == 1 else self._combined(
+            tuple(part for part, _ in batch))
+        # Answers come back in request order: no need to read fieldId / scopeId back.
+        decoded = bulk_field_values([answer for _, answer in batch])
+        if decoded is None:
+            values, codes = [], []
+            for _, answer in batch:
+                v, c = field_values(answer)
+                values += v
+                codes += c
+            decoded = np.asarray(values), np.asarray(codes)
+        raw, codes = decoded
+        values = raw * links.scale
+        if links.state.any():  # link state: NVML_NVLINK_STATE_ACTIVE (1) or not
+            values[links.state] = raw[links.state] != 0
+        out = values.tolist()
+        if (codes != nvml.NVML_SUCCESS).any():  # rare: a field unsupported on some link
+            keys = links.keys
+            for i in (codes != nvml.NVML_SUCCESS).nonzero()[0].tolist():
+                err = nvml.NVMLError(int(codes[i]))
+                result.no_data.append(NoData(keys.entities[i], keys.metrics[i],
+                                             nvml_reason(nvml, err)))
+                out[i] = None
+        result.add_block(links.keys, out)
 
     def _discover(self, gpu: GpuDevice, now: float) -> _GpuLinks:
         import numpy as np
@@ -98,41 +164,19 @@ class NvlinkSampler:
                 links.remote_bus_ids[link] = ""  # link down or not wired: no far end
             entity = f"{gpu.entity}/link{link}"
             labels = {"gpu": str(gpu.index), "uuid": gpu.uuid, "link": str(link)}
-            state_labels = {**labels, "remote_pci_bus_id": links.remote_bus_ids[link]}
-            links.field_ids += [
-                (nvml.NVML_FI_DEV_NVLINK_GET_STATE, link),
-                (nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link),
-                (nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link),
-            ]
-            rows += [
-                (semconv.METRIC_NVLINK_UP, entity, state_labels, False),
-                (semconv.METRIC_NVLINK_TX, entity, labels, True),
-                (semconv.METRIC_NVLINK_RX, entity, labels, True),
-            ]
+            remote_labels = {**labels, "remote_pci_bus_id": links.remote_bus_ids[link]}
+            for field_name, metric, counter, _, remote in self.FIELDS:
+                links.field_ids.append((getattr(nvml, field_name), link))
+                rows.append((metric, entity, remote_labels if remote else labels, counter))
         links.keys = SeriesKeys(rows)
-        links.state = np.array([metric == semconv.METRIC_NVLINK_UP for metric, *_ in rows])
-        links.scale = np.where(links.state, 0.0, float(KIB))
+        scales = [scale for _ in links.links for _, _, _, scale, _ in self.FIELDS]
+        links.scale = np.array(scales, dtype=np.float64)
+        links.state = links.scale == 0
         return links
 
-    def _sample_gpu(self, gpu: GpuDevice, links: _GpuLinks, result: SampleSet) -> None:
-        nvml = self.session.nvml
-        try:
-            answer = nvml.nvmlDeviceGetFieldValues(gpu.handle, links.field_ids)
-        except nvml.NVMLError as err:
-            result.no_data.append(NoData(gpu.entity, ALL_METRICS, f"NVLink: "
-                                         f"{nvml_reason(nvml, err)}"))
-            return
-        # The answer comes back in request order: no need to read fieldId / scopeId back.
-        raw, codes = decode_field_values(answer)
-        values = raw * links.scale
-        # link state: NVML_NVLINK_STATE_ACTIVE (1) or not
-        values[links.state] = raw[links.state] != 0
-        out = values.tolist()
-        failed = (codes != nvml.NVML_SUCCESS).nonzero()[0].tolist()
-        for i in failed:  # rare: one field unsupported or not ready on this link
-            err = nvml.NVMLError(int(codes[i]))
-            keys = links.keys
-            result.no_data.append(NoData(keys.entities[i], keys.metrics[i],
-                                         nvml_reason(nvml, err)))
-            out[i] = None
-        result.add_block(links.keys, out)
+
+class NvlinkStateSampler(NvlinkSampler):
+    """Per-link NVLink state, 1 when active, labelled with the far end's PCI bus id (~1 Hz)."""
+
+    name = "nvlink_state"
+    FIELDS = (("NVML_FI_DEV_NVLINK_GET_STATE", semconv.METRIC_NVLINK_UP, False, 0.0, True),)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from struct import Struct
 from types import ModuleType
 from typing import Any
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # After a failed nvmlInit (no driver yet, driver reloading), try again this rarely: a
 # failing dlopen every 100 ms would cost more than the whole collector.
 INIT_RETRY_S = 60.0
+# A value a GPU answered "not supported" for is asked again this rarely (MIG mode changes
+# need a GPU reset; a minute is soon enough to notice).
+UNSUPPORTED_RETRY_S = 60.0
 
 NO_LIBRARY_HINT = (
     "no NVIDIA driver on this node, or the container lacks the NVML library "
@@ -46,14 +50,13 @@ class GpuDevice:
     uuid: str
     name: str
     pci_bus_id: str
+    # Derived once: read for every value of every tick.
+    entity: str = field(init=False)
+    labels: dict[str, str] = field(init=False, compare=False)
 
-    @property
-    def entity(self) -> str:
-        return f"gpu{self.index}"
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {"gpu": str(self.index), "uuid": self.uuid}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entity", f"gpu{self.index}")
+        object.__setattr__(self, "labels", {"gpu": str(self.index), "uuid": self.uuid})
 
 
 def nvml_text(value: Any) -> str:
@@ -62,9 +65,22 @@ def nvml_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_REASONS: dict[int, tuple[Any, str]] = {}
+
+
 def nvml_reason(nvml: Any, err: Exception) -> str:
-    """A short, actionable reason for an NVML failure."""
+    """A short, actionable reason for an NVML failure (memoised per error code: an
+    unsupported value fails the same way every tick)."""
     value = getattr(err, "value", None)
+    if not isinstance(value, int):
+        return _nvml_reason(nvml, err, value)
+    entry = _REASONS.get(value)
+    if entry is None or entry[0] is not nvml:
+        entry = _REASONS[value] = (nvml, _nvml_reason(nvml, err, value))
+    return entry[1]
+
+
+def _nvml_reason(nvml: Any, err: Exception, value: Any) -> str:
     if value == getattr(nvml, "NVML_ERROR_LIBRARY_NOT_FOUND", -1):
         return f"NVML library not found: {NO_LIBRARY_HINT}"
     if value == getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", -1):
@@ -157,9 +173,11 @@ class NvmlSession:
 # nvmlValueType_t (nvml.h ABI) -> member of the nvmlValue_t union holding the number.
 VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal",
                 6: "usVal"}
-# Answers shorter than this are decoded field by field: numpy's fixed cost is larger.
-BULK_DECODE_MIN = 8
-_RAW_GET = ctypes.Structure.__getattribute__
+# nvmlValueType_t -> the union member's native layout (all members start at offset 0).
+_VALUE_STRUCTS = {t: Struct("@" + code) for t, code in
+                  {0: "d", 1: "I", 2: "L", 3: "Q", 4: "q", 5: "i", 6: "H"}.items()}
+_RECORDS: dict[type, Struct | None] = {}
+_FIELD_STRUCTS: dict[Any, bool] = {}
 _DTYPES: dict[type, Any] = {}
 _PLANS: dict[bytes, list[tuple[Any, str]]] = {}
 
@@ -191,45 +209,89 @@ def _field_dtype(struct: type) -> Any:
     return dtype
 
 
-def decode_field_values(answer: Any) -> tuple[Any, Any]:
-    """``nvmlDeviceGetFieldValues``'s answer as (values float64 array, nvmlReturn array).
+def bulk_field_values(answers: list[Any]) -> tuple[Any, Any] | None:
+    """Several ``nvmlDeviceGetFieldValues`` answers, concatenated, as (float64 values,
+    nvmlReturn codes) arrays.
 
-    pynvml returns a ctypes array of nvmlFieldValue_t: read in bulk through numpy (NVLink
-    asks ~54 fields per GPU at 10 Hz). Anything else (short answers, another binding's
-    list of structs) is read field by field. Values of failed fields are meaningless.
+    pynvml returns a ctypes array of nvmlFieldValue_t; numpy reads the raw records, so the
+    36 fields per GPU that NVLink asks for at 10 Hz (18 links x TX/RX), of all GPUs at
+    once, cost a handful of array operations and no Python loop. None when an answer is not
+    such an array (another binding): use :func:`field_values`. A failed field's value is
+    meaningless.
     """
     import numpy as np
 
-    struct = getattr(answer, "_type_", None)
-    if len(answer) >= BULK_DECODE_MIN and isinstance(struct, type) and issubclass(
-            struct, ctypes.Structure) and hasattr(struct, "nvmlReturn"):
-        raw = np.frombuffer(answer, dtype=_field_dtype(struct))
-        types = raw["valueType"]
-        plan = _PLANS.get(types.tobytes())
-        if plan is None:
-            if len(_PLANS) > 256:
-                _PLANS.clear()
-            plan = _PLANS[types.tobytes()] = [
-                (np.flatnonzero(types == t), VALUE_MEMBER[t]) for t in np.unique(types).tolist()
-                if t in VALUE_MEMBER]
-        if len(plan) == 1 and len(plan[0][0]) == len(raw):
-            values = raw[plan[0][1]].astype(np.float64)
+    struct = getattr(answers[0], "_type_", None) if answers else None
+    if not (_is_field_value_array(struct)
+            and all(getattr(a, "_type_", None) is struct for a in answers)):
+        return None
+    data = answers[0] if len(answers) == 1 else b"".join(
+        [memoryview(a).cast("B") for a in answers])
+    raw = np.frombuffer(data, dtype=_field_dtype(struct))
+    types = raw["valueType"]
+    key = types.tobytes()
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = [
+            (np.flatnonzero(types == t), VALUE_MEMBER[t]) for t in np.unique(types).tolist()
+            if t in VALUE_MEMBER]
+    if len(plan) == 1 and len(plan[0][0]) == len(raw):
+        values = raw[plan[0][1]].astype(np.float64)
+    else:
+        values = np.zeros(len(raw))
+        for index, member in plan:
+            values[index] = raw[member][index]
+    return values, raw["nvmlReturn"]
+
+
+def _record_struct(struct: type) -> Struct | None:
+    """A struct.Struct reading (valueType, nvmlReturn, 8 value bytes) from one record of
+    nvml.h's layout; None for a layout not in that order (read member by member then)."""
+    if struct not in _RECORDS:
+        kind, ret, value = struct.valueType, struct.nvmlReturn, struct.value
+        size = ctypes.sizeof(struct)
+        if (kind.size, ret.size, value.size) == (4, 4, 8) and (
+                kind.offset + 4 <= ret.offset and ret.offset + 4 <= value.offset
+                and value.offset + 8 <= size):
+            _RECORDS[struct] = Struct(
+                f"={kind.offset}xI{ret.offset - kind.offset - 4}xI"
+                f"{value.offset - ret.offset - 4}x8s{size - value.offset - 8}x")
         else:
-            values = np.zeros(len(raw))
-            for index, member in plan:
-                values[index] = raw[member][index]
-        return values, raw["nvmlReturn"]
-    values = np.zeros(len(answer))
-    codes = np.zeros(len(answer), dtype=np.uint32)
-    for i, fv in enumerate(answer):
-        # pynvml's structs convert members in a Python __getattribute__; these are numbers,
-        # so read them through ctypes' own C-level access when it is a ctypes struct.
-        get = _RAW_GET if isinstance(fv, ctypes.Structure) else getattr
-        codes[i] = get(fv, "nvmlReturn")
-        if not codes[i]:
-            values[i] = getattr(get(fv, "value"), VALUE_MEMBER.get(get(fv, "valueType"),
-                                                                     "ullVal"))
+            _RECORDS[struct] = None
+    return _RECORDS[struct]
+
+
+def field_values(answer: Any) -> tuple[list[float], list[int]]:
+    """``nvmlDeviceGetFieldValues``'s answer as (values, nvmlReturn codes), record by record:
+    cheaper than numpy for a few fields (PCIe asks two). The value of a failed field is 0."""
+    values: list[float] = []
+    codes: list[int] = []
+    struct = getattr(answer, "_type_", None)
+    record = _record_struct(struct) if _is_field_value_array(struct) else None
+    if record is not None:
+        for vtype, code, raw in record.iter_unpack(memoryview(answer).cast("B")):
+            codes.append(code)
+            values.append(0.0 if code else float(
+                _VALUE_STRUCTS.get(vtype, _VALUE_STRUCTS[3]).unpack_from(raw)[0]))
+        return values, codes
+    for fv in answer:  # another binding: whatever objects with these members it returns
+        code = fv.nvmlReturn
+        codes.append(code)
+        values.append(0.0 if code else float(
+            getattr(fv.value, VALUE_MEMBER.get(fv.valueType, "ullVal"))))
     return values, codes
+
+
+def _is_field_value_array(struct: Any) -> bool:
+    """Whether ``struct`` (an answer's ``_type_``) is a ctypes nvmlFieldValue_t."""
+    known = _FIELD_STRUCTS.get(struct)
+    if known is None:
+        known = _FIELD_STRUCTS[struct] = (
+            isinstance(struct, type) and issubclass(struct, ctypes.Structure)
+            and all(hasattr(struct, m) for m in ("nvmlReturn", "valueType", "value")))
+    return known
 
 
 class _GpuLost(Exception):
@@ -259,6 +321,12 @@ class GpuSampler:
     def __init__(self, session: NvmlSession):
         self.session = session
         self._keys: dict[str, SeriesKeys] = {}
+        # (GPU index, metric) -> (ask again after, its NoData): what a GPU answered "not
+        # supported" (utilisation in MIG mode, power on some boards) is not asked 10 times
+        # a second, each a driver call and an exception; its no-data is still reported.
+        self._unsupported: dict[tuple[int, str], tuple[float, NoData]] = {}
+        self.unsupported_retry_s = UNSUPPORTED_RETRY_S
+        self._now = 0.0
 
     def sample(self) -> SampleSet:
         return timed_sample(self.name, self._sample)
@@ -266,68 +334,85 @@ class GpuSampler:
     def _sample(self, result: SampleSet) -> None:
         if self.session.unavailable(result):
             return
-        for gpu in self.session.devices:
-            values: list[float | None] = [None] * len(GPU_SERIES)
-            values[0] = 1.0  # gpu info
-            try:
-                self._sample_gpu(gpu, values, result)
-            except _GpuLost:
-                pass
-            keys = self._keys.get(gpu.uuid)
-            if keys is None:
+        nvml = self.session.nvml
+        devices = self.session.devices
+        self._now = time.monotonic()
+        values: list[float | None] = []
+        for gpu in devices:
+            values += self._sample_gpu(nvml, gpu, result)
+        # One block for all GPUs: one lookup per tick for what is missing (N/A values).
+        key = tuple(gpu.uuid for gpu in devices)
+        keys = self._keys.get(key)
+        if keys is None:
+            rows = []
+            for gpu in devices:
                 info = {**gpu.labels, "name": gpu.name, "pci_bus_id": gpu.pci_bus_id}
-                keys = self._keys[gpu.uuid] = SeriesKeys(
-                    (metric, gpu.entity, info if i == 0 else gpu.labels, counter)
-                    for i, (metric, counter) in enumerate(GPU_SERIES))
-            result.add_block(keys, values)
+                rows += [(metric, gpu.entity, info if i == 0 else gpu.labels, counter)
+                         for i, (metric, counter) in enumerate(GPU_SERIES)]
+            keys = self._keys[key] = SeriesKeys(rows)
+        result.add_block(keys, values)
 
-    def _read(self, gpu: GpuDevice, result: SampleSet, metric: str, call, *args):  # noqa: ANN001, ANN202
-        nvml = self.session.nvml
+    def _sample_gpu(self, nvml: Any, gpu: GpuDevice, result: SampleSet) -> list[float | None]:
+        """The GPU_SERIES values of one GPU, None where NVML gave none (NoData recorded)."""
+        v: list[float | None] = [None] * len(GPU_SERIES)
+        v[0] = 1.0  # gpu info
         try:
-            return call(gpu.handle, *args)
-        except nvml.NVMLError as err:
-            result.no_data.append(NoData(gpu.entity, metric, nvml_reason(nvml, err)))
-            if err.value == getattr(nvml, "NVML_ERROR_GPU_IS_LOST", -1):
-                raise _GpuLost from err
-            return None
+            self._read_gpu(nvml, gpu, v, result)
+        except _GpuLost:
+            pass  # the rest of this GPU's values stay None for this tick
+        return v
 
-    def _sample_gpu(self, gpu: GpuDevice, v: list[float | None], result: SampleSet) -> None:
-        nvml = self.session.nvml
-        read = self._read
-        util = read(gpu, result, semconv.METRIC_GPU_UTILIZATION,
-                    nvml.nvmlDeviceGetUtilizationRates)
+    def _read_gpu(self, nvml: Any, gpu: GpuDevice, v: list[float | None],
+                  result: SampleSet) -> None:
+        handle, error, now, unsupported = gpu.handle, nvml.NVMLError, self._now, self._unsupported
+
+        def read(metric: str, call, *args):  # noqa: ANN001, ANN202
+            known = unsupported.get((gpu.index, metric))
+            if known is not None and now < known[0]:
+                result.no_data.append(known[1])
+                return None
+            try:
+                return call(handle, *args)
+            except error as err:
+                no_data = NoData(gpu.entity, metric, nvml_reason(nvml, err))
+                result.no_data.append(no_data)
+                if err.value == getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", -1):
+                    unsupported[gpu.index, metric] = (now + self.unsupported_retry_s, no_data)
+                if err.value == getattr(nvml, "NVML_ERROR_GPU_IS_LOST", -1):
+                    raise _GpuLost from err
+                return None
+
+        util = read(semconv.METRIC_GPU_UTILIZATION, nvml.nvmlDeviceGetUtilizationRates)
         if util is not None:
             v[1], v[2] = util.gpu / 100.0, util.memory / 100.0
-        mem = read(gpu, result, semconv.METRIC_GPU_MEMORY_USED, nvml.nvmlDeviceGetMemoryInfo)
+        mem = read(semconv.METRIC_GPU_MEMORY_USED, nvml.nvmlDeviceGetMemoryInfo)
         if mem is not None:
             v[3], v[4] = float(mem.used), float(mem.total)
-        milliwatts = read(gpu, result, semconv.METRIC_GPU_POWER, nvml.nvmlDeviceGetPowerUsage)
+        milliwatts = read(semconv.METRIC_GPU_POWER, nvml.nvmlDeviceGetPowerUsage)
         if milliwatts is not None:
             v[5] = milliwatts / 1000.0
-        millijoules = read(gpu, result, semconv.METRIC_GPU_ENERGY,
-                           nvml.nvmlDeviceGetTotalEnergyConsumption)
+        millijoules = read(semconv.METRIC_GPU_ENERGY, nvml.nvmlDeviceGetTotalEnergyConsumption)
         if millijoules is not None:
             v[6] = millijoules / 1000.0
-        celsius = read(gpu, result, semconv.METRIC_GPU_TEMPERATURE,
-                       nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU)
+        celsius = read(semconv.METRIC_GPU_TEMPERATURE, nvml.nvmlDeviceGetTemperature,
+                       nvml.NVML_TEMPERATURE_GPU)
         if celsius is not None:
             v[7] = float(celsius)
         # Field values read the driver's running byte counters; nvmlDeviceGetPcieThroughput
         # would block ~20 ms per GPU per call, which a 10 Hz loop cannot afford.
         pcie = [nvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, nvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES]
-        answer = read(gpu, result, semconv.METRIC_GPU_PCIE_TX, nvml.nvmlDeviceGetFieldValues,
-                      pcie)
+        answer = read(semconv.METRIC_GPU_PCIE_TX, nvml.nvmlDeviceGetFieldValues, pcie)
         if answer is None:
             return
-        values, codes = decode_field_values(answer)
-        for i, (metric, code) in enumerate(zip((semconv.METRIC_GPU_PCIE_TX,
-                                                semconv.METRIC_GPU_PCIE_RX),
-                                               codes.tolist(), strict=False)):
-            if code != nvml.NVML_SUCCESS:
-                err = nvml.NVMLError(code)
+        values, codes = field_values(answer)
+        for i, metric in enumerate((semconv.METRIC_GPU_PCIE_TX, semconv.METRIC_GPU_PCIE_RX)):
+            if i >= len(codes):
+                break
+            if codes[i] != nvml.NVML_SUCCESS:
+                err = nvml.NVMLError(codes[i])
                 result.no_data.append(NoData(gpu.entity, metric, nvml_reason(nvml, err)))
             else:
-                v[8 + i] = float(values[i])
+                v[8 + i] = values[i]
 
 
 class GpuProcessSampler:

@@ -12,8 +12,9 @@ Columns (long format: one row per value)
     ==========  =========================  ====================================================
     ts          timestamp[ns, tz=UTC]      when the sampler read the value (wall clock)
     node        string                     Kubernetes node name (``NODE_NAME``) or hostname
-    collector   string                     nvml, gpu_processes, nvlink, infiniband,
-                                           infiniband_state, nic, host, placement
+    collector   string                     nvml, gpu_processes, nvlink, nvlink_state,
+                                           infiniband, infiniband_state, nic, host,
+                                           placement
     entity      string                     what was measured: ``gpu0``, ``gpu0/link3``,
                                            ``mlx5_0/1`` (device/port), ``eth0``, ``host``,
                                            a GPU UUID (placement), ``0000:01:00.0`` (topology),

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,144 @@ from kvprof.collectors.parquet_schema import FILE_PREFIX, FILE_SUFFIX, TEMP_SUFF
 
 log = logging.getLogger(__name__)
 
-# Rows buffered in memory before they go to the open file as one row group: bounds memory
-# at 10 Hz on an 8-GPU node (~700 rows per tick) to a few MB.
-FLUSH_ROWS = 20_000
+# Rows go to the open file as one row group every FLUSH_S of sample time (an 8-GPU node
+# with 18 NVLink links each makes ~430 rows per 10 Hz tick: ~22k rows, ~10 ms of Arrow and
+# Parquet work), or at FLUSH_ROWS rows, whichever comes first: bounds memory to a few MB.
+FLUSH_ROWS = 50_000
 FLUSH_S = 5.0
-# The two self-metric rows every SampleSet gets (entity "*", no labels).
-SELF_METRICS = (semconv.METRIC_COLLECTOR_DURATION, semconv.METRIC_COLLECTOR_SUCCESS)
-SELF_ENTITIES = (WHOLE_COLLECTOR, WHOLE_COLLECTOR)
-SELF_LABELS = ("{}", "{}")
+# Series interned since the last reset; reset between files beyond this (PIDs come and go).
+MAX_SERIES = 100_000
+# Min/max statistics only where a reader prunes by them (time windows), dictionary pages only
+# for the repetitive strings: statistics of strings and dictionary attempts on floats cost
+# ~40 % of a row group's write (and the dictionary-free ts/value pages come out smaller).
+WRITER_OPTIONS = {
+    "compression": "zstd",
+    "write_statistics": ["ts"],
+    "use_dictionary": ["node", "collector", "entity", "metric", "labels"],
+}
+
+
+class _Rows:
+    """Rows waiting for the next row group, kept as cheaply as a 10 Hz tick allows.
+
+    A row is (series code, value); a SampleSet is one run (timestamp, collector, row count).
+    A series code stands for a (metric, entity, labels JSON) triple, interned once; a block of
+    fixed series brings its codes ready made. So a tick costs a few C-level list extends, and
+    the string columns are materialised by Arrow (take) when the row group is written.
+    """
+
+    def __init__(self) -> None:
+        self.codes = array("i")
+        self.values: list[float | None] = []
+        self.run_ts: list[int] = []
+        self.run_collector: list[int] = []
+        self.run_rows: list[int] = []
+        self._reset_series()
+
+    def _reset_series(self) -> None:
+        self.series: dict[tuple[str, str, str], int] = {}
+        self.series_columns: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self.collectors: dict[str, int] = {}
+        self._block_codes: dict[int, tuple[Any, array]] = {}
+        self._label_json: dict[int, tuple[dict[str, str], str]] = {}
+        self._nodata_codes: dict[tuple[str, str, str], int] = {}
+        self._self_codes: dict[str, array] = {}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def code(self, metric: str, entity: str, labels_json: str) -> int:
+        key = (metric, entity, labels_json)
+        code = self.series.get(key)
+        if code is None:
+            code = self.series[key] = len(self.series)
+            for column, text in zip(self.series_columns, key, strict=True):
+                column.append(text)
+        return code
+
+    def labels(self, labels: dict[str, str]) -> str:
+        """JSON text of a label dict, cached by object identity: samplers reuse one labels
+        dict per series. The cache holds the dict, so an id is not reused while cached."""
+        entry = self._label_json.get(id(labels))
+        if entry is not None and entry[0] is labels:
+            return entry[1]
+        if len(self._label_json) > MAX_SERIES:  # a sampler making new dicts: do not grow
+            self._label_json.clear()
+        text = encode_labels(labels)
+        self._label_json[id(labels)] = (labels, text)
+        return text
+
+    def add(self, result: SampleSet) -> None:
+        codes, values = self.codes, self.values
+        start = len(values)
+        for block in result.blocks:
+            keys = block.keys
+            entry = self._block_codes.get(id(keys))
+            if entry is None or entry[0] is not keys:
+                if len(self._block_codes) > 1000:
+                    self._block_codes.clear()
+                entry = self._block_codes[id(keys)] = (keys, array("i", [
+                    self.code(m, e, j)
+                    for m, e, j in zip(keys.metrics, keys.entities, keys.labels_json,
+                                       strict=True)]))
+            codes += entry[1]
+            values += block.values
+        for s in result.samples:
+            codes.append(self.code(s.metric, s.entity, self.labels(s.labels)))
+            values.append(s.value)
+        for nd in result.no_data:
+            code = self._nodata_codes.get(nd)
+            if code is None:
+                code = self._nodata_codes[nd] = self.code(
+                    nd.metric, nd.entity, encode_labels({"reason": nd.reason}))
+            codes.append(code)
+            values.append(None)
+        own = self._self_codes.get(result.collector)
+        if own is None:
+            own = self._self_codes[result.collector] = array("i", [
+                self.code(semconv.METRIC_COLLECTOR_DURATION, WHOLE_COLLECTOR, "{}"),
+                self.code(semconv.METRIC_COLLECTOR_SUCCESS, WHOLE_COLLECTOR, "{}")])
+        codes += own
+        values += (result.duration_s, 1.0 if result.ok else 0.0)
+        collector = self.collectors.get(result.collector)
+        if collector is None:
+            collector = self.collectors[result.collector] = len(self.collectors)
+        self.run_ts.append(int(result.ts * 1e9))
+        self.run_collector.append(collector)
+        self.run_rows.append(len(values) - start)
+
+    def take_table(self, node: str) -> Any:
+        """The pending rows as an Arrow table of the documented schema; empties the buffer."""
+        import numpy as np
+        import pyarrow as pa
+
+        rows = np.array(self.run_rows, dtype=np.int64)
+        codes = pa.array(np.frombuffer(self.codes, dtype=np.int32))
+        metrics, entities, labels = (pa.array(c, pa.string()) for c in self.series_columns)
+        names = pa.array(sorted(self.collectors, key=self.collectors.get), pa.string())
+        ts = np.repeat(np.array(self.run_ts, dtype=np.int64), rows)
+        collector = np.repeat(np.array(self.run_collector, dtype=np.int32), rows)
+        table = pa.table(
+            {
+                "ts": pa.array(ts, pa.timestamp("ns", tz="UTC")),
+                "node": pa.repeat(pa.scalar(node, pa.string()), len(self.values)),
+                "collector": names.take(pa.array(collector)),
+                "entity": entities.take(codes),
+                "metric": metrics.take(codes),
+                "value": pa.array(self.values, pa.float64()),
+                "labels": labels.take(codes),
+            },
+            schema=arrow_schema(),
+        )
+        self.clear()
+        return table
+
+    def clear(self) -> None:
+        self.codes = array("i")
+        self.values = []
+        self.run_ts, self.run_collector, self.run_rows = [], [], []
+        if len(self.series) > MAX_SERIES:  # only here, between row groups: no row refers
+            self._reset_series()
 
 
 class ParquetSink:
@@ -35,9 +166,12 @@ class ParquetSink:
 
     def __init__(self, directory: Path | str, node: str, rotate_s: float = 60.0,
                  flush_rows: int = FLUSH_ROWS, flush_s: float | None = None):
-        # Imported now, not at the first flush: the import takes ~0.5-1.5 s, which would
-        # make the first ticks of the 10 Hz loop late.
+        # Imported and warmed now, not at the first flush: the imports and the first
+        # Array.take (compute kernel registry) take ~0.5-3 s, which would make ticks late.
+        import pyarrow as pa
         import pyarrow.parquet  # noqa: F401
+
+        pa.array([""]).take(pa.array([0]))
 
         self.directory = Path(directory)
         self.node = node
@@ -53,38 +187,10 @@ class ParquetSink:
         self._writer: Any = None
         self._temp: Path | None = None
         self._final: Path | None = None
-        self._cols: dict[str, list] = self._empty()
-        self._label_json: dict[int, tuple[dict[str, str], str]] = {}
-        self._reason_json: dict[str, str] = {}
+        self._rows = _Rows()
         # Collectors that record only on change (placement): re-written at each file start,
         # so every file says where things were.
         self._sticky: dict[str, SampleSet] = {}
-
-    @staticmethod
-    def _empty() -> dict[str, list]:
-        return {"ts": [], "collector": [], "entity": [], "metric": [], "value": [], "labels": []}
-
-    def _labels(self, labels: dict[str, str]) -> str:
-        """JSON text of a label dict, cached by object identity: samplers reuse one labels
-        dict per series, so at 10 Hz nearly every lookup is a hit. The cache holds the dict
-        itself, so an id is never reused while its entry exists."""
-        entry = self._label_json.get(id(labels))
-        if entry is not None and entry[0] is labels:
-            return entry[1]
-        if len(self._label_json) > 100_000:  # PIDs come and go: do not grow forever
-            self._label_json.clear()
-        text = encode_labels(labels)
-        self._label_json[id(labels)] = (labels, text)
-        return text
-
-    def _reason(self, reason: str) -> str:
-        """JSON text of a no-data row's labels; the same few reasons repeat every tick."""
-        text = self._reason_json.get(reason)
-        if text is None:
-            if len(self._reason_json) > 10_000:
-                self._reason_json.clear()
-            text = self._reason_json[reason] = encode_labels({"reason": reason})
-        return text
 
     def write(self, result: SampleSet, *, sticky: bool = False) -> None:
         """Add one SampleSet; for ``sticky`` collectors only changed sets are new rows."""
@@ -100,42 +206,10 @@ class ParquetSink:
             self._sticky[result.collector] = result
         if window == self._failed_window:
             return
-        self._append(result)
-        if len(self._cols["ts"]) >= self.flush_rows or result.ts - self._flushed_ts >= self.flush_s:
+        self._rows.add(result)
+        if len(self._rows) >= self.flush_rows or result.ts - self._flushed_ts >= self.flush_s:
             self._flushed_ts = result.ts
             self._flush()
-
-    def _append(self, result: SampleSet) -> None:
-        # Per tick only C-level list extends: fixed series (blocks) bring their metric,
-        # entity and encoded-labels columns ready made; Arrow sees the rows at flush time.
-        metric, value, entity, labels = (self._cols[c] for c in ("metric", "value", "entity",
-                                                                   "labels"))
-        start = len(metric)
-        for block in result.blocks:
-            keys = block.keys
-            metric += keys.metrics
-            entity += keys.entities
-            labels += keys.labels_json
-            value += block.values
-        if result.samples:
-            metrics, values, entities, label_dicts, _ = zip(*result.samples, strict=True)
-            metric += metrics
-            value += values
-            entity += entities
-            label_text = self._labels
-            labels += [label_text(x) for x in label_dicts]
-        for nd in result.no_data:
-            entity.append(nd.entity)
-            metric.append(nd.metric)
-            value.append(None)
-            labels.append(self._reason(nd.reason))
-        metric += SELF_METRICS
-        entity += SELF_ENTITIES
-        labels += SELF_LABELS
-        value += (result.duration_s, 1.0 if result.ok else 0.0)
-        n = len(metric) - start
-        self._cols["ts"] += [int(result.ts * 1e9)] * n
-        self._cols["collector"] += [result.collector] * n
 
     def _rotate(self, window: int) -> None:
         self.finish()
@@ -144,33 +218,20 @@ class ParquetSink:
         self._final = self.directory / f"{FILE_PREFIX}{self.node}-{start}{FILE_SUFFIX}"
         self._temp = self._final.with_name(self._final.name + TEMP_SUFFIX)
         for result in self._sticky.values():
-            self._append(result)
+            self._rows.add(result)
 
     def _flush(self) -> None:
-        if not self._cols["ts"] or self._window == self._failed_window:
+        """Write the pending rows as one row group (every few seconds, and at rotation)."""
+        if not len(self._rows) or self._window == self._failed_window:
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = arrow_schema()
-        cols = self._cols
-        self._cols = self._empty()
+        table = self._rows.take_table(self.node)
         try:
-            table = pa.table(
-                {
-                    "ts": pa.array(cols["ts"], pa.timestamp("ns", tz="UTC")),
-                    "node": pa.array([self.node] * len(cols["ts"]), pa.string()),
-                    "collector": pa.array(cols["collector"], pa.string()),
-                    "entity": pa.array(cols["entity"], pa.string()),
-                    "metric": pa.array(cols["metric"], pa.string()),
-                    "value": pa.array(cols["value"], pa.float64()),
-                    "labels": pa.array(cols["labels"], pa.string()),
-                },
-                schema=schema,
-            )
             if self._writer is None:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self._writer = pq.ParquetWriter(str(self._temp), schema, compression="zstd")
+                self._writer = pq.ParquetWriter(str(self._temp), table.schema,
+                                                **WRITER_OPTIONS)
             self._writer.write_table(table)
         except OSError as err:
             self._fail(err)
@@ -213,7 +274,7 @@ class ParquetSink:
                 self._writer = None
                 self._fail(err)
         self._writer = None
-        self._cols = self._empty()
+        self._rows.clear()
         self._window = None
         return done
 

@@ -11,6 +11,7 @@ fixtures record no NVLink traffic, so NVLink links/rates are an explicit constru
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 import xml.etree.ElementTree as ET
@@ -124,15 +125,11 @@ class FakeNvml:
         self.elapsed = 0.0
         self.calls: dict[str, int] = {}
         self.initialised = 0
+        self._plans: dict[tuple, tuple] = {}
         # When a list: every library call as (method, args), so bench/collector_cost.py can
-        # replay exactly the calls a run made and subtract the fake's own CPU time
-        # (the journaling itself is left in kvprof's share: the estimate errs high).
+        # replay exactly the calls a run made and subtract the fake's own CPU time.
         self.journal: list | None = None
 
-    def __getattr__(self, name: str):
-        if name.startswith("NVML_"):
-            return getattr(pynvml, name)  # constants are the real library's
-        raise AttributeError(name)
 
     def advance(self, seconds: float) -> None:
         self.elapsed += seconds
@@ -222,42 +219,75 @@ class FakeNvml:
         return SimpleNamespace(busId=f"00000000:{0xC0 + link // 4:02X}:00.0")
 
     def nvmlDeviceGetFieldValues(self, h: _Handle, field_ids: list):  # noqa: N802
+        """A fresh ctypes array of c_nvmlFieldValue_t, as pynvml returns.
+
+        Built member by member once per request (slow: pynvml's Python __setattr__), then
+        copied from that template per call with the running counters written through numpy,
+        so the fake's own cost, which bench/collector_cost.py subtracts, stays small next to
+        kvprof's and does not drown it in noise.
+        """
         self._call("nvmlDeviceGetFieldValues", h)
-        # A ctypes array of c_nvmlFieldValue_t, filled member by member: what pynvml returns
-        # (and how it builds the request) around the C call.
-        out = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
-        for fv, item in zip(out, field_ids, strict=True):
+        key = (h.gpu.index, tuple(field_ids))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(h.gpu, field_ids)
+        array_type, template, counters, per_second = plan
+        out = array_type.from_buffer_copy(template)
+        if len(counters):
+            import numpy as np
+
+            view = np.frombuffer(out, dtype=_ULL_VIEW)
+            view["ull"][counters] = (per_second * self.elapsed).astype(np.uint64)
+        return out
+
+    def _plan(self, gpu: FakeGpu, field_ids: list):
+        import numpy as np
+
+        template = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        counters, per_second = [], []
+        for i, (fv, item) in enumerate(zip(template, field_ids, strict=True)):
             field_id, scope = item if isinstance(item, tuple) else (item, 0)
             fv.fieldId, fv.scopeId = field_id, scope
             fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
             fv.nvmlReturn = pynvml.NVML_SUCCESS
-            code = self.field_errors.get((h.gpu.index, field_id))
-            value = self._field(h.gpu, field_id, scope) if code is None else None
+            code = self.field_errors.get((gpu.index, field_id))
+            value = self._field(gpu, field_id, scope) if code is None else None
             if value is None:
                 fv.nvmlReturn = code if code is not None else pynvml.NVML_ERROR_NOT_SUPPORTED
             elif field_id == pynvml.NVML_FI_DEV_NVLINK_GET_STATE:
                 fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT  # as the driver answers
-                fv.value.uiVal = int(value)
+                fv.value.uiVal = int(value[0])
+            elif value[1]:
+                counters.append(i)
+                per_second.append(value[1])
             else:
-                fv.value.ullVal = int(value)
-        return out
+                fv.value.ullVal = int(value[0])
+        return (type(template), bytes(template), np.array(counters, dtype=np.intp),
+                np.array(per_second, dtype=np.float64))
 
-    def _field(self, gpu: FakeGpu, field_id: int, scope: int) -> float | None:
+    def _field(self, gpu: FakeGpu, field_id: int, scope: int) -> tuple[float, float] | None:
+        """(constant, per second of the fake clock) of a field, None when unsupported."""
         if field_id == pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES:
-            return gpu.pcie_tx_bps * self.elapsed
+            return 0.0, gpu.pcie_tx_bps
         if field_id == pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES:
-            return gpu.pcie_rx_bps * self.elapsed
+            return 0.0, gpu.pcie_rx_bps
         if field_id == pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT:
-            return self.nvlink_links if self.nvlink_links else None
+            return (self.nvlink_links, 0.0) if self.nvlink_links else None
         if scope >= self.nvlink_links:
             return None
         if field_id == pynvml.NVML_FI_DEV_NVLINK_GET_STATE:
-            return 1
+            return 1, 0.0
         if field_id in (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
                         pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX):
             # Links differ (scope + 1) so a mixed-up scope shows in the test.
-            return self.nvlink_kib_per_s * (scope + 1) * self.elapsed
+            return 0.0, self.nvlink_kib_per_s * (scope + 1)
         return None
+
+
+# The nvmlValue_t union of each nvmlFieldValue_t record read as an unsigned 64-bit integer.
+_ULL_VIEW = {"names": ["ull"], "formats": ["<u8"],
+             "offsets": [pynvml.c_nvmlFieldValue_t.value.offset],
+             "itemsize": ctypes.sizeof(pynvml.c_nvmlFieldValue_t)}
 
 
 def _journaled(method):
@@ -272,13 +302,28 @@ def _journaled(method):
 for _name, _method in list(vars(FakeNvml).items()):
     if _name.startswith("nvml"):
         setattr(FakeNvml, _name, _journaled(_method))
+for _name, _value in vars(pynvml).items():
+    if _name.startswith("NVML_"):  # the real library's constants, plain attributes as there
+        setattr(FakeNvml, _name, _value)
 
 
-def replay(fake: FakeNvml, journal: list) -> None:
-    """Make the journaled calls again, nothing else (NVML errors included: they are the
-    library's cost; kvprof's handling of them is not replayed)."""
-    for method, args in journal:
+def replay(fake: FakeNvml, journal: list) -> float:
+    """Make the journaled calls again, nothing else, and return the CPU seconds they took.
+
+    Each call goes through the same journaling wrapper as in the journaled run (into a
+    throwaway journal), so what is timed is exactly the fake library's side of those calls.
+    NVML errors are raised as then: raising is the library's cost, kvprof's handling is not.
+    """
+    import time
+
+    calls = [(getattr(fake, method.__name__), args) for method, args in journal]
+    fake.journal, saved = [], fake.journal
+    start = time.process_time()
+    for call, args in calls:
         try:
-            method(fake, *args)
+            call(*args)
         except pynvml.NVMLError:
             pass
+    spent = time.process_time() - start
+    fake.journal = saved
+    return spent

@@ -109,6 +109,10 @@ def test_daemon_serves_metrics_and_sigterm_finishes_file(tmp_path):
         assert "kvprof_ib_port_xmit_bytes_total" in body
         _wait_for(lambda: list(out.glob("*.parquet.tmp")))  # a file is being written
         assert not list(out.glob("*.parquet"))  # nothing under a final name yet
+        # A rate needs two readings: then at least two ticks went to the sinks (a loaded
+        # machine can make the second tick late).
+        _wait_for(lambda: "kvprof_ib_port_xmit_throughput_bytes_per_second" in urllib.request
+                  .urlopen(base + "/metrics", timeout=5).read().decode())
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:

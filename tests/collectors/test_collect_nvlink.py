@@ -1,11 +1,12 @@
-"""NVLink sampler: batched field values per GPU, KiB -> bytes, far-end bus id, no-NVLink GPUs."""
+"""NVLink samplers: batched field values per GPU, KiB -> bytes, state with the far-end bus id
+(the 1 Hz state sampler), no-NVLink GPUs."""
 
 from __future__ import annotations
 
 from fake_nvml import FakeNvml, replicate
 
 from kvprof import semconv
-from kvprof.collectors.nvlink import NvlinkSampler
+from kvprof.collectors.nvlink import NvlinkSampler, NvlinkStateSampler
 from kvprof.collectors.nvml import NvmlSession
 
 
@@ -23,20 +24,28 @@ def test_links_bytes_state_and_remote(fixture_gpus):
     assert len(tx) == 8 * 18
     # link 3 of gpu 2: 1000 KiB/s x (3 + 1) x 0.5 s = 2000 KiB = 2,048,000 bytes
     assert tx[("2", "3")] == 2000 * 1024
-    up = [s for s in result.all_samples() if s.metric == semconv.METRIC_NVLINK_UP]
-    assert all(s.value == 1.0 for s in up)
+    assert {s.metric for s in result.all_samples()} == {semconv.METRIC_NVLINK_TX,
+                                                        semconv.METRIC_NVLINK_RX}
+    assert all(s.counter for s in result.all_samples())
+    assert result.no_data == []
+    state = NvlinkStateSampler(NvmlSession(fake))
+    calls_before = fake.calls["nvmlDeviceGetFieldValues"]
+    up = state.sample().all_samples()
+    state_calls = fake.calls["nvmlDeviceGetFieldValues"] - calls_before
+    assert state_calls == 8 + 8  # discovery (link count) + one batched call per GPU
+    assert len(up) == 8 * 18 and {s.metric for s in up} == {semconv.METRIC_NVLINK_UP}
+    assert all(s.value == 1.0 and not s.counter for s in up)
     assert {s.labels["remote_pci_bus_id"] for s in up if s.labels["gpu"] == "0"} == {
         f"00000000:{0xC0 + i:02X}:00.0" for i in range(5)}
-    assert all(s.counter for s in result.all_samples() if s.metric != semconv.METRIC_NVLINK_UP)
-    assert result.no_data == []
 
 
 def test_gpu_without_nvlink_is_no_data(fixture_gpus):
     # The recorded T4 / A100 fixtures carry no NVLink: NVML answers "not supported".
-    result = NvlinkSampler(NvmlSession(FakeNvml(fixture_gpus))).sample()
-    assert result.all_samples() == []
-    assert {n.entity for n in result.no_data} == {"gpu0", "gpu1"}
-    assert all("NVLink" in n.reason for n in result.no_data)
+    for cls in (NvlinkSampler, NvlinkStateSampler):
+        result = cls(NvmlSession(FakeNvml(fixture_gpus))).sample()
+        assert result.all_samples() == []
+        assert {n.entity for n in result.no_data} == {"gpu0", "gpu1"}
+        assert all("NVLink" in n.reason for n in result.no_data)
 
 
 def test_one_link_field_error_keeps_the_rest(fixture_gpus):

@@ -114,3 +114,28 @@ def test_processes_report_host_pids(fixture_gpus):
     mem = [s for s in result.all_samples() if s.metric == semconv.METRIC_GPU_PROCESS_MEMORY]
     assert mem[0].value == 1005 * 2**20
     assert sampler.pids_by_gpu == {T4_UUID: [5762], A100_UUID: []}
+
+
+def test_not_supported_is_remembered_and_asked_again_later(fixture_gpus):
+    # The MIG-mode A100 (gpu1) answers utilisation "N/A": asked once, reported every tick.
+    fake = FakeNvml(fixture_gpus)
+    sampler = GpuSampler(NvmlSession(fake))
+    results = [sampler.sample() for _ in range(3)]
+    assert fake.calls["nvmlDeviceGetUtilizationRates"] == 3 + 1  # T4 every tick, A100 once
+    for result in results:
+        assert ("gpu1", semconv.METRIC_GPU_UTILIZATION, "not supported on this GPU") in [
+            tuple(n) for n in result.no_data]
+        assert values(result, semconv.METRIC_GPU_UTILIZATION) == {T4_UUID: 0.0}
+    again = FakeNvml(fixture_gpus)
+    sampler = GpuSampler(NvmlSession(again))
+    sampler.unsupported_retry_s = 0.0  # each retry period over by the next tick
+    for _ in range(3):
+        sampler.sample()
+    assert again.calls["nvmlDeviceGetUtilizationRates"] == 3 + 3
+    # a transient error (not "not supported") is never remembered
+    flaky = FakeNvml(fixture_gpus, errors={(0, "nvmlDeviceGetPowerUsage"):
+                                           pynvml.NVML_ERROR_TIMEOUT})
+    sampler = GpuSampler(NvmlSession(flaky))
+    sampler.sample()
+    sampler.sample()
+    assert flaky.calls["nvmlDeviceGetPowerUsage"] == 4
