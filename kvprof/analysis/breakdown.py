@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvprof import semconv as sc
-from kvprof.analysis.skew import CONSTRAINT_COLUMNS, SkewResult, estimate_skew
+from kvprof.analysis.skew import CONSTRAINT_COLUMNS, SkewResult, estimate_skew, lookup
 
 if TYPE_CHECKING:
     import numpy as np
@@ -124,6 +124,19 @@ def _first_rows(keys, rows):
     return uniq, pos[first]
 
 
+def _values_at(column: pd.Series, rows):
+    """column's values at positions ``rows`` as an object array (NaN where missing).
+
+    A categorical goes through its integer codes, so only the distinct values are boxed.
+    """
+    import numpy as np
+
+    if column.dtype.name == "category":
+        cats = np.append(np.asarray(column.cat.categories, dtype=object), np.nan)
+        return cats[column.cat.codes.to_numpy()[rows]]  # code -1 (missing) -> trailing NaN
+    return column.take(rows).to_numpy().astype(object)
+
+
 def _per_key(n_keys: int, uniq, values, fill=None):
     import numpy as np
 
@@ -171,17 +184,20 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
         req[p] = dur[p] if p in dur else np.nan
 
     def attr(column: str, uniq, rows, fill=None):
-        values = spans[column].take(rows).to_numpy() if column in spans else None
-        if values is None:
+        if column not in spans:
             return np.full(n_keys, fill, dtype=object)
-        return _per_key(n_keys, uniq, values.astype(object), None)
+        return _per_key(n_keys, uniq, _values_at(spans[column], rows), None)
 
     def engine(uniq, rows):
-        eid = attr("engine_id", uniq, rows)
-        pod = attr("pod", uniq, rows)
-        host = (pd.Series(attr("service", uniq, rows)).astype(str) + "@"
-                + pd.Series(attr("host", uniq, rows)).astype(str))
-        return pd.Series(eid).fillna(pd.Series(pod)).fillna(host).to_numpy()
+        out = pd.Series(attr("engine_id", uniq, rows)).fillna(
+            pd.Series(attr("pod", uniq, rows)))
+        miss = out.isna().to_numpy()
+        if miss.any():
+            # Last resort, only where needed: "service@host" (missing when either is).
+            host = (pd.Series(attr("service", uniq, rows)[miss]).astype(str) + "@"
+                    + pd.Series(attr("host", uniq, rows)[miss]).astype(str))
+            out[miss] = host.to_numpy()
+        return out.to_numpy()
 
     def side_time(role: int, frame: pd.DataFrame, how: str):
         names = [c for c in cats if (c in PREFILL_NAMES if role == SIDE_PREFILL else
@@ -251,7 +267,7 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
     off = skew.offsets_ns
 
     def shifted(values: pd.Series, clocks: pd.Series) -> pd.Series:
-        return values + clocks.astype(object).map(off).fillna(0.0)
+        return values + pd.Series(lookup(clocks, off), index=clocks.index)
 
     req["start_ns"] = shifted(p_start.fillna(a_start), req["prefill_clock"])
     first_token_end = col(ends, sc.SPAN_DECODE_FIRST_TOKEN)
@@ -347,6 +363,17 @@ def fast_isin(values: pd.Series, wanted) -> np.ndarray:
 
     found = pc.is_in(_arrow_strings(values), value_set=_arrow_strings(wanted).drop_null())
     return np.asarray(found.fill_null(False), dtype=bool)
+
+
+def fast_map(values: pd.Series, table: pd.Series) -> pd.Series:
+    """values.map(table) for a float Series with unique string labels, via Arrow's hash kernel."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.compute as pc
+
+    pos = pc.index_in(_arrow_strings(values), value_set=_arrow_strings(table.index.to_series()))
+    lookup_table = np.append(table.to_numpy(dtype=float), np.nan)
+    return pd.Series(lookup_table[np.asarray(pos.fill_null(-1))], index=values.index)
 
 
 def nearest_rank(values: pd.Series, pct: float) -> int:

@@ -26,9 +26,10 @@ def join_aiperf(req: pd.DataFrame, aiperf: pd.DataFrame) -> tuple[pd.Series, pd.
     # Vectorised (Arrow regex kernels): strip vLLM's "cmpl-" / "chatcmpl-" and "-<n>".
     core = keys.str.replace(r"^(?:chat)?cmpl-", "", regex=True)
     core = core.where(core == keys, core.str.replace(r"-\d+$", "", regex=True))
-    ttft = core.map(by_xid)
-    ttft = ttft.where(ttft.notna(), keys.map(by_xid))
-    from kvprof.analysis.breakdown import fast_isin
+    from kvprof.analysis.breakdown import fast_isin, fast_map
+
+    ttft = fast_map(core, by_xid)
+    ttft = ttft.where(ttft.notna(), fast_map(keys, by_xid))
 
     hit = ttft.notna().to_numpy()
     used = pd.concat([core[hit], keys[hit]], ignore_index=True)
