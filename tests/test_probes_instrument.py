@@ -11,7 +11,8 @@ from kvprof.probes.instrumentor import SCHED, Target, VllmInstrumentor
 
 sched_mod = pytest.importorskip(SCHED)
 Scheduler = sched_mod.Scheduler
-NAMES = ("add_request", "schedule", "update_from_output", "finish_requests")
+NAMES = ("add_request", "schedule", "update_from_output", "finish_requests",
+         "_free_request")
 
 
 def _originals():
@@ -74,3 +75,45 @@ def test_connector_class_hooks_round_trip():
     assert after == before
     # inherited methods were restored by deleting the subclass attribute, not copying it
     assert "get_transfer_results" not in NixlPullConnector.__dict__
+
+
+def test_classmethod_target_is_restored_exactly_and_probes_call_through():
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    before = KVConnectorFactory.__dict__["create_connector"]
+    inst = VllmInstrumentor()
+    inst.instrument()
+    try:
+        probed = KVConnectorFactory.__dict__["create_connector"]
+        assert isinstance(probed, classmethod) and probed is not before
+        assert probed.__func__.__wrapped__ is before.__func__
+        assert KVConnectorFactory.create_connector.__name__ == "create_connector"
+    finally:
+        inst.uninstrument()
+    assert KVConnectorFactory.__dict__["create_connector"] is before
+
+    class Host:
+        def method(self, a, b=2, **extra):
+            return (self, a, b, extra)
+
+    seen = []
+
+    def factory(wrapped):
+        def probe(self, *args, **kwargs):
+            seen.append((args, kwargs))
+            return wrapped(self, *args, **kwargs)
+        return probe
+
+    original = Host.__dict__["method"]
+    inst2 = VllmInstrumentor()
+    inst2.is_instrumented = True  # install one probe by hand, as instrument() would
+    assert inst2._wrap(Host, "method", factory, "Host.method")
+    assert inst2._wrap(Host, "method", factory, "Host.method")  # already there: no double
+    h = Host()
+    try:
+        assert h.method(1, b=3, z=4) == (h, 1, 3, {"z": 4})  # same args, same result
+        assert seen == [((1,), {"b": 3, "z": 4})]
+        assert Host.method.__wrapped__ is original and len(inst2._patched) == 1
+    finally:
+        inst2.uninstrument()
+    assert Host.__dict__["method"] is original

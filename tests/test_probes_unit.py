@@ -221,7 +221,7 @@ def test_failing_recorder_never_reaches_the_host(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="kvprof.probes.hooks"):
             for _ in range(3):
-                got = hooks.scheduler_schedule(lambda: sentinel, None, (), {})
+                got = hooks.scheduler_schedule(lambda self: sentinel)(None)
                 assert got is sentinel
     finally:
         hooks.set_emit(None)
@@ -235,8 +235,8 @@ def test_request_finished_adds_only_the_traceparent():
     req = type("Req", (), {"request_id": "cmpl-7-0-deadbeef"})()
     original = {"do_remote_prefill": True, "remote_block_ids": [1, 2]}
     try:
-        delay, params = hooks.conn_request_finished(lambda r, b: (True, original), None,
-                                                    (req, [1, 2]), {})
+        delay, params = hooks.conn_request_finished(
+            lambda self, r, b: (True, original))(None, req, [1, 2])
     finally:
         hooks.set_emit(None)
     assert delay is True and original == {"do_remote_prefill": True, "remote_block_ids": [1, 2]}
@@ -246,10 +246,123 @@ def test_request_finished_adds_only_the_traceparent():
     assert events[0][:2] == (ev.HOLD, "cmpl-7-0-deadbeef")
     # No params (aggregated / decode side): result passes through untouched.
     out = (False, None)
-    assert hooks.conn_request_finished(lambda r, b: out, None, (req, []), {}) is out
+    assert hooks.conn_request_finished(lambda self, r, b: out)(None, req, []) is out
 
 
 def test_config_is_off_unless_enabled():
     assert not ProbeConfig.from_env({}).enabled
     cfg = ProbeConfig.from_env({semconv.ENV_ENABLED: "1", semconv.ENV_EXPORTER: "bogus"})
     assert cfg.enabled and cfg.exporter == "none"
+
+
+def test_scheduler_probes_report_first_token_before_finish_and_aborts():
+    """Through the installed probes: a request that ends on its first token, then an abort."""
+    from types import SimpleNamespace as NS
+
+    from kvprof.probes.instrumentor import VllmInstrumentor
+
+    class Scheduler:
+        def __init__(self):
+            self.step = None
+
+        def add_request(self, request):
+            return None
+
+        def schedule(self, throttle_prefills=False):
+            return self.step
+
+        def update_from_output(self, scheduler_output, model_runner_output):
+            outs = model_runner_output
+            for o in outs[0].outputs:
+                if o.finish_reason is not None:
+                    self._free_request(NS(request_id=o.request_id))
+            return outs
+
+        def finish_requests(self, request_ids, finished_status):
+            for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+                self._free_request(NS(request_id=rid))
+            return []
+
+        def _free_request(self, request, delay_free_blocks=False):
+            return None, None
+
+    inst, events = VllmInstrumentor(), []
+    hooks.set_emit(events.append)
+    for name, factory in (("add_request", hooks.scheduler_add_request),
+                          ("schedule", hooks.scheduler_schedule),
+                          ("update_from_output", hooks.scheduler_update_from_output),
+                          ("finish_requests", hooks.scheduler_finish_requests),
+                          ("_free_request", hooks.scheduler_free_request)):
+        assert inst._wrap(Scheduler, name, factory, name)
+    try:
+        s = Scheduler()
+        for rid in ("one-1-0000aaaa", "two-1-0000bbbb"):
+            s.add_request(NS(request_id=rid, arrival_time=1.7e9, num_prompt_tokens=7,
+                             kv_transfer_params=None))
+        s.step = NS(scheduled_new_reqs=[NS(req_id="one-1-0000aaaa"),
+                                        NS(req_id="two-1-0000bbbb")])
+        out = s.schedule()
+        step = {0: NS(outputs=[NS(request_id="one-1-0000aaaa", new_token_ids=[3],
+                                  finish_reason="length"),
+                               NS(request_id="two-1-0000bbbb", new_token_ids=[4],
+                                  finish_reason=None)])}
+        assert s.update_from_output(out, step) is step
+        s.step = NS(scheduled_new_reqs=[])
+        s.update_from_output(s.schedule(), {0: NS(outputs=[])})  # steady step: no events
+        n_steady = len(events)
+        s.finish_requests("two-1-0000bbbb", "aborted")
+    finally:
+        hooks.set_emit(None)
+        hooks.reset_state()
+    kinds = [(e[0], e[1]) for e in events]
+    assert kinds == [(ev.ARRIVE, "one-1-0000aaaa"), (ev.ARRIVE, "two-1-0000bbbb"),
+                     (ev.SCHEDULED, "one-1-0000aaaa"), (ev.SCHEDULED, "two-1-0000bbbb"),
+                     (ev.FIRST_TOKEN, "one-1-0000aaaa"), (ev.FIRST_TOKEN, "two-1-0000bbbb"),
+                     (ev.FINISH, "one-1-0000aaaa"), (ev.FINISH, "two-1-0000bbbb")]
+    assert n_steady == 7
+    spans = SpanAssembler().feed(events)
+    names = sorted(s.name for s in spans if s.attributes[semconv.ATTR_REQUEST_ID]
+                   == "one-1-0000aaaa")
+    assert names == sorted([semconv.SPAN_REQUEST, semconv.SPAN_PREFILL_QUEUE,
+                            semconv.SPAN_PREFILL_COMPUTE, semconv.SPAN_DECODE_FIRST_TOKEN])
+
+
+def test_forked_child_exports_its_own_spans_to_its_own_file(tmp_path):
+    """A fork (vLLM's EngineCore / workers where CUDA allows) gets its own recorder."""
+    import multiprocessing
+    import os
+
+    from kvprof.probes import recorder as recorder_mod
+
+    cfg = ProbeConfig(enabled=True, exporter="file", output=str(tmp_path / "t"),
+                      stats_dir=str(tmp_path / "s"), service_name="fork")
+    parent = Recorder(cfg)
+    recorder_mod.set_recorder(parent)
+    hooks.set_emit(parent.emit)
+    parent.emit((ev.ARRIVE, "parent-only", 0, 1, 1, None))  # must not leak into the child
+    try:
+        def child():
+            hooks.emit_target()((ev.ARRIVE, "c-1-0000aaaa", 0, 10 * MS, 5, None))
+            for e in [(ev.SCHEDULED, "c-1-0000aaaa", 11 * MS),
+                      (ev.FIRST_TOKEN, "c-1-0000aaaa", 11 * MS, 12 * MS),
+                      (ev.FINISH, "c-1-0000aaaa", 13 * MS)]:
+                hooks.emit_target()(e)
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+    finally:
+        hooks.set_emit(None)
+        recorder_mod.set_recorder(None)
+    stats = {json.loads(f.read_text())["pid"]: json.loads(f.read_text())
+             for f in (tmp_path / "s").glob("*.json")}
+    assert list(stats) == [proc.pid] and stats[proc.pid]["exported"] == 4
+    lines = [json.loads(x) for f in (tmp_path / "t").glob("*.jsonl")
+             for x in f.read_text().splitlines()]
+    names = [s["name"] for d in lines for rs in d["resourceSpans"] for ss in rs["scopeSpans"]
+             for s in ss["spans"]]
+    assert sorted(names) == sorted([semconv.SPAN_REQUEST, semconv.SPAN_PREFILL_QUEUE,
+                                    semconv.SPAN_PREFILL_COMPUTE,
+                                    semconv.SPAN_DECODE_FIRST_TOKEN])
+    assert parent.buffer and os.getpid() != proc.pid  # the parent's event stayed here

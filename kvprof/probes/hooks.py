@@ -1,21 +1,46 @@
-"""The wrapt wrappers put around vLLM's scheduler, model runner and KV connectors.
+"""The probes put around vLLM's scheduler, model runner and KV connectors.
 
-Every wrapper calls through with the original arguments and returns the original result
-(the one exception: the prefill side's kv_transfer_params gain a ``traceparent`` key). What
-it records is a tuple of timestamps and small ints handed to ``_EMIT``; any failure while
+Each hook here is a factory: given the original function it returns the plain function the
+instrumentor installs in its place (``probe(self, *args, **kwargs)``, one Python frame, no
+proxy object per call; see instrumentor.py for why not wrapt's FunctionWrapper). A probe
+calls through with the original arguments and returns the original result (the one
+exception: the prefill side's kv_transfer_params gain a ``traceparent`` key). What it records
+is a tuple of timestamps and small ints handed to ``_EMIT``; interpretation (ids, roles,
+geometry, spans) happens later in the assembler, off vLLM's critical path. Any failure while
 recording is swallowed and reported once, never raised into vLLM.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import time_ns
+from typing import Any
 
 from kvprof import semconv
-from kvprof.probes import events as ev
+from kvprof.probes.events import (
+    ARRIVE,
+    DESERIALIZE,
+    FINISH,
+    FIRST_TOKEN,
+    HANDSHAKE,
+    HOLD,
+    KV_LAYOUT,
+    KV_READY,
+    KV_WAIT,
+    LOAD_DONE,
+    LOAD_START,
+    RELEASED,
+    SCHEDULED,
+    SERIALIZE,
+    XFER_STATS,
+)
 from kvprof.probes.ids import external_request_id, format_traceparent, span_id_for, trace_id_for
 
 log = logging.getLogger(__name__)
+
+Probe = Callable[..., Any]
+HookFactory = Callable[[Callable[..., Any]], Probe]
 
 
 def _discard(event: tuple) -> None:
@@ -26,25 +51,35 @@ _EMIT = _discard  # replaced by the recorder's deque.append while instrumented
 _failed: set[str] = set()
 # id(SchedulerOutput) -> time schedule() started, for the step that produces a first token.
 _STEP_START: dict[int, int] = {}
-_SEEN_FIRST: set[str] = set()
+# Requests scheduled that have not produced a token yet: update_from_output looks at the
+# step's outputs only while this is non-empty (steady decode steps skip the scan).
+_AWAIT_FIRST: set[str] = set()
+# (request id, time) freed inside the scheduler call now running; reported when that call
+# returns, so a request that finishes on its first token reports the token first.
+_FREED: list[tuple[str, int]] = []
 # First KV block id -> request id, from the model runner's view of each step; connectors
 # whose metadata has no request ids (ExampleConnector) are attributed through it.
 _BLOCK_OWNER: dict[int, str] = {}
 _SAVE_STEP: list[int] = []  # [first save_kv_layer start, last end] of the current step
-_PARAM_KEYS = ("do_remote_decode", "do_remote_prefill", "remote_request_id", "remote_engine_id",
-               "remote_host", semconv.TRACEPARENT_KEY)
+_TRACEPARENT = semconv.TRACEPARENT_KEY
 
 
-def set_emit(emit) -> None:
+def set_emit(emit: Callable[[tuple], Any] | None) -> None:
     """Point every hook at a sink (the recorder's buffer append); None disconnects."""
     global _EMIT
     _EMIT = emit if emit is not None else _discard
 
 
+def emit_target() -> Callable[[tuple], Any]:
+    """The sink the hooks write into now."""
+    return _EMIT
+
+
 def reset_state() -> None:
     """Forget per-step state (used when instrumentation is removed)."""
     _STEP_START.clear()
-    _SEEN_FIRST.clear()
+    _AWAIT_FIRST.clear()
+    _FREED.clear()
     _BLOCK_OWNER.clear()
     _SAVE_STEP.clear()
 
@@ -57,230 +92,287 @@ def _hook_failed(name: str) -> None:
 
 
 # -- scheduler (EngineCore process) ------------------------------------------------------------
-def scheduler_add_request(wrapped, instance, args, kwargs):
-    try:
-        request = args[0] if args else kwargs["request"]
-        t = time_ns()
-        arrival = getattr(request, "arrival_time", None)
-        # arrival_time is the frontend's wall clock (s); older builds used monotonic time.
-        arrival_ns = int(arrival * 1e9) if arrival and arrival > 1e9 else t
-        kvp = getattr(request, "kv_transfer_params", None)
-        params = {k: kvp[k] for k in _PARAM_KEYS if k in kvp} if kvp else None
-        _EMIT((ev.ARRIVE, request.request_id, t, arrival_ns,
-               getattr(request, "num_prompt_tokens", None), params))
-    except Exception:
-        _hook_failed("Scheduler.add_request")
-    return wrapped(*args, **kwargs)
-
-
-def scheduler_schedule(wrapped, instance, args, kwargs):
-    t = time_ns()
-    out = wrapped(*args, **kwargs)
-    try:
-        _STEP_START[id(out)] = t
-        if len(_STEP_START) > 64:  # outputs never passed back (shutdown) must not pile up
-            _STEP_START.pop(next(iter(_STEP_START)))
-        for r in out.scheduled_new_reqs:
-            _EMIT((ev.SCHEDULED, r.req_id, t))
-    except Exception:
-        _hook_failed("Scheduler.schedule")
-    return out
-
-
-def scheduler_update_from_output(wrapped, instance, args, kwargs):
-    t = time_ns()
-    out = wrapped(*args, **kwargs)
-    try:
-        sched_out = args[0] if args else kwargs.get("scheduler_output")
-        step = _STEP_START.pop(id(sched_out), t)
-        t_end = time_ns()
-        seen = _SEEN_FIRST
-        for outs in out.values():
-            for o in outs.outputs:
-                rid = o.request_id
-                if o.new_token_ids and rid not in seen:
-                    seen.add(rid)
-                    _EMIT((ev.FIRST_TOKEN, rid, step, t))
-                if o.finish_reason is not None:
-                    seen.discard(rid)
-                    _EMIT((ev.FINISH, rid, t_end))
-    except Exception:
-        _hook_failed("Scheduler.update_from_output")
-    return out
-
-
-def scheduler_finish_requests(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        ids = args[0] if args else kwargs.get("request_ids")
-        if ids is not None:
+def scheduler_add_request(wrapped: Callable[..., Any]) -> Probe:
+    def add_request(self, *args, **kwargs):
+        try:
+            request = args[0] if args else kwargs["request"]
             t = time_ns()
-            for rid in [ids] if isinstance(ids, str) else ids:
-                _SEEN_FIRST.discard(rid)
-                _EMIT((ev.FINISH, rid, t))
-    except Exception:
-        _hook_failed("Scheduler.finish_requests")
-    return out
+            arrival = getattr(request, "arrival_time", None)
+            # arrival_time is the frontend's wall clock (s); older builds used monotonic time.
+            arrival_ns = int(arrival * 1e9) if arrival and arrival > 1e9 else t
+            kvp = getattr(request, "kv_transfer_params", None)
+            # A snapshot: the connector later flips do_remote_prefill in place. The assembler
+            # picks out the keys it needs.
+            _EMIT((ARRIVE, request.request_id, t, arrival_ns,
+                   getattr(request, "num_prompt_tokens", None), dict(kvp) if kvp else None))
+        except Exception:
+            _hook_failed("Scheduler.add_request")
+        return wrapped(self, *args, **kwargs)
+    return add_request
+
+
+def scheduler_schedule(wrapped: Callable[..., Any]) -> Probe:
+    def schedule(self, *args, **kwargs):
+        t = time_ns()
+        out = wrapped(self, *args, **kwargs)
+        try:
+            starts = _STEP_START
+            starts[id(out)] = t
+            if len(starts) > 64:  # outputs never passed back (shutdown) must not pile up
+                del starts[next(iter(starts))]
+            new = out.scheduled_new_reqs
+            if new:  # empty on most steps
+                for r in new:
+                    rid = r.req_id
+                    _AWAIT_FIRST.add(rid)
+                    _EMIT((SCHEDULED, rid, t))
+        except Exception:
+            _hook_failed("Scheduler.schedule")
+        return out
+    return schedule
+
+
+def _report_freed() -> None:
+    freed = _FREED[:]
+    _FREED.clear()
+    for rid, t in freed:
+        _AWAIT_FIRST.discard(rid)
+        _EMIT((FINISH, rid, t))
+
+
+def scheduler_update_from_output(wrapped: Callable[..., Any]) -> Probe:
+    def update_from_output(self, *args, **kwargs):
+        t = time_ns()
+        out = wrapped(self, *args, **kwargs)
+        try:
+            step = _STEP_START.pop(id(args[0] if args else kwargs.get("scheduler_output")), t)
+            waiting = _AWAIT_FIRST
+            if waiting:  # some request is still before its first token
+                for outs in out.values():
+                    for o in outs.outputs:
+                        rid = o.request_id
+                        if rid in waiting and o.new_token_ids:
+                            waiting.discard(rid)
+                            _EMIT((FIRST_TOKEN, rid, step, t))
+            if _FREED:
+                _report_freed()
+        except Exception:
+            _hook_failed("Scheduler.update_from_output")
+        return out
+    return update_from_output
+
+
+def scheduler_finish_requests(wrapped: Callable[..., Any]) -> Probe:
+    # Aborts (client gone, engine shutdown) free their requests here, outside any step.
+    def finish_requests(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            if _FREED:
+                _report_freed()
+        except Exception:
+            _hook_failed("Scheduler.finish_requests")
+        return out
+    return finish_requests
+
+
+def scheduler_free_request(wrapped: Callable[..., Any]) -> Probe:
+    # Once per finished request, stopped (in update_from_output) or aborted (in
+    # finish_requests); the enclosing call's hook reports it.
+    def _free_request(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            # Timed after the call: the connector's request_finished (HOLD) comes first.
+            _FREED.append(((args[0] if args else kwargs["request"]).request_id, time_ns()))
+        except Exception:
+            _hook_failed("Scheduler._free_request")
+        return out
+    return _free_request
 
 
 # -- model runner (worker process) -------------------------------------------------------------
-def runner_execute_model(wrapped, instance, args, kwargs):
-    try:
-        sched_out = args[0] if args else kwargs.get("scheduler_output")
-        owners = _BLOCK_OWNER
-        for r in sched_out.scheduled_new_reqs:
-            ids = r.block_ids
-            if ids and ids[0]:
-                owners[ids[0][0]] = r.req_id
-        if len(owners) > 8192:
-            owners.clear()
-    except Exception:
-        _hook_failed("GPUModelRunner.execute_model")
-    return wrapped(*args, **kwargs)
+def runner_execute_model(wrapped: Callable[..., Any]) -> Probe:
+    def execute_model(self, *args, **kwargs):
+        try:
+            sched_out = args[0] if args else kwargs.get("scheduler_output")
+            new = sched_out.scheduled_new_reqs
+            if new:
+                owners = _BLOCK_OWNER
+                for r in new:
+                    ids = r.block_ids
+                    if ids and ids[0]:
+                        owners[ids[0][0]] = r.req_id
+                if len(owners) > 8192:
+                    owners.clear()
+        except Exception:
+            _hook_failed("GPUModelRunner.execute_model")
+        return wrapped(self, *args, **kwargs)
+    return execute_model
 
 
 # -- connector, scheduler side -----------------------------------------------------------------
-def conn_get_num_new_matched_tokens(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        count, load_async = out
-        if load_async and count:
+def conn_get_num_new_matched_tokens(wrapped: Callable[..., Any]) -> Probe:
+    def get_num_new_matched_tokens(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            count, load_async = out
+            if load_async and count:
+                request = args[0] if args else kwargs["request"]
+                _EMIT((KV_WAIT, request.request_id, time_ns(), count))
+        except Exception:
+            _hook_failed("KVConnector.get_num_new_matched_tokens")
+        return out
+    return get_num_new_matched_tokens
+
+
+def conn_update_connector_output(wrapped: Callable[..., Any]) -> Probe:
+    def update_connector_output(self, *args, **kwargs):
+        try:
+            output = args[0] if args else kwargs["connector_output"]
+            recving, sending = output.finished_recving, output.finished_sending
+            if recving or sending:
+                t = time_ns()
+                for rid in recving or ():
+                    _EMIT((KV_READY, rid, t))
+                for rid in sending or ():
+                    _EMIT((RELEASED, rid, t))
+        except Exception:
+            _hook_failed("KVConnector.update_connector_output")
+        return wrapped(self, *args, **kwargs)
+    return update_connector_output
+
+
+def conn_request_finished(wrapped: Callable[..., Any]) -> Probe:
+    def request_finished(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            delay_free, params = out
             request = args[0] if args else kwargs["request"]
-            _EMIT((ev.KV_WAIT, request.request_id, time_ns(), int(count)))
-    except Exception:
-        _hook_failed("KVConnector.get_num_new_matched_tokens")
-    return out
-
-
-def conn_update_connector_output(wrapped, instance, args, kwargs):
-    try:
-        output = args[0] if args else kwargs["connector_output"]
-        t = time_ns()
-        for rid in output.finished_recving or ():
-            _EMIT((ev.KV_READY, rid, t))
-        for rid in output.finished_sending or ():
-            _EMIT((ev.RELEASED, rid, t))
-    except Exception:
-        _hook_failed("KVConnector.update_connector_output")
-    return wrapped(*args, **kwargs)
-
-
-def conn_request_finished(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        delay_free, params = out
-        request = args[0] if args else kwargs["request"]
-        if delay_free:
-            _EMIT((ev.HOLD, request.request_id, time_ns()))
-        if isinstance(params, dict) and semconv.TRACEPARENT_KEY not in params:
-            # The decode engine gets these params back through the router: the traceparent
-            # makes its spans children of this request's vllm.prefill span.
-            key = external_request_id(request.request_id)
-            params = dict(params)
-            params[semconv.TRACEPARENT_KEY] = format_traceparent(
-                trace_id_for(key), span_id_for(key, semconv.SPAN_PREFILL))
-            return delay_free, params
-    except Exception:
-        _hook_failed("KVConnector.request_finished")
-    return out
+            if delay_free:
+                _EMIT((HOLD, request.request_id, time_ns()))
+            if isinstance(params, dict) and _TRACEPARENT not in params:
+                # The decode engine gets these params back through the router: the
+                # traceparent makes its spans children of this request's vllm.prefill span.
+                # The one piece of formatting done here, because it must ride the result.
+                key = external_request_id(request.request_id)
+                params = dict(params)
+                params[_TRACEPARENT] = format_traceparent(
+                    trace_id_for(key), span_id_for(key, semconv.SPAN_PREFILL))
+                return delay_free, params
+        except Exception:
+            _hook_failed("KVConnector.request_finished")
+        return out
+    return request_finished
 
 
 # -- connector, worker side --------------------------------------------------------------------
-def conn_register_kv_caches(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        kv_caches = args[0] if args else kwargs["kv_caches"]
-        num_blocks = instance._kv_cache_config.num_blocks
-        block_size = instance._vllm_config.cache_config.block_size
-        # Layers are views into one allocation; two layers sharing the very same view
-        # (hybrid allocators) are counted once.
-        seen, total = set(), 0
-        for tensor in kv_caches.values():
-            view = (tensor.data_ptr(), tensor.nbytes)
-            if view not in seen:
-                seen.add(view)
-                total += tensor.nbytes
-        _EMIT((ev.KV_LAYOUT, total // num_blocks, block_size, len(kv_caches)))
-    except Exception:
-        _hook_failed("KVConnector.register_kv_caches")
-    return out
-
-
-def conn_transfer_results(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        done = out.finished_recving
-        if done:
-            t = time_ns()
-            for rid in done:
-                _EMIT((ev.LOAD_DONE, rid, t))
-    except Exception:
-        _hook_failed("KVConnector.get_transfer_results")
-    return out
-
-
-def nixl_start_load_kv(wrapped, instance, args, kwargs):
-    try:
-        meta = instance._connector_metadata
-        reqs = getattr(meta, "reqs_to_recv", None)
-        if reqs:
-            t = time_ns()
-            worker = instance.connector_worker
-            known = getattr(worker, "_remote_agents", {})
-            for rid, m in reqs.items():
-                ids = m.local_block_ids
-                blocks = len(ids[0]) if ids and isinstance(ids[0], (list, tuple)) else len(ids)
-                r = m.remote
-                _EMIT((ev.LOAD_START, rid, t, blocks, r.request_id, r.engine_id, r.host,
-                       r.engine_id not in known))
-    except Exception:
-        _hook_failed("NixlConnector.start_load_kv")
-    return wrapped(*args, **kwargs)
-
-
-def nixl_kv_connector_stats(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        data = out.data if out is not None else None
-        if data and data.get("bytes_transferred"):
-            _EMIT((ev.XFER_STATS, time_ns(), list(data["bytes_transferred"]),
-                   list(data.get("num_descriptors") or ()),
-                   list(data.get("transfer_duration") or ())))
-    except Exception:
-        _hook_failed("NixlConnector.get_kv_connector_stats")
-    return out
-
-
-def nixl_handshake(wrapped, instance, args, kwargs):
-    t0 = time_ns()
-    ok = False
-    try:
-        out = wrapped(*args, **kwargs)
-        ok = True
-        return out
-    finally:
-        try:
-            engine = args[3] if len(args) > 3 else kwargs.get("expected_engine_id")
-            _EMIT((ev.HANDSHAKE, str(engine), t0, time_ns(), ok))
+def conn_register_kv_caches(wrapped: Callable[..., Any]) -> Probe:
+    def register_kv_caches(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:  # once per engine: not a hot path
+            kv_caches = args[0] if args else kwargs["kv_caches"]
+            num_blocks = self._kv_cache_config.num_blocks
+            block_size = self._vllm_config.cache_config.block_size
+            # Layers are views into one allocation; two layers sharing the very same view
+            # (hybrid allocators) are counted once.
+            seen, total = set(), 0
+            for tensor in kv_caches.values():
+                view = (tensor.data_ptr(), tensor.nbytes)
+                if view not in seen:
+                    seen.add(view)
+                    total += tensor.nbytes
+            _EMIT((KV_LAYOUT, total // num_blocks, block_size, len(kv_caches)))
         except Exception:
-            _hook_failed("NixlConnectorWorker._nixl_handshake")
+            _hook_failed("KVConnector.register_kv_caches")
+        return out
+    return register_kv_caches
 
 
-def example_save_kv_layer(wrapped, instance, args, kwargs):
-    t0 = time_ns()
-    out = wrapped(*args, **kwargs)
-    try:
-        step = _SAVE_STEP
-        if step:
-            step[1] = time_ns()
-        else:
-            step.extend((t0, time_ns()))
-    except Exception:
-        _hook_failed("ExampleConnector.save_kv_layer")
-    return out
+def conn_transfer_results(wrapped: Callable[..., Any]) -> Probe:
+    def get_transfer_results(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            done = out.finished_recving
+            if done:
+                t = time_ns()
+                for rid in done:
+                    _EMIT((LOAD_DONE, rid, t))
+        except Exception:
+            _hook_failed("KVConnector.get_transfer_results")
+        return out
+    return get_transfer_results
 
 
-def _file_requests(instance, store: bool):
+def nixl_start_load_kv(wrapped: Callable[..., Any]) -> Probe:
+    def start_load_kv(self, *args, **kwargs):
+        try:
+            reqs = self._connector_metadata.reqs_to_recv
+            if reqs:
+                t = time_ns()
+                known = self.connector_worker._remote_agents
+                for rid, m in reqs.items():  # once per request, not per step
+                    ids = m.local_block_ids  # one list per KV cache group
+                    blocks = len(ids[0]) if ids and isinstance(ids[0], (list, tuple)) else len(ids)
+                    r = m.remote
+                    _EMIT((LOAD_START, rid, t, blocks, r.request_id, r.engine_id, r.host,
+                           r.engine_id not in known))
+        except Exception:
+            _hook_failed("NixlConnector.start_load_kv")
+        return wrapped(self, *args, **kwargs)
+    return start_load_kv
+
+
+def nixl_kv_connector_stats(wrapped: Callable[..., Any]) -> Probe:
+    def get_kv_connector_stats(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            if out is not None:
+                data = out.data
+                if data and data.get("bytes_transferred"):
+                    # Copies: the stats object is reset and reused by the connector.
+                    _EMIT((XFER_STATS, time_ns(), list(data["bytes_transferred"]),
+                           list(data.get("num_descriptors") or ()),
+                           list(data.get("transfer_duration") or ())))
+        except Exception:
+            _hook_failed("NixlConnector.get_kv_connector_stats")
+        return out
+    return get_kv_connector_stats
+
+
+def nixl_handshake(wrapped: Callable[..., Any]) -> Probe:
+    def _nixl_handshake(self, *args, **kwargs):
+        t0 = time_ns()
+        ok = False
+        try:
+            out = wrapped(self, *args, **kwargs)
+            ok = True
+            return out
+        finally:
+            try:
+                engine = args[3] if len(args) > 3 else kwargs.get("expected_engine_id")
+                _EMIT((HANDSHAKE, str(engine), t0, time_ns(), ok))
+            except Exception:
+                _hook_failed("NixlConnectorWorker._nixl_handshake")
+    return _nixl_handshake
+
+
+def example_save_kv_layer(wrapped: Callable[..., Any]) -> Probe:
+    # Called once per layer per step: two clock reads and a list write, nothing else.
+    def save_kv_layer(self, *args, **kwargs):
+        t0 = time_ns()
+        out = wrapped(self, *args, **kwargs)
+        try:
+            step = _SAVE_STEP
+            if step:
+                step[1] = time_ns()
+            else:
+                step += (t0, time_ns())
+        except Exception:
+            _hook_failed("ExampleConnector.save_kv_layer")
+        return out
+    return save_kv_layer
+
+
+def _file_requests(instance: Any, store: bool):
     """(request id, tokens) of the ExampleConnector metadata entries that store / load."""
     meta = instance._connector_metadata
     block_size = instance._block_size
@@ -291,40 +383,45 @@ def _file_requests(instance, store: bool):
                 yield rid, len(rm.slot_mapping)
 
 
-def example_wait_for_save(wrapped, instance, args, kwargs):
-    out = wrapped(*args, **kwargs)
-    try:
-        if _SAVE_STEP:
-            t0, t1 = _SAVE_STEP
-            _SAVE_STEP.clear()
-            for rid, tokens in _file_requests(instance, store=True):
-                _EMIT((ev.SERIALIZE, rid, t0, t1, None, tokens))
-    except Exception:
-        _hook_failed("ExampleConnector.wait_for_save")
-    return out
+def example_wait_for_save(wrapped: Callable[..., Any]) -> Probe:
+    def wait_for_save(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            if _SAVE_STEP:
+                t0, t1 = _SAVE_STEP
+                _SAVE_STEP.clear()
+                for rid, tokens in _file_requests(self, store=True):
+                    _EMIT((SERIALIZE, rid, t0, t1, None, tokens))
+        except Exception:
+            _hook_failed("ExampleConnector.wait_for_save")
+        return out
+    return wait_for_save
 
 
-def example_start_load_kv(wrapped, instance, args, kwargs):
-    t0 = time_ns()
-    out = wrapped(*args, **kwargs)
-    try:
-        t1 = time_ns()
-        for rid, tokens in _file_requests(instance, store=False):
-            _EMIT((ev.DESERIALIZE, rid, t0, t1, None, tokens))
-    except Exception:
-        _hook_failed("ExampleConnector.start_load_kv")
-    return out
+def example_start_load_kv(wrapped: Callable[..., Any]) -> Probe:
+    def start_load_kv(self, *args, **kwargs):
+        t0 = time_ns()
+        out = wrapped(self, *args, **kwargs)
+        try:
+            if self._connector_metadata.requests:
+                t1 = time_ns()
+                for rid, tokens in _file_requests(self, store=False):
+                    _EMIT((DESERIALIZE, rid, t0, t1, None, tokens))
+        except Exception:
+            _hook_failed("ExampleConnector.start_load_kv")
+        return out
+    return start_load_kv
 
 
 # Which connector methods each family gets (the scheduler-side set is common to all).
-SCHEDULER_SIDE = {
+SCHEDULER_SIDE: dict[str, HookFactory] = {
     "get_num_new_matched_tokens": conn_get_num_new_matched_tokens,
     "update_connector_output": conn_update_connector_output,
     "request_finished": conn_request_finished,
     "request_finished_all_groups": conn_request_finished,
     "register_kv_caches": conn_register_kv_caches,
 }
-PROFILES = {
+PROFILES: dict[str, dict[str, HookFactory]] = {
     "nixl": {
         **SCHEDULER_SIDE,
         "start_load_kv": nixl_start_load_kv,

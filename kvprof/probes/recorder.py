@@ -103,6 +103,8 @@ class Recorder:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stats_written = (-1, -1)
+        self._pid = os.getpid()  # a forked child inherits this object (and its atexit entry)
+        self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,12 +112,20 @@ class Recorder:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop = False
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvprof-export", daemon=True)
         self._thread.start()
         atexit.register(self.shutdown)
 
     def shutdown(self) -> None:
-        """Drain everything, close the exporter, leave the span counts for the launcher."""
+        """Drain everything, close the exporter, leave the span counts for the launcher.
+
+        Once per recorder, and only in the process that made it (a forked child must not
+        export its copy of the parent's buffer into the parent's files).
+        """
+        if self._closed or os.getpid() != self._pid:
+            return
+        self._closed = True
         self._stop = True
         self._wake.set()
         t = self._thread
@@ -245,8 +255,27 @@ def set_recorder(recorder: Recorder | None) -> None:
 
 
 def _after_fork_in_child() -> None:
-    # A forked child has the parent's buffer but not its thread: start clean.
+    # A forked child (vLLM forks EngineCore and workers where CUDA allows) inherits the
+    # instrumented classes and hooks pointing at the parent's buffer, but not its export
+    # thread, and vLLM does not load plugins again. Start clean: the child's first event
+    # builds its own recorder (thread, exporter, per-pid file) from the parent's config.
+    from kvprof.probes import hooks
+
+    parent = _RECORDER
     set_recorder(None)
+    if parent is not None and hooks.emit_target() == parent.emit:
+        config = parent.config
+
+        def first_emit(event: tuple) -> None:
+            recorder = get_recorder(config)
+            hooks.set_emit(recorder.emit)
+            recorder.emit(event)
+            # multiprocessing ends forked children with os._exit (no atexit): flush there.
+            import multiprocessing.util
+
+            multiprocessing.util.Finalize(None, recorder.shutdown, exitpriority=0)
+
+        hooks.set_emit(first_emit)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -23,7 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_env(core: int, side_port: int | None = None) -> dict[str, str]:
+def engine_env(core: int, side_port: int | None = None,
+               worker_in_core: bool = False) -> dict[str, str]:
+    """Loopback-only engine environment pinned to ``core``.
+
+    ``worker_in_core``: the model runner runs inside the EngineCore process (vLLM's uni
+    executor, the default topology on one GPU) instead of a third process (the CPU default),
+    so the engine starts with one Python process fewer to import vLLM into.
+    """
     env = dict(os.environ)
     env.update({
         "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
@@ -33,6 +40,10 @@ def engine_env(core: int, side_port: int | None = None) -> dict[str, str]:
     })
     if side_port:
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_port)
+    if worker_in_core:
+        # The API server's EngineCore is a separate process regardless; this only lets
+        # the CPU platform keep the uni executor.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
@@ -40,21 +51,25 @@ def server_command(model: Path, port: int, kv_config: dict | None) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--block-size", str(BLOCK_SIZE),
            "--max-model-len", "1024", "--max-num-seqs", "8", "--dtype", "bfloat16",
-           "--seed", "0", "--served-model-name", "tiny"]
+           "--seed", "0", "--served-model-name", "tiny",
+           # Start-up trims: no torch.compile, quiet frontend; the
+           # baseline engine uses the same flags, so tokens stay comparable.
+           "--enforce-eager", "--disable-log-stats",
+           "--uvicorn-log-level", "warning"]
     if kv_config:
         cmd += ["--kv-transfer-config", json.dumps(kv_config)]
     return cmd
 
 
 def start_server(model: Path, port: int, core: int, kv_config: dict | None, log_path: Path,
-                 attach: list[str] | None = None, side_port: int | None = None
-                 ) -> subprocess.Popen:
+                 attach: list[str] | None = None, side_port: int | None = None,
+                 worker_in_core: bool = False) -> subprocess.Popen:
     """Start one API server; ``attach`` = kvprof attach options to run it under."""
     cmd = server_command(model, port, kv_config)
     if attach is not None:
         cmd = [sys.executable, "-m", "kvprof", "attach", *attach, "--", *cmd]
     log = open(log_path, "wb")
-    return subprocess.Popen(cmd, env=engine_env(core, side_port), stdout=log,
+    return subprocess.Popen(cmd, env=engine_env(core, side_port, worker_in_core), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
@@ -91,6 +106,23 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> int | None:
     except (ProcessLookupError, PermissionError):
         pass
     return proc.returncode
+
+
+def stop_all(procs: list[subprocess.Popen], timeout: float = 60) -> None:
+    """Stop several servers at once: SIGINT every group first, so their shutdowns overlap."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        stop(proc)  # SIGKILLs what is left of the group
 
 
 def complete(port: int, prompt: str, max_tokens: int, request_id: str,

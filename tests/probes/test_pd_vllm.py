@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -54,64 +55,107 @@ def load_spans(directory: Path) -> list[dict]:
     return out
 
 
-def run_pair(tmp: Path, model: Path, connector: dict, name: str) -> tuple[list[str], list[dict],
-                                                                            list[str]]:
-    traces = tmp / f"{name}-traces"
-    pp, dp = E.free_port(), E.free_port()
-    att = ["--exporter", "file", "--output", str(traces)]
-    p = E.start_server(model, pp, 0, {**connector, "kv_role": "kv_producer"}, tmp / f"{name}-p.log",
-                       att + ["--service-name", "vllm-prefill"], side_port=E.free_port())
-    d = E.start_server(model, dp, 1, {**connector, "kv_role": "kv_consumer"}, tmp / f"{name}-d.log",
-                       att + ["--service-name", "vllm-decode"], side_port=E.free_port())
-    srv = None
-    try:
-        E.wait_ready(p, pp, tmp / f"{name}-p.log")
-        E.wait_ready(d, dp, tmp / f"{name}-d.log")
-        srv, _ = router.serve_in_thread(f"127.0.0.1:{pp}", f"127.0.0.1:{dp}")
-        texts = [E.complete(srv.server_address[1], prompt, MAX_TOKENS, f"{name}-{i}",
-                            stream=(i == 1))["choices"][0]["text"]
-                 for i, prompt in enumerate(PROMPTS)]
-        time.sleep(1.5)  # one export interval, so nothing waits for the exit flush alone
-    finally:
-        if srv is not None:
+class Pair:
+    """A prefill/decode pair of API servers under `kvprof attach --exporter file`."""
+
+    def __init__(self, tmp: Path, model: Path, connector: dict, name: str,
+                 worker_in_core: bool = False, cores=(0, 1)):
+        self.tmp, self.name, self.traces = tmp, name, tmp / f"{name}-traces"
+        self.ports = (E.free_port(), E.free_port())
+        att = ["--exporter", "file", "--output", str(self.traces)]
+        self.procs = [
+            E.start_server(model, port, core, {**connector, "kv_role": role}, self.log(side),
+                           att + ["--service-name", f"vllm-{service}"],
+                           side_port=E.free_port(), worker_in_core=worker_in_core)
+            for port, core, role, side, service in zip(
+                self.ports, cores, ("kv_producer", "kv_consumer"), "pd",
+                ("prefill", "decode"), strict=True)]
+
+    def log(self, side: str) -> Path:
+        return self.tmp / f"{self.name}-{side}.log"
+
+    def wait_ready(self) -> None:
+        for proc, port, side in zip(self.procs, self.ports, "pd", strict=True):
+            E.wait_ready(proc, port, self.log(side))
+
+    def exercise(self) -> list[str]:
+        """The prompts through demo/router.py, one after the other (the second streamed)."""
+        srv, _ = router.serve_in_thread(*(f"127.0.0.1:{p}" for p in self.ports))
+        try:
+            texts = [E.complete(srv.server_address[1], prompt, MAX_TOKENS, f"{self.name}-{i}",
+                                stream=(i == 1))["choices"][0]["text"]
+                     for i, prompt in enumerate(PROMPTS)]
+        finally:
             srv.shutdown()
             srv.server_close()
-        E.stop(p)
-        E.stop(d)
-    logs = [(tmp / f"{name}-{r}.log").read_text(errors="replace") for r in "pd"]
-    return texts, load_spans(traces), logs
+        time.sleep(1.5)  # one export interval, so nothing waits for the exit flush alone
+        return texts
+
+    def results(self) -> tuple[list[dict], list[str]]:
+        """Spans and logs, once the servers have stopped (exit flush, summary line)."""
+        logs = [self.log(side).read_text(errors="replace") for side in "pd"]
+        return load_spans(self.traces), logs
 
 
 @pytest.fixture(scope="module")
-def nixl_run(tmp_path_factory, tiny_model):
-    pytest.importorskip("nixl")
-    tmp = tmp_path_factory.mktemp("nixl")
-    return run_pair(tmp, tiny_model, {"kv_connector": "NixlConnector",
-                                      "kv_buffer_device": "cpu"}, "nixl")
+def engines(tmp_path_factory, tiny_model):
+    """Every engine of this module, started together so their start-ups overlap.
 
-
-@pytest.fixture(scope="module")
-def example_run(tmp_path_factory, tiny_model, nixl_run):
-    tmp = tmp_path_factory.mktemp("example")
+    The NIXL pair, the ExampleConnector pair (its own storage dir) and one plain engine
+    without probes or connector (the token baseline) all start at once, are used one after
+    the other, and stop together: one start-up wait instead of three. Start-up is mostly
+    importing vLLM into each Python process, so the engines differ in topology: the NIXL
+    pair runs vLLM's CPU default (frontend, EngineCore, worker: three probed processes
+    each); the ExampleConnector pair and the baseline run the model runner inside the
+    EngineCore (the one-GPU default), two processes each. Both topologies get covered.
+    """
+    tmp = tmp_path_factory.mktemp("pd")
     storage = tmp / "kv-files"
-    cfg = {"kv_connector": "ExampleConnector",
-           "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
-    texts, spans, logs = run_pair(tmp, tiny_model, cfg, "example")
-    return texts, spans, logs, storage
+    example_cfg = {"kv_connector": "ExampleConnector",
+                   "kv_connector_extra_config": {"shared_storage_path": str(storage)}}
+    pairs: dict[str, Pair] = {}
+    plain = None
+    plain_port = E.free_port()
+    out: dict = {"storage": storage}
+    try:
+        if importlib.util.find_spec("nixl") is not None:
+            pairs["nixl"] = Pair(tmp, tiny_model, {"kv_connector": "NixlConnector",
+                                                   "kv_buffer_device": "cpu"}, "nixl")
+        pairs["example"] = Pair(tmp, tiny_model, example_cfg, "example", worker_in_core=True)
+        plain = E.start_server(tiny_model, plain_port, 1, None, tmp / "plain.log",
+                               worker_in_core=True)
+        for pair in pairs.values():
+            pair.wait_ready()
+        E.wait_ready(plain, plain_port, tmp / "plain.log")
+        for name, pair in pairs.items():
+            out[name + "_texts"] = pair.exercise()
+        out["baseline"] = [E.complete(plain_port, p, MAX_TOKENS, f"plain-{i}")
+                           ["choices"][0]["text"] for i, p in enumerate(PROMPTS)]
+    finally:
+        E.stop_all([p for pair in pairs.values() for p in pair.procs]
+                   + ([plain] if plain is not None else []))
+    for name, pair in pairs.items():
+        out[name + "_spans"], out[name + "_logs"] = pair.results()
+    return out
 
 
 @pytest.fixture(scope="module")
-def baseline_texts(tmp_path_factory, tiny_model, example_run):
+def nixl_run(engines):
+    if "nixl_texts" not in engines:
+        pytest.skip("nixl is not installed")
+    return engines["nixl_texts"], engines["nixl_spans"], engines["nixl_logs"]
+
+
+@pytest.fixture(scope="module")
+def example_run(engines):
+    return (engines["example_texts"], engines["example_spans"], engines["example_logs"],
+            engines["storage"])
+
+
+@pytest.fixture(scope="module")
+def baseline_texts(engines):
     """The same prompts on one plain engine: no probes, no connector."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    port = E.free_port()
-    proc = E.start_server(tiny_model, port, 0, None, tmp / "plain.log")
-    try:
-        E.wait_ready(proc, port, tmp / "plain.log")
-        return [E.complete(port, p, MAX_TOKENS, f"plain-{i}")["choices"][0]["text"]
-                for i, p in enumerate(PROMPTS)]
-    finally:
-        E.stop(proc)
+    return engines["baseline"]
 
 
 def by_trace(spans):
