@@ -24,9 +24,45 @@ class ShouldCost:
     links: list[dict] = field(default_factory=list)
     source: str = ""
 
+    @property
+    def steady_gbps(self) -> float | None:
+        """End-to-end GB/s of the measured transfers (setup excluded): the "total" step's
+        rate when reported, else its bytes over its median time."""
+        total = self.steps.get("total", {})
+        rate = total.get("gbps")
+        if rate is None and total.get("bytes") and total.get("median_ms"):
+            rate = total["bytes"] / (total["median_ms"] / 1e3) / 1e9
+        if rate is None and self.kv_bytes and self.total_ms > 0:
+            rate = self.kv_bytes / (self.total_ms / 1e3) / 1e9
+        return float(rate) if rate and not math.isnan(rate) and rate > 0 else None
+
+    def against(self, traced_bytes: float | None, traced_ms: float | None) -> dict:
+        """How the traced transfer compares with the microbench, without comparing
+        milliseconds across different byte counts: when the geometries differ the
+        microbench's steady-state GB/s is scaled to the traced bytes (an estimate that
+        ignores any fixed per-transfer cost)."""
+        out: dict[str, Any] = {
+            "microbench_bytes": self.kv_bytes, "traced_bytes": traced_bytes,
+            "traced_ms": traced_ms, "steady_gbps": self.steady_gbps,
+            "same_geometry": None, "expected_ms": None, "basis": None, "ratio": None}
+        if self.kv_bytes and traced_bytes:
+            same = abs(self.kv_bytes - traced_bytes) <= 0.01 * max(self.kv_bytes, traced_bytes)
+            out["same_geometry"] = same
+            if same:
+                out["expected_ms"], out["basis"] = self.total_ms, "measured"
+            elif self.steady_gbps:
+                out["expected_ms"] = traced_bytes / (self.steady_gbps * 1e9) * 1e3
+                out["basis"] = "scaled estimate"
+        elif not self.kv_bytes and not traced_bytes:
+            out["expected_ms"], out["basis"] = self.total_ms, "measured (byte counts unknown)"
+        if out["expected_ms"] and traced_ms is not None and not math.isnan(traced_ms):
+            out["ratio"] = traced_ms / out["expected_ms"]
+        return out
+
     def to_dict(self) -> dict:
         return {"steps": self.steps, "total_ms": self.total_ms, "kv_bytes": self.kv_bytes,
-                "environment": self.environment, "links": self.links, "source": self.source}
+                "steady_gbps": self.steady_gbps, "environment": self.environment,
+                "links": self.links, "source": self.source}
 
 
 def load_microbench(path: str | Path) -> ShouldCost:

@@ -27,10 +27,42 @@ ol.verdict li{margin-bottom:.6rem}code{background:#f3f5f7;padding:0 .2rem}
 """
 
 
+class Sig(float):
+    """A number shown with significant digits (rates, ratios): 0.0213 GB/s, not 0.0."""
+
+
+def fmt_sig(value: Any, sig: int = 3) -> str:
+    """``value`` with ``sig`` significant digits and no exponent; missing -> "no data"."""
+    if value is None or isinstance(value, bool):
+        return NO_DATA
+    v = float(value)
+    if math.isnan(v) or math.isinf(v):
+        return NO_DATA
+    if v == 0:
+        return "0"
+    if abs(v) >= 10 ** sig:
+        return f"{v:,.0f}"
+    decimals = max(0, sig - 1 - math.floor(math.log10(abs(v))))
+    return f"{v:.{decimals}f}"
+
+
+def sig(value: Any) -> Sig | None:
+    """Mark a table cell for significant-digit formatting (None and NaN stay "no data")."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else Sig(v)
+
+
 def fmt(value: Any, digits: int = 1) -> str:
     """A table cell: numbers rounded, missing values as "no data" (never 0 or -1)."""
     if value is None:
         return NO_DATA
+    if isinstance(value, Sig):
+        return fmt_sig(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -44,16 +76,24 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+             empty: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table; with no rows, the ``empty`` sentence instead."""
+    rows = list(rows)
+    if not rows:
+        return empty or "No rows."
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         lines.append("| " + " | ".join(fmt(c).replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines)
 
 
-def html_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """An HTML table; text cells align left, numbers right."""
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+               empty: str | None = None) -> str:
+    """An HTML table (text cells left, numbers right); with no rows, the ``empty`` sentence."""
+    rows = list(rows)
+    if not rows:
+        return f'<p class="note">{html.escape(empty or "No rows.")}</p>'
     heads = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     out = ['<div class="scroll"><table><thead><tr>' + heads
            + "</tr></thead><tbody>"]

@@ -27,6 +27,7 @@ from kvprof.analysis.render import (
     html_page,
     html_table,
     md_table,
+    sig,
 )
 from kvprof.errors import UsageError
 
@@ -79,7 +80,7 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
     from kvprof.analysis.aiperf import load_aiperf_records
     from kvprof.analysis.links import link_timeline, transfer_links
     from kvprof.analysis.traces import load_spans, require_kvprof_spans
-    from kvprof.analysis.verdict import rank_causes
+    from kvprof.analysis.verdict import rank_causes, should_cost_line, traced_transfer
 
     spans_load = load_spans(inputs.traces, inputs.service, inputs.lookback)
     require_kvprof_spans(spans_load, inputs.traces)
@@ -156,6 +157,9 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
 
         data["nixl_metrics"] = nixl_summary(parse_nixl_prometheus(inputs.vllm_metrics))
     data["verdict"] = rank_causes(req, links, should)
+    if should is not None:
+        data["should_cost"]["against_traces"] = should.against(*traced_transfer(done))
+        data["should_cost"]["summary"] = should_cost_line(should, done)
     cols = ["key", "trace_id", "pair", "first_contact", "prefill_pod", "decode_pod",
             "prefill_node", "decode_node", "kv_path", "kv_bytes", *STACKED_PHASES,
             sc.SPAN_KV_HOLD, "stacked_ms", "ttft_ms", "ttft_source", "unaccounted_ms",
@@ -170,6 +174,18 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
     if len(done) and with_plots:
         figures["ttft_by_pair"] = plots.ttft_by_pair(req)
     return Report(data=data, plots=figures)
+
+
+def _steady_handshake(pair: dict):
+    """Later requests without a handshake span paid none (the first one shows it is traced)."""
+    if pair["steady_handshake_ms"] is None and pair["first_handshake_ms"] is not None \
+            and pair["requests"] > 1:
+        return "none"
+    return pair["steady_handshake_ms"]
+
+
+def _size(n) -> str:
+    return "unknown bytes" if n is None else f"{int(n):,} bytes"
 
 
 def _links_data(links) -> dict:
@@ -194,7 +210,8 @@ def _links_data(links) -> dict:
 # --- rendering -----------------------------------------------------------------------------
 
 def _verdict_lines(data: dict) -> list[tuple[dict, str]]:
-    return [(c, f"{c['label']} ({c['cause']}): {fmt(c['mean_ms'])} ms per request, "
+    return [(c, f"{c['label']} ({c['cause']}): "
+                f"{c.get('headline') or fmt(c['mean_ms']) + ' ms per request'}, "
                 f"{100 * c['share']:.0f}% of the overhead"
                 + (" — estimate" if c["estimate"] else ""))
             for c in data["verdict"]]
@@ -221,8 +238,9 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
                    "steady TTFT ms (median)", "steady handshake ms", "steady transfer ms",
                    "transfer GB/s"],
                   [[p["pair"], p["requests"], p["path"], p["first_ttft_ms"],
-                    p["first_handshake_ms"], p["steady_ttft_ms"], p["steady_handshake_ms"],
-                    p["steady_transfer_ms"], p["median_transfer_gbps"]] for p in data["pairs"]])
+                    p["first_handshake_ms"], p["steady_ttft_ms"], _steady_handshake(p),
+                    p["steady_transfer_ms"], sig(p["median_transfer_gbps"])]
+                   for p in data["pairs"]])
     skew = data["skew"]
     t["skew"] = (["clock (node/host)", "offset applied ms"],
                  [[k, v] for k, v in skew["offsets_ms"].items()])
@@ -236,17 +254,28 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
                        "achieved GB/s (kv.bytes)", "link GB/s (counters)", "link rate GB/s",
                        "% of rate", "rate from", "kv.path mismatches"],
                       [[b["path"], b["transfers"], ", ".join(b["entities"]) or NO_DATA,
-                        b["median_transfer_ms"], b["median_achieved_gbps"],
-                        b["median_link_gbps"], b["link_rate_gbps"],
-                        b["median_pct_of_link_rate"], b["rate_source"] or NO_DATA,
+                        b["median_transfer_ms"], sig(b["median_achieved_gbps"]),
+                        sig(b["median_link_gbps"]), sig(b["link_rate_gbps"]),
+                        sig(b["median_pct_of_link_rate"]), b["rate_source"] or NO_DATA,
                         b["path_mismatches"]] for b in data["links"]["by_path"]])
     if "should_cost" in data:
         sc_ = data["should_cost"]
-        t["should_cost"] = (["microbench step", "median ms", "p10 ms", "p90 ms", "GB/s"],
-                            [[n, s.get("median_ms"), s.get("p10_ms"), s.get("p90_ms"),
-                              s.get("gbps")] for n, s in sc_["steps"].items()]
-                            + [["total (what one transfer should cost)", sc_["total_ms"],
-                                None, None, None]])
+        cmp = sc_.get("against_traces") or {}
+        differs = cmp.get("same_geometry") is False
+        rows = [[n, s.get("median_ms"), s.get("p10_ms"), s.get("p90_ms"), sig(s.get("gbps"))]
+                for n, s in sc_["steps"].items() if not (differs and n == "total")]
+        if differs:
+            total = sc_["steps"].get("total", {})
+            rows.append([f"total for the microbench's {_size(sc_['kv_bytes'])}",
+                         sc_["total_ms"], total.get("p10_ms"), total.get("p90_ms"),
+                         sig(sc_.get("steady_gbps"))])
+            if cmp.get("basis") == "scaled estimate":
+                rows.append([f"scaled estimate for the traced {_size(cmp['traced_bytes'])}",
+                             sig(cmp["expected_ms"]), None, None, sig(sc_.get("steady_gbps"))])
+        else:
+            rows.append(["total (what one transfer should cost)", sc_["total_ms"], None,
+                         None, sig(sc_.get("steady_gbps"))])
+        t["should_cost"] = (["microbench step", "median ms", "p10 ms", "p90 ms", "GB/s"], rows)
     if data.get("vllm_kv_transfer_log"):
         rows = data["vllm_kv_transfer_log"]
         t["kv_log"] = (list(rows[0].keys()), [list(r.values()) for r in rows])
@@ -260,6 +289,18 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
     skipped = inputs["traces"]["skipped"] + inputs.get("samples", {}).get("skipped", [])
     t["skipped"] = (["skipped file", "why"], [[s["file"], s["why"]] for s in skipped])
     return t
+
+
+def _empty_sentences(d: dict) -> dict[str, str]:
+    """What to say instead of a table with no rows."""
+    clocks = list(d["skew"].get("offsets_ms", {}))
+    return {
+        "skew": "No clock offsets: the spans carry no node or host to tell clocks apart.",
+        "skew_pairs": (f"Only one clock ({clocks[0]}): no pair of clocks to bound, "
+                       "nothing to correct." if len(clocks) == 1 else
+                       "No span crossed between clocks, so no offset between them is bounded."),
+        "links": "No transfer window matched the collector samples.",
+    }
 
 
 def render_markdown(report: Report) -> str:
@@ -286,9 +327,12 @@ def render_markdown(report: Report) -> str:
                 ("vLLM KV Transfer metrics log lines", "kv_log"),
                 ("vllm:nixl_* metrics", "nixl"), ("Placement records", "placement"),
                 ("Skipped inputs", "skipped")]
+    empty = _empty_sentences(d)
     for title, key in sections:
-        if key in t and t[key][1]:
-            out += ["", f"## {title}", "", md_table(*t[key])]
+        if key in t and (t[key][1] or key in empty):
+            out += ["", f"## {title}", "", md_table(*t[key], empty=empty.get(key))]
+            if key == "should_cost" and d["should_cost"].get("summary"):
+                out += ["", d["should_cost"]["summary"]]
     sk = d["skew"]
     out += ["", f"Residual causal violations after skew correction: "
             f"{sk['residual_violations']} (before: {sk['violations_before_correction']}); "
@@ -332,14 +376,16 @@ def render_html(report: Report) -> str:
     block = html_img(p["ttft_by_pair"], "TTFT per pair") if "ttft_by_pair" in p else ""
     sections.append(("First contact vs steady state per pair", block + html_table(*t["pairs"])))
     sk = d["skew"]
-    sections.append(("Clock skew", html_table(*t["skew"]) + html_table(*t["skew_pairs"])
+    empty = _empty_sentences(d)
+    sections.append(("Clock skew", html_table(*t["skew"], empty=empty["skew"])
+                     + html_table(*t["skew_pairs"], empty=empty["skew_pairs"])
                      + f"<p>Residual causal violations after correction: "
                      f"<b>{sk['residual_violations']}</b> (before: "
                      f"{sk['violations_before_correction']}; worst "
                      f"{esc(fmt(sk['worst_residual_ms']))} ms). Reference clock: "
                      f"{esc(sk['reference_clock'])}.</p>"))
     if "links" in t:
-        block = html_table(*t["links"])
+        block = html_table(*t["links"], empty=empty["links"])
         if "transfer_rates" in p:
             block += html_img(p["transfer_rates"], "transfer GB/s vs link rate")
         if "link_timeline" in p:
@@ -352,7 +398,9 @@ def render_html(report: Report) -> str:
     if "should_cost" in t:
         sections.append(("What this transfer should cost",
                          "<p class=\"estimate\">Estimate: measured by kvprof microbench, not "
-                         "in these traces.</p>" + html_table(*t["should_cost"])))
+                         "in these traces.</p>" + html_table(*t["should_cost"])
+                         + (f"<p>{esc(d['should_cost']['summary'])}</p>"
+                            if d["should_cost"].get("summary") else "")))
     for title, key in (("vLLM KV Transfer metrics log lines", "kv_log"),
                        ("vllm:nixl_* metrics", "nixl"), ("Placement records", "placement")):
         if key in t:
@@ -371,7 +419,8 @@ def write_report(report: Report, out: Path, fmt_name: str) -> Path:
     """Write the report in one format; the parent folder is created."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt_name == "json":
-        text = json.dumps(report.data, indent=1, default=str)
+        # NaN is not JSON: a missing number is null, as everywhere else in the report.
+        text = json.dumps(_no_nan(report.data), indent=1, default=str, allow_nan=False)
     elif fmt_name == "md":
         text = render_markdown(report)
     else:
@@ -380,6 +429,16 @@ def write_report(report: Report, out: Path, fmt_name: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,

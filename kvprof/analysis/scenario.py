@@ -56,7 +56,8 @@ class ScenarioSpec:
     serialize_ms: float = 2.0
     handover_ms: float = 20.0
     first_handshake_ms: float = 300.0
-    steady_handshake_ms: float = 0.5
+    steady_handshake_ms: float = 0.5  # 0: later requests record no handshake span at all
+    kv_bytes: int = KV_BYTES  # kv.bytes of every transfer (the microbench JSON keeps KV_BYTES)
     ib_transfer_ms: float = 20.0
     tcp_transfer_ms: float = 420.0
     tcp_pair: tuple[int, int] = (1, 3)
@@ -190,9 +191,9 @@ def write_scenario(root: str | Path, spec: ScenarioSpec | None = None, samples: 
         p.span(tid, sid(), root_id, sc.SPAN_PREFILL_QUEUE, t, q_end, common)
         p.span(tid, sid(), root_id, sc.SPAN_PREFILL_COMPUTE, q_end, c_end, common)
         p.span(tid, sid(), root_id, sc.SPAN_KV_SERIALIZE, c_end, s_end,
-               {**common, sc.ATTR_KV_BYTES: KV_BYTES, sc.ATTR_KV_BLOCKS: KV_BLOCKS})
+               {**common, sc.ATTR_KV_BYTES: spec.kv_bytes, sc.ATTR_KV_BLOCKS: KV_BLOCKS})
         p.span(tid, sid(), root_id, sc.SPAN_KV_HOLD, s_end, hold_end,
-               {**common, sc.ATTR_KV_BYTES: KV_BYTES})
+               {**common, sc.ATTR_KV_BYTES: spec.kv_bytes})
         broken = k >= spec.requests - spec.broken_traceparent
         d_tid = f"{k + 1:016x}{'d' * 16}" if broken else tid
         d_root = sid()
@@ -200,10 +201,11 @@ def write_scenario(root: str | Path, spec: ScenarioSpec | None = None, samples: 
         dshift = skew  # the decode node's clock reads true time + skew
         d.span(d_tid, d_root, "" if broken else root_id, sc.SPAN_DECODE, d_start + dshift,
                ft_end + dshift, {**common, **remote})
-        d.span(d_tid, sid(), d_root, sc.SPAN_KV_HANDSHAKE, d_start + dshift, h_end + dshift,
-               {**common, **remote})
+        if h_end > d_start:
+            d.span(d_tid, sid(), d_root, sc.SPAN_KV_HANDSHAKE, d_start + dshift,
+                   h_end + dshift, {**common, **remote})
         d.span(d_tid, sid(), d_root, sc.SPAN_KV_TRANSFER, h_end + dshift, x_end + dshift, {
-            **common, **remote, sc.ATTR_KV_BYTES: KV_BYTES, sc.ATTR_KV_BLOCKS: KV_BLOCKS,
+            **common, **remote, sc.ATTR_KV_BYTES: spec.kv_bytes, sc.ATTR_KV_BLOCKS: KV_BLOCKS,
             sc.ATTR_KV_DESCRIPTORS: KV_DESCRIPTORS, sc.ATTR_KV_CONNECTOR: "NixlConnector",
             sc.ATTR_KV_PATH: path})
         d.span(d_tid, sid(), d_root, sc.SPAN_KV_DESERIALIZE, x_end + dshift, z_end + dshift,
@@ -283,7 +285,7 @@ def _write_samples(out: Path, spec: ScenarioSpec, windows: list[tuple[int, int, 
     nic = np.zeros(len(grid))
     for w0, w1, path in windows:
         # Bytes flow uniformly through the window: the counter ramps linearly.
-        frac = np.clip((grid - w0) / (w1 - w0), 0.0, 1.0) * KV_BYTES
+        frac = np.clip((grid - w0) / (w1 - w0), 0.0, 1.0) * spec.kv_bytes
         if path == "tcp":
             nic += frac
         else:

@@ -121,7 +121,10 @@ def test_verdict_ranks_transfer_then_handshake_then_handover(bd):
     assert causes[0]["share"] == pytest.approx(120.0 / overhead)
     text = " ".join(causes[0]["evidence"])
     assert "tcp: 6 transfers" in text and "prefill-1 -> decode-3" in text
-    assert "4 first-contact requests" in " ".join(causes[1]["evidence"])
+    hs = causes[1]["evidence"]
+    assert hs[0].startswith("the first request of each pair paid median 300.0 ms (4 requests")
+    assert "20 of the 20 later requests paid one too, median 0.5 ms" in hs[1]
+    assert causes[1]["headline"].startswith("300.0 ms on the first request per")
     assert not causes[2]["estimate"]  # TTFT from aiperf by request id: measured
 
 
