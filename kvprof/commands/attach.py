@@ -37,6 +37,13 @@ def register(app: typer.Typer) -> None:
     """Add `attach` to the app; it takes the wrapped command's arguments verbatim."""
     app.command(
         "attach",
+        options_metavar="[OPTIONS] -- COMMAND [ARGS]...  |  --pid PID [OPTIONS]",
+        epilog=(
+            "Examples: kvprof attach --exporter file --output out/traces -- python -m "
+            "vllm.entrypoints.openai.api_server --model M ...;  "
+            "kvprof attach --exporter otlp --endpoint http://127.0.0.1:4318 -- python -m "
+            "dynamo.vllm ...;  kvprof attach --pid 1234 --duration 20"
+        ),
         context_settings={
             "allow_extra_args": True,
             "ignore_unknown_options": True,
