@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,12 @@ MICROBENCH_ARGS = ["--tokens", "4000", "--model", "qwen3-32b", "--kv-dtype", "fp
 
 class DemoStepError(KvprofError):
     """A demo step's command failed; its Error/Hint lines and log are carried along."""
+
+
+# What one full run writes under out/ (everything but the model cache).
+RUN_OUTPUTS = ("traces", "samples", "aiperf", "logs", "compare", "report.html", "report.md",
+               "report.json", "audit.md", "microbench.json", "microbench-tiny.json",
+               "demo-run.json")
 
 
 @dataclass
@@ -468,9 +475,23 @@ class Demo:
                 ("kvprof compare: aggregated vs disaggregated", self.compare),
                 ("kvprof audit: the seed's placement", self.audit)]
 
+    def clear_previous_run(self) -> None:
+        """Remove what an earlier full run left, so the report reads this run's data only.
+
+        Traces, samples and aiperf records accumulate file by file; mixing runs would show an
+        old run's handshake as this run's. The built model is a cache and stays.
+        """
+        for name in RUN_OUTPUTS:
+            path = self.cfg.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
     def run(self) -> int:
         if self.cfg.mode == "full":  # quick mode must find the folder, never create it
             self.cfg.out.mkdir(parents=True, exist_ok=True)
+            self.clear_previous_run()
         self.pm.install_cleanup()
         start = time.monotonic()
         steps = self.plan_steps()

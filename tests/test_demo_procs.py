@@ -199,3 +199,19 @@ def test_signal_to_the_driver_stops_everything(tmp_path: Path, sig: int) -> None
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(grandchild), "Ctrl-C / SIGTERM left the engine running"
+
+
+def test_full_run_starts_from_clean_outputs_but_keeps_the_model(tmp_path: Path) -> None:
+    """An earlier run's traces must not leak into this run's report (e.g. its handshake)."""
+    from demo.run_demo import RUN_OUTPUTS, Console, Demo, DemoConfig
+
+    out = tmp_path / "out"
+    stale = out / "traces" / "disagg" / "kvprof-vllm-decode-vm-1-0000.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}\n")
+    (out / "report.json").write_text("{}")
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("{}")
+    Demo(DemoConfig(out=out), Console()).clear_previous_run()
+    assert not any((out / name).exists() for name in RUN_OUTPUTS)
+    assert (out / "model" / "config.json").read_text() == "{}"
