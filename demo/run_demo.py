@@ -423,6 +423,8 @@ class Demo:
                 "--microbench", str(self.report_microbench())]
         if list(self.cfg.samples.glob("**/*.parquet")):
             base += ["--samples", str(self.cfg.samples)]
+        for log in nixl_worker_logs(self.cfg.logs):
+            base += ["--vllm-log", str(log)]
         lines = []
         for fmt in ("html", "md", "json"):
             out = self.cfg.out / f"report.{fmt}"
@@ -516,6 +518,21 @@ class Demo:
         for name, value in hl.lines():
             rich.print(f"  {name + ':':32s} {value}", markup=False)
         rich.print(f"Open {self.cfg.out / 'report.html'} in a browser for the breakdown.")
+
+
+# What makes an engine log worth handing to the report: NIXL's transfer metrics (decode side)
+# and its KV lease expiries (prefill side).
+NIXL_LOG_MARKERS = ("KV Transfer metrics", "Releasing expired KV blocks")
+
+
+def nixl_worker_logs(logs: Path) -> list[Path]:
+    """The disaggregated engines' logs that hold NIXL lines the report can use."""
+    found = []
+    for log in sorted(logs.glob("vllm-*.log")):
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if any(marker in text for marker in NIXL_LOG_MARKERS):
+            found.append(log)
+    return found
 
 
 def _dist_version(exe: Path, dist: str) -> str:

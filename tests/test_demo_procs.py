@@ -215,3 +215,14 @@ def test_full_run_starts_from_clean_outputs_but_keeps_the_model(tmp_path: Path) 
     Demo(DemoConfig(out=out), Console()).clear_previous_run()
     assert not any((out / name).exists() for name in RUN_OUTPUTS)
     assert (out / "model" / "config.json").read_text() == "{}"
+
+
+def test_report_gets_only_engine_logs_with_nixl_lines(tmp_path: Path) -> None:
+    from demo.run_demo import nixl_worker_logs
+
+    (tmp_path / "vllm-decode.log").write_text("INFO KV Transfer metrics: Num transfers=1\n")
+    (tmp_path / "vllm-prefill.log").write_text(
+        "WARNING Releasing expired KV blocks for request r1 which were retrieved by 0 remote\n")
+    (tmp_path / "vllm-agg.log").write_text("INFO plain engine\n")
+    (tmp_path / "router.log").write_text("KV Transfer metrics\n")
+    assert [p.name for p in nixl_worker_logs(tmp_path)] == ["vllm-decode.log", "vllm-prefill.log"]

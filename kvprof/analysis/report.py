@@ -29,7 +29,7 @@ from kvprof.analysis.render import (
     md_table,
     sig,
 )
-from kvprof.errors import UsageError
+from kvprof.errors import BadInputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ReportInputs:
     aiperf: Path | None = None
     microbench: Path | None = None
     placement: Path | None = None
-    vllm_log: Path | None = None
+    vllm_log: Path | list[Path] | None = None
     vllm_metrics: Path | None = None
     service: str | None = None
     lookback: str = "1h"
@@ -148,10 +148,7 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
         pl = placement_records(load_samples(inputs.placement).samples)
         data["placement"] = _records(pl, list(pl.columns))
     if inputs.vllm_log:
-        from kvprof.analysis.vllm_metrics import parse_kv_transfer_log
-
-        kv_log = parse_kv_transfer_log(inputs.vllm_log)
-        data["vllm_kv_transfer_log"] = _records(kv_log, list(kv_log.columns))
+        _add_vllm_logs(data, inputs.vllm_log)
     if inputs.vllm_metrics:
         from kvprof.analysis.vllm_metrics import nixl_summary, parse_nixl_prometheus
 
@@ -441,9 +438,42 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
+def _add_vllm_logs(data: dict[str, Any], logs: Path | list[Path]) -> None:
+    """Transfer-metrics lines (decode logs) and KV lease expiries (prefill logs) into the report."""
+    import pandas as pd
+
+    from kvprof.analysis.vllm_metrics import parse_kv_transfer_log, parse_lease_expiries
+
+    paths = [logs] if isinstance(logs, (str, Path)) else list(logs)
+    metrics = [parse_kv_transfer_log(p, required=False) for p in paths]
+    expiries = [parse_lease_expiries(p) for p in paths]
+    if not any(len(m) for m in metrics) and not any(len(e) for e in expiries):
+        raise BadInputError(
+            "no \"KV Transfer metrics\" or KV lease-expiry lines in "
+            + ", ".join(str(p) for p in paths),
+            hint="Pass the logs of vLLM workers using the NIXL connector (decode logs carry the "
+            "transfer metrics, prefill logs the lease expiries).",
+        )
+    kv_log = pd.concat([m for m in metrics if len(m)] or metrics[:1], ignore_index=True)
+    data["vllm_kv_transfer_log"] = _records(kv_log, list(kv_log.columns))
+    leases = pd.concat(expiries, ignore_index=True)
+    data["vllm_lease_expiries"] = _records(leases, list(leases.columns))
+    unretrieved = leases[leases["retrieved_by"] == 0]
+    if len(unretrieved):
+        ids = ", ".join(unretrieved["request_id"].head(5))
+        data["notes"].append(
+            f"vLLM log: the prefill side released the KV of {len(unretrieved)} request(s) when "
+            f"its NIXL send lease expired, retrieved by 0 decode workers ({ids}"
+            f"{', ...' if len(unretrieved) > 5 else ''}): their decode side never pulled that KV "
+            "in time, so their kv.hold ends at the lease and their transfer spans do not show "
+            "a completed pull."
+        )
+
+
 def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,
                        microbench: Path | None, placement: Path | None, service: str | None,
-                       lookback: str, out: Path, fmt: str, vllm_log: Path | None = None,
+                       lookback: str, out: Path, fmt: str,
+                       vllm_log: Path | list[Path] | None = None,
                        vllm_metrics: Path | None = None) -> str:
     """The body of `kvprof report`; returns the one-line summary the CLI prints."""
     fmt_name = fmt.lower()

@@ -1,4 +1,4 @@
-"""Parse vLLM's "KV Transfer metrics" log lines and vllm:nixl_* Prometheus samples."""
+"""Parse vLLM's NIXL log lines (transfer metrics, KV lease expiries) and vllm:nixl_* samples."""
 
 from __future__ import annotations
 
@@ -26,15 +26,45 @@ _FIELDS = {
 }
 
 
-def parse_kv_transfer_log(path: str | Path) -> pd.DataFrame:
-    """One row per "KV Transfer metrics" line of a vLLM log (other lines ignored)."""
+# The prefill side's NIXL worker frees a request's KV blocks when its send lease
+# (kv_lease_duration, 30 s by default) runs out before every decode worker pulled them: that
+# request's decode side waited or recomputed, whatever its transfer span says.
+_LEASE_EXPIRY = re.compile(
+    r"Releasing expired KV blocks for request (?P<request_id>\S+) which were retrieved by "
+    r"(?P<retrieved_by>\d+) remote worker"
+)
+
+
+def _read_log(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise BadInputError(f"cannot read vLLM log {p}: {exc.strerror}") from None
+
+
+def parse_lease_expiries(path: str | Path) -> pd.DataFrame:
+    """One row per NIXL KV-lease expiry line of a (prefill) vLLM log; empty if there are none."""
     import pandas as pd
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise BadInputError(f"cannot read vLLM log {p}: {exc.strerror}") from None
+    rows = [
+        {"line": lineno, "request_id": m.group("request_id"),
+         "retrieved_by": int(m.group("retrieved_by"))}
+        for lineno, line in enumerate(_read_log(p).splitlines(), start=1)
+        if (m := _LEASE_EXPIRY.search(line))
+    ]
+    return pd.DataFrame(rows, columns=["line", "request_id", "retrieved_by"])
+
+
+def parse_kv_transfer_log(path: str | Path, required: bool = True) -> pd.DataFrame:
+    """One row per "KV Transfer metrics" line of a vLLM log (other lines ignored).
+
+    With ``required`` a log without such lines is bad input; without it, an empty frame.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    text = _read_log(p)
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         match = _LINE.search(line)
@@ -46,7 +76,7 @@ def parse_kv_transfer_log(path: str | Path) -> pd.DataFrame:
             if col:
                 row[col] = float(field.group("value"))
         rows.append(row)
-    if not rows:
+    if not rows and required:
         raise BadInputError(f"{p} holds no \"KV Transfer metrics\" lines",
                             hint="Pass a log of a vLLM decode worker using the NIXL connector.")
     return pd.DataFrame(rows, columns=["line", *_FIELDS.values()])

@@ -20,8 +20,10 @@ def report(
     placement: Path | None = typer.Option(None, "--placement", help="Placement records dir."),
     service: str | None = typer.Option(None, "--service", help="With a Jaeger URL: service."),
     lookback: str = typer.Option("1h", "--lookback", help="With a Jaeger URL: time window."),
-    vllm_log: Path | None = typer.Option(
-        None, "--vllm-log", help="vLLM log with 'KV Transfer metrics' lines."
+    vllm_log: list[Path] = typer.Option(
+        [], "--vllm-log",
+        help="vLLM worker log (repeatable): 'KV Transfer metrics' lines (decode) and NIXL KV "
+        "lease expiries (prefill).",
     ),
     vllm_metrics: Path | None = typer.Option(
         None, "--vllm-metrics", help="Saved /metrics page with vllm:nixl_* samples."
@@ -37,7 +39,7 @@ def report(
     summary = run_report_command(
         traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
         placement=placement, service=service, lookback=lookback, out=out,
-        fmt="json" if json_out else fmt, vllm_log=vllm_log, vllm_metrics=vllm_metrics,
+        fmt="json" if json_out else fmt, vllm_log=vllm_log or None, vllm_metrics=vllm_metrics,
     )
     typer.echo(summary, err=True)
 

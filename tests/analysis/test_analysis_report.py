@@ -104,3 +104,32 @@ def test_report_lists_placement_records(golden, tmp_path):
                        with_plots=False)
     assert rep.data["placement"][0]["gpu_uuid"] == "GPU-1"
     assert rep.plots == {} and rep.data["summary"]["ttft_sources"] == {"spans (estimate)": 24}
+
+
+def test_lease_expiries_from_a_real_prefill_log_become_a_note(golden, tmp_path):
+    """A prefill log's NIXL lease expiries say which requests' KV was never pulled."""
+    from kvprof.analysis.vllm_metrics import parse_lease_expiries
+
+    log = FIXTURES / "vllm_prefill_lease_expiry.log"
+    leases = parse_lease_expiries(log)
+    assert list(leases["retrieved_by"]) == [0, 0, 0]
+    assert leases["request_id"].iloc[0] == "cmpl-c75c5d52-c7db-4cf6-8b55-bc2283b8de0a-0-af6ef720"
+    out = tmp_path / "r.json"
+    r = run_kvprof("report", "--traces", golden.traces, "--vllm-log", log,
+                   "--vllm-log", FIXTURES / "kv_transfer_log_lines.txt", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert len(d["vllm_lease_expiries"]) == 3
+    assert len(d["vllm_kv_transfer_log"]) == 2
+    note = [n for n in d["notes"] if "lease expired" in n]
+    assert note and "3 request(s)" in note[0] and "cmpl-c75c5d52" in note[0]
+
+
+def test_log_without_nixl_lines_is_bad_input(golden, tmp_path):
+    log = tmp_path / "other.log"
+    log.write_text("INFO nothing about KV here\n")
+    r = run_kvprof("report", "--traces", golden.traces, "--vllm-log", log,
+                   "--out", tmp_path / "r.json", "--json")
+    assert r.returncode == 3
+    assert "Error: no \"KV Transfer metrics\" or KV lease-expiry lines" in r.stderr
+    assert "Hint:" in r.stderr and "Traceback" not in r.stderr
