@@ -1,4 +1,4 @@
-"""The demo's three closing numbers, computed from out/report.json (never typed in)."""
+"""The demo's closing lines, computed from out/report.json (never typed in)."""
 
 from __future__ import annotations
 
@@ -39,15 +39,21 @@ class Headline:
     unaccounted_mean_ms: float | None
     requests: int
     pairs: int
+    unaccounted_share: float | None = None
+    top_causes: tuple[str, ...] = ()  # the verdict's largest stages, in words
 
     def lines(self) -> list[tuple[str, str]]:
-        unacc = (NO_DATA if self.unaccounted_mean_ms is None
-                 else f"{self.unaccounted_mean_ms:.1f} ms per request (mean; TTFT minus every "
-                      "measured phase)")
-        return [
+        unacc = NO_DATA
+        if self.unaccounted_mean_ms is not None:
+            unacc = f"{self.unaccounted_mean_ms:.1f} ms per request (mean"
+            if self.unaccounted_share is not None:
+                unacc += f"; {100 * self.unaccounted_share:.1f}% of TTFT"
+            unacc += "; no leg covers it)"
+        out = [(f"Largest stage #{i}", text) for i, text in enumerate(self.top_causes, 1)]
+        return out + [
             ("First-request handshake share", self.first_handshake.text("kv.handshake")),
             ("Steady-state transfer share", self.steady_transfer.text("kv.transfer")),
-            ("Unaccounted hand-over time", unacc),
+            ("Unaccounted time", unacc),
         ]
 
 
@@ -78,12 +84,17 @@ def headline_from_report(report: dict) -> Headline:
     first = [r for r in rows if r.get("first_contact") is True]
     steady = [r for r in rows if r.get("first_contact") is False]
     summary = report.get("summary") or {}
+    causes = [c for c in report.get("verdict") or [] if isinstance(c, dict)
+              and c.get("cause") != "unaccounted" and c.get("headline")]
     return Headline(
         first_handshake=_share(first, sc.SPAN_KV_HANDSHAKE),
         steady_transfer=_share(steady, sc.SPAN_KV_TRANSFER),
         unaccounted_mean_ms=_num(summary.get("unaccounted_mean_ms")),
         requests=int(summary.get("requests") or len(rows)),
         pairs=int(summary.get("pairs") or 0),
+        unaccounted_share=_num(summary.get("unaccounted_share")),
+        top_causes=tuple(f"{c['headline']} ({100 * (_num(c.get('share')) or 0):.0f}% of TTFT)"
+                         for c in causes[:3]),
     )
 
 

@@ -1,14 +1,22 @@
-"""Start the demo's background processes in their own process groups and always stop them."""
+"""Start the demo's background processes in their own process groups and always stop them.
+
+A watchdog thread looks at every process a stage depends on (exited? still answering its
+/health?) and turns the first failure into a DemoProcessError the stage's waits raise, so a
+crashed engine ends the demo in seconds instead of leaving aiperf waiting on a timeout.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +31,45 @@ log = logging.getLogger("kvprof.demo.procs")
 # vLLM's API server forwards SIGTERM to its engine core and worker; 30 s covers a slow flush of
 # the probes' trace files on two busy cores before we stop asking politely.
 STOP_GRACE_S = 30.0
+# After a failure everything must be down within 30 s of it: a shorter, shared grace.
+FAILURE_GRACE_S = 12.0
+WATCH_INTERVAL_S = 1.0
+# An engine busy with a batch on 2 cores can be slow to answer /health; this long without a
+# 200 (and still running) is a hang.
+HEALTH_GRACE_S = 15.0
+# Lines of a log that say why a process died (kvprof attach's crash report first).
+_FATAL = re.compile(r"kvprof: .*died from|Fatal Python error|died unexpectedly|Error|"
+                    r"Traceback|Killed|Segmentation|Illegal instruction|SIG[A-Z]+", re.I)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the demo itself dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def exit_description(returncode: int | None) -> str:
+    """'exited with code 1', 'died from SIGILL' (also for a launcher's 128 + n)."""
+    if returncode is None:
+        return "is still running"
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    if number:
+        try:
+            return f"died from {signal.Signals(number).name}"
+        except ValueError:
+            pass
+    return f"exited with code {returncode}"
+
+
+def fatal_lines(path: Path, limit: int = 6) -> list[str]:
+    """The last lines of a log that say why its process died (kvprof's report first)."""
+    tail = log_tail(path, 200).splitlines()
+    ours = [ln for ln in tail if ln.startswith("kvprof: ") and "died from" in ln]
+    others = [ln for ln in tail if _FATAL.search(ln) and ln not in ours]
+    return (ours + others[-(limit - len(ours)):] if len(ours) < limit else ours)[:limit]
 
 
 class DemoProcessError(KvprofError):
@@ -45,7 +92,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a process is a key of the watchdog's tables
 class ManagedProcess:
     """One started command: its Popen, its log file and the session it leads."""
 
@@ -67,6 +114,17 @@ class ManagedProcess:
         return f"{self.name} exited with code {self.popen.returncode}" + (
             f"; last lines of {self.log_path}:\n{tail}" if tail else ""
         )
+
+    def failure(self, stage: str, what: str) -> DemoProcessError:
+        """The one-line error (and its fatal log lines) for this process failing a stage."""
+        lines = fatal_lines(self.log_path)
+        crash = next((ln.removeprefix("kvprof: ") for ln in lines if "died from" in ln), None)
+        head = f"{self.name} (pid {self.pid}) {what} during '{stage}'" + (
+            f"; {crash}" if crash else "")
+        body = "\n".join("    " + ln for ln in lines if ln.removeprefix("kvprof: ") != crash)
+        return DemoProcessError(head + ("\n" + body if body else ""),
+                                hint=f"See {self.log_path} (every process's log is in "
+                                     f"{self.log_path.parent}/).")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -117,6 +175,15 @@ class ProcessManager:
         self._procs: list[ManagedProcess] = []
         self._installed = False
         self._previous_handlers: dict[int, object] = {}
+        # Watchdog: process -> (health URL or None); the first failure is kept, raised by
+        # check() and every wait of the main thread.
+        self._watched: dict[ManagedProcess, str | None] = {}
+        self._last_ok: dict[ManagedProcess, float] = {}
+        self._watch_lock = threading.Lock()
+        self._watch_thread: threading.Thread | None = None
+        self._failed = threading.Event()
+        self.failure_error: DemoProcessError | None = None
+        self.stage = "start-up"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def install_cleanup(self) -> None:
@@ -160,7 +227,7 @@ class ProcessManager:
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
                 list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=full_env, cwd=cwd, start_new_session=True,
+                env=full_env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent,
             )
         proc = ManagedProcess(name=name, argv=list(argv), log_path=log_path, popen=popen)
         self._procs.append(proc)
@@ -170,10 +237,16 @@ class ProcessManager:
     def running(self) -> list[ManagedProcess]:
         return [p for p in self._procs if p.alive()]
 
-    def stop(self, proc: ManagedProcess, grace_s: float = STOP_GRACE_S) -> int | None:
-        """SIGTERM the process group, wait, then SIGKILL whatever is left; returns the code."""
-        pids = [proc.pid, *_descendants(proc.pid)]
-        if proc.alive():
+    def stop(self, proc: ManagedProcess, grace_s: float = STOP_GRACE_S,
+             terminate: bool = True, pids: list[int] | None = None) -> int | None:
+        """SIGTERM the process group, wait, then SIGKILL whatever is left; returns the code.
+
+        ``terminate=False``: the SIGTERM was already sent and ``pids`` (proc and its
+        descendants) listed before it (stop_all signals every group first).
+        """
+        self.unwatch(proc)
+        pids = pids or [proc.pid, *_descendants(proc.pid)]
+        if terminate and proc.alive():
             # Only the group we started: `kvprof attach` forwards the signal to the engine's
             # own group, and a second SIGTERM straight to vLLM would cut its flush short.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -201,20 +274,87 @@ class ProcessManager:
             self._procs.remove(proc)
         return proc.popen.returncode
 
-    def stop_all(self) -> None:
-        """Stop every process still owned, newest first (the router before its engines)."""
-        for proc in reversed(list(self._procs)):
+    def stop_all(self, grace_s: float | None = None) -> None:
+        """Stop every process still owned: SIGTERM to all groups at once, one shared grace,
+        then SIGKILL what is left (a slow engine does not hold up the others)."""
+        self.unwatch_all()
+        if grace_s is None:
+            grace_s = FAILURE_GRACE_S if self._failed.is_set() else STOP_GRACE_S
+        procs = list(reversed(self._procs))
+        if not procs:
+            return
+        # Descendants first: once a launcher dies, what it started is reparented out of reach.
+        trees = {proc: [proc.pid, *_descendants(proc.pid)] for proc in procs}
+        for proc in procs:
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
             try:
-                self.stop(proc)
+                self.stop(proc, grace_s=max(0.5, deadline - time.monotonic()), terminate=False,
+                          pids=trees[proc])
             except Exception:  # cleanup must reach every process even if one stop fails
                 log.exception("stopping %s failed", proc.name)
 
     def wait_exit(self, proc: ManagedProcess, timeout_s: float) -> int | None:
-        """Wait for proc to end by itself; None when it is still running at the deadline."""
-        try:
-            return proc.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
+        """Wait for proc to end by itself; None when it is still running at the deadline.
+
+        Raises the watchdog's failure as soon as another watched process fails.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check()
+            try:
+                return proc.popen.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    return None
+
+    # -- watchdog ------------------------------------------------------------------------------
+    def watch(self, proc: ManagedProcess, health_url: str | None = None) -> None:
+        """Fail the demo when proc exits, or stops answering health_url (200) for a while."""
+        with self._watch_lock:
+            self._watched[proc] = health_url
+            self._last_ok[proc] = time.monotonic()
+            if self._watch_thread is None or not self._watch_thread.is_alive():
+                self._watch_thread = threading.Thread(target=self._watch_loop, daemon=True,
+                                                      name="demo-watchdog")
+                self._watch_thread.start()
+
+    def unwatch(self, proc: ManagedProcess) -> None:
+        """Stop watching proc (before stopping it on purpose)."""
+        with self._watch_lock:
+            self._watched.pop(proc, None)
+
+    def unwatch_all(self) -> None:
+        with self._watch_lock:
+            self._watched.clear()
+
+    def check(self) -> None:
+        """Raise the watchdog's failure, if any (the main thread's waits call this)."""
+        if self.failure_error is not None:
+            raise self.failure_error
+
+    def _watch_loop(self) -> None:
+        while not self._failed.is_set():
+            with self._watch_lock:
+                watched = list(self._watched.items())
+            for proc, url in watched:
+                what = None
+                if not proc.alive():
+                    what = exit_description(proc.popen.returncode)
+                elif url is not None:
+                    if http_ok(url, timeout_s=3.0):
+                        self._last_ok[proc] = time.monotonic()
+                    elif time.monotonic() - self._last_ok[proc] > HEALTH_GRACE_S:
+                        what = f"stopped answering {url} for {HEALTH_GRACE_S:.0f} s"
+                if what is not None and proc in self._watched:
+                    self.failure_error = proc.failure(self.stage, what)
+                    self._failed.set()
+                    log.error("%s", self.failure_error.message.splitlines()[0])
+                    return
+            self._failed.wait(WATCH_INTERVAL_S)
 
     # -- readiness ---------------------------------------------------------------------------
     def wait_http_ok(
@@ -227,6 +367,7 @@ class ProcessManager:
         """Poll url until it answers 200; raise at once if proc dies. Returns seconds waited."""
         start = time.monotonic()
         while True:
+            self.check()
             if not proc.alive():
                 raise DemoProcessError(
                     proc.describe_death(),

@@ -5,6 +5,11 @@ max_tokens=1 and kv_transfer_params {"do_remote_decode": true}, then to the deco
 the kv_transfer_params the prefill server returned; the decode response (streamed or not) goes
 back to the client. X-Request-Id passes through to both servers, so both engines know the
 request by the same external id.
+
+It also records its own legs of each request with the OpenTelemetry SDK (router.request,
+router.prefill, router.decode, router.first_byte) and forwards a W3C traceparent to both
+engines, so their spans join the router's trace. ``--no-traceparent`` forwards X-Request-Id
+only, as vLLM's example proxies do (kvprof's analysis then joins by that id).
 """
 
 from __future__ import annotations
@@ -13,10 +18,20 @@ import argparse
 import http.client
 import json
 import logging
+import os
+import signal
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from time import time_ns
+from typing import Any
 from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from kvprof import semconv
 
 log = logging.getLogger("kvprof.demo.router")
 
@@ -25,6 +40,7 @@ PREFILL_PARAMS = {
     "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
     "remote_block_ids": None, "remote_host": None, "remote_port": None,
 }
+SERVICE_NAME = "pd-router"
 
 
 class Upstream:
@@ -33,9 +49,54 @@ class Upstream:
     def __init__(self, url: str):
         parts = urlsplit(url if "://" in url else f"http://{url}")
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.url = f"http://{self.host}:{self.port}"
 
     def connect(self, timeout: float = 600.0) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+
+class RouterTelemetry:
+    """The router's own tracer: OTel SDK spans to OTLP/JSON files or an OTLP endpoint.
+
+    A private TracerProvider (not the global one): tests run several routers in one process.
+    ``trace_dir`` None and no OTLP endpoint in the environment: spans are not recorded.
+    """
+
+    def __init__(self, trace_dir: Path | None = None, otlp: bool = False,
+                 propagate: bool = True) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        from kvprof.probes.export import build_exporter, default_prefix
+
+        self.propagate = propagate
+        self.propagator = TraceContextTextMapPropagator()
+        self.provider = TracerProvider(resource=Resource.create({
+            semconv.RES_SERVICE_NAME: SERVICE_NAME, semconv.ATTR_ROLE: semconv.ROLE_ROUTER,
+            semconv.RES_PROCESS_PID: os.getpid()}))
+        self.destination = None
+        if trace_dir is not None or otlp:
+            kind = "file" if trace_dir is not None else "otlp"
+            exporter, self.destination = build_exporter(
+                kind, str(trace_dir or ""), default_prefix(SERVICE_NAME), 64 << 20)
+            self.provider.add_span_processor(BatchSpanProcessor(
+                exporter, schedule_delay_millis=500))
+        self.tracer = self.provider.get_tracer("kvprof.demo.router")
+
+    def parent_from(self, headers: Any) -> Any:
+        """The caller's trace context (a traceparent header), if any."""
+        return self.propagator.extract({k.lower(): v for k, v in headers.items()})
+
+    def inject(self, span: Any, headers: dict) -> None:
+        """Put span's traceparent into an upstream request's headers (unless disabled)."""
+        if not self.propagate:
+            return
+        self.propagator.inject(headers, context=trace.set_span_in_context(span))
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
 
 
 def _post(up: Upstream, path: str, body: dict, headers: dict) -> tuple[int, dict | str]:
@@ -57,6 +118,7 @@ class RouterHandler(BaseHTTPRequestHandler):
 
     prefill: Upstream
     decode: Upstream
+    telemetry: RouterTelemetry
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt: str, *args) -> None:  # route access logs to logging
@@ -82,37 +144,80 @@ class RouterHandler(BaseHTTPRequestHandler):
             conn.close()
 
     def do_POST(self) -> None:
+        t_recv = time_ns()
+        tel = self.telemetry
+        request_id = self.headers.get("X-Request-Id") or str(uuid.uuid4())
+        span = tel.tracer.start_span(
+            semconv.SPAN_ROUTER_REQUEST, context=tel.parent_from(self.headers),
+            kind=SpanKind.SERVER, start_time=t_recv,
+            attributes={semconv.ATTR_X_REQUEST_ID: request_id, semconv.ATTR_HTTP_ROUTE: self.path,
+                        semconv.ATTR_ROLE: semconv.ROLE_ROUTER})
+        status = 500
+        try:
+            status = self._route(span, request_id)
+        except Exception as exc:  # the client gets an answer, the span the reason
+            log.exception("router failed on %s", request_id)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            self.close_connection = True
+        finally:
+            span.set_attribute(semconv.ATTR_HTTP_STATUS, status)
+            if status >= 400:
+                span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+            span.end(end_time=time_ns())
+
+    def _route(self, span: Any, request_id: str) -> int:
+        """Prefill, then decode; returns the HTTP status sent to the client."""
+        tel = self.telemetry
         length = int(self.headers.get("Content-Length") or 0)
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
         except json.JSONDecodeError:
             self._reply(400, {"error": "request body is not JSON"})
-            return
+            return 400
         if self.path not in PD_PATHS:
             self._reply(404, {"error": f"unknown path {self.path}"})
-            return
-        request_id = self.headers.get("X-Request-Id") or str(uuid.uuid4())
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+            return 404
+        ctx = trace.set_span_in_context(span)
+        attrs = {semconv.ATTR_X_REQUEST_ID: request_id}
         prefill_body = dict(body, max_tokens=1, stream=False,
                             kv_transfer_params=dict(PREFILL_PARAMS))
         prefill_body.pop("stream_options", None)
         prefill_body.pop("max_completion_tokens", None)
+        p_span = tel.tracer.start_span(semconv.SPAN_ROUTER_PREFILL, context=ctx,
+                                       kind=SpanKind.CLIENT, attributes=dict(
+                                           attrs, **{"server.address": self.prefill.url}))
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        p_headers = dict(headers)
+        tel.inject(p_span, p_headers)
         try:
-            status, answer = _post(self.prefill, self.path, prefill_body, headers)
+            status, answer = _post(self.prefill, self.path, prefill_body, p_headers)
         except OSError as exc:
+            p_span.set_status(Status(StatusCode.ERROR, f"prefill server unreachable: {exc}"))
+            p_span.end()
             self._reply(502, {"error": f"prefill server unreachable: {exc}"})
-            return
+            return 502
+        p_span.set_attribute(semconv.ATTR_HTTP_STATUS, status)
+        p_span.end(end_time=time_ns())
         if status != 200 or not isinstance(answer, dict):
-            self._reply(status if status != 200 else 502, answer)
-            return
+            code = status if status != 200 else 502
+            self._reply(code, answer)
+            return code
         decode_body = dict(body, kv_transfer_params=answer.get("kv_transfer_params"))
-        self._forward_decode(decode_body, headers)
+        return self._forward_decode(ctx, decode_body, headers, attrs)
 
-    def _forward_decode(self, body: dict, headers: dict) -> None:
+    def _forward_decode(self, ctx: Any, body: dict, headers: dict, attrs: dict) -> int:
+        tel = self.telemetry
+        d_span = tel.tracer.start_span(semconv.SPAN_ROUTER_DECODE, context=ctx,
+                                       kind=SpanKind.CLIENT, attributes=dict(
+                                           attrs, **{"server.address": self.decode.url}))
+        d_headers = dict(headers)
+        tel.inject(d_span, d_headers)
         conn = self.decode.connect()
+        sent_headers = False
         try:
-            conn.request("POST", self.path, body=json.dumps(body), headers=headers)
+            conn.request("POST", self.path, body=json.dumps(body), headers=d_headers)
             resp = conn.getresponse()
+            d_span.set_attribute(semconv.ATTR_HTTP_STATUS, resp.status)
             self.send_response(resp.status)
             self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
             self.send_header("X-Request-Id", headers["X-Request-Id"])
@@ -120,38 +225,80 @@ class RouterHandler(BaseHTTPRequestHandler):
                 # Pass server-sent events through as they arrive.
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
+                sent_headers = True
+                first = True
                 while chunk := resp.read1(65536):
+                    t_read = time_ns()
                     self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
                     self.wfile.flush()
+                    if first:
+                        self._first_byte(ctx, t_read, attrs)
+                        first = False
                 self.wfile.write(b"0\r\n\r\n")
             else:
                 data = resp.read()
+                t_read = time_ns()
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                sent_headers = True
                 self.wfile.write(data)
+                self.wfile.flush()
+                self._first_byte(ctx, t_read, attrs)
+            return resp.status
         except OSError as exc:
             log.warning("decode server failed: %s", exc)
+            d_span.set_status(Status(StatusCode.ERROR, f"decode server failed: {exc}"))
+            if not sent_headers:
+                self._reply(502, {"error": f"decode server failed: {exc}"})
+            # A half-sent stream cannot be completed: closing tells the client at once
+            # instead of leaving it waiting for chunks that never come.
+            self.close_connection = True
+            return 502
         finally:
+            d_span.end(end_time=time_ns())
             conn.close()
 
+    def _first_byte(self, ctx: Any, t_read: int, attrs: dict) -> None:
+        """first decode bytes read -> written to the client: the router's last leg."""
+        self.telemetry.tracer.start_span(semconv.SPAN_ROUTER_FIRST_BYTE, context=ctx,
+                                         start_time=t_read, attributes=attrs).end(
+            end_time=time_ns())
 
-def make_router(prefill_url: str, decode_url: str, host: str = "127.0.0.1",
-                port: int = 0) -> ThreadingHTTPServer:
+
+def make_router(prefill_url: str, decode_url: str, host: str = "127.0.0.1", port: int = 0,
+                telemetry: RouterTelemetry | None = None) -> ThreadingHTTPServer:
     """A router server bound to host:port (0 = any free port); call serve_forever() on it."""
     handler = type("BoundRouterHandler", (RouterHandler,),
-                   {"prefill": Upstream(prefill_url), "decode": Upstream(decode_url)})
+                   {"prefill": Upstream(prefill_url), "decode": Upstream(decode_url),
+                    "telemetry": telemetry or RouterTelemetry()})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
 
 
-def serve_in_thread(prefill_url: str, decode_url: str,
-                    port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """Start a router on 127.0.0.1 in a daemon thread (tests, demo)."""
-    server = make_router(prefill_url, decode_url, port=port)
+def serve_in_thread(prefill_url: str, decode_url: str, port: int = 0,
+                    trace_dir: Path | None = None, propagate: bool = True,
+                    ) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """Start a router on 127.0.0.1 in a daemon thread (tests, demo).
+
+    Call ``stop_router(server)`` to stop it and flush its spans.
+    """
+    server = make_router(prefill_url, decode_url, port=port,
+                         telemetry=RouterTelemetry(trace_dir, propagate=propagate))
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="pd-router")
     thread.start()
     return server, thread
+
+
+def stop_router(server: ThreadingHTTPServer) -> None:
+    """Stop serving, close the socket and flush the router's spans."""
+    server.shutdown()
+    server.server_close()
+    server.RequestHandlerClass.telemetry.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -160,17 +307,29 @@ def main() -> None:
     parser.add_argument("--decode", required=True, help="decode server, e.g. 127.0.0.1:8200")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--trace-dir", type=Path, default=None,
+                        help="write the router's spans as OTLP/JSON lines here")
+    parser.add_argument("--otlp", action="store_true",
+                        help="export the router's spans over OTLP (OTEL_EXPORTER_OTLP_* env)")
+    parser.add_argument("--no-traceparent", action="store_true",
+                        help="forward X-Request-Id only, like vLLM's example proxies")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    server = make_router(args.prefill, args.decode, args.host, args.port)
-    log.info("router on http://%s:%d -> prefill %s, decode %s", args.host,
-             server.server_address[1], args.prefill, args.decode)
+    telemetry = RouterTelemetry(args.trace_dir, otlp=args.otlp,
+                                propagate=not args.no_traceparent)
+    server = make_router(args.prefill, args.decode, args.host, args.port, telemetry)
+    log.info("router on http://%s:%d -> prefill %s, decode %s; spans -> %s", args.host,
+             server.server_address[1], args.prefill, args.decode,
+             telemetry.destination or "not recorded")
+    # SIGTERM (the demo stopping it) ends serve_forever like Ctrl-C, so the spans flush.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        telemetry.shutdown()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class DemoConfig:
     # Each NIXL iteration moves 524 MB through 64,000 descriptors (about 1.5 s here): three
     # timed runs give a median without eating the demo's 5-minute budget.
     microbench_iters: int = 3
+    microbench: bool = True
     microbench_warmup: int = 1
     engine_timeout_s: float = 600.0
     wait_idle_s: float = 0.0
@@ -176,6 +177,7 @@ class Demo:
 
     def step(self, index: int, total: int, title: str, body) -> None:
         self.console.heading(index, total, title)
+        self.pm.stage = title  # the watchdog names the stage a process failed in
         start = time.monotonic()
         lines = body() or []
         seconds = time.monotonic() - start
@@ -255,6 +257,8 @@ class Demo:
             f"vocab {cfg.get('vocab_size')}, {cfg.get('torch_dtype') or cfg.get('dtype')}")]
 
     def microbench(self) -> list[str]:
+        if not self.cfg.microbench:
+            return [self.say("skipped (--skip-microbench): the report has no should-cost line")]
         out = self.cfg.out / "microbench.json"
         args = ["microbench", *MICROBENCH_ARGS, "--iters", str(self.cfg.microbench_iters),
                 "--warmup", str(self.cfg.microbench_warmup), "--json", str(out), "--quiet"]
@@ -272,7 +276,7 @@ class Demo:
             return [self.say(f"no {config}: the report compares with the seed's geometry")]
         out = self.cfg.out / "microbench-tiny.json"
         args = ["microbench", "--tokens", str(self.cfg.input_tokens), "--model-config",
-                str(config), "--kv-dtype", "bf16", "--block-size", str(servers.BLOCK_SIZE),
+                str(config), "--kv-dtype", "fp16", "--block-size", str(servers.BLOCK_SIZE),
                 "--prefill-tp", "1", "--decode-tp", "1", "--device", "cpu",
                 "--iters", "5", "--warmup", "1", "--json", str(out), "--quiet"]
         with self.console.waiting("timing this run's own KV geometry (tiny model)"):
@@ -286,6 +290,7 @@ class Demo:
                 "--listen", f"127.0.0.1:{port}", "--interval", "0.1", "--rotate", "30"]
         self.collector = self.pm.start("collector", args, cwd=ROOT)
         self.pm.wait_http_ok(self.collector, f"http://127.0.0.1:{port}/metrics", 60)
+        self.pm.watch(self.collector)
         self.notes["collector_metrics"] = f"http://127.0.0.1:{port}/metrics"
         return [self.say(f"kvprof collect running (pid {self.collector.pid}): Parquet -> "
                          f"{self.cfg.samples}, metrics on http://127.0.0.1:{port}/metrics")]
@@ -335,6 +340,7 @@ class Demo:
         spec = servers.ServerSpec("vllm-agg", free_port(), "aggregated", cores)
         proc = self._start_server(spec, "agg")
         waited = self._wait_ready([(proc, spec.base_url + "/health")], "the aggregated server")
+        self.pm.watch(proc, spec.base_url + "/health")
         lines = [self.say(f"one vLLM server on cores {cores} under kvprof attach, ready in "
                           f"{waited:.0f} s ({spec.base_url}, traces -> {self.cfg.traces('agg')})")]
         lines += self._drive("agg", spec.base_url)
@@ -353,15 +359,19 @@ class Demo:
         waited = self._wait_ready([(p_proc, prefill.base_url + "/health"),
                                    (d_proc, decode.base_url + "/health")],
                                   "the prefill and decode servers")
+        self.pm.watch(p_proc, prefill.base_url + "/health")
+        self.pm.watch(d_proc, decode.base_url + "/health")
         router_port = free_port()
+        # The router records its own legs (OpenTelemetry SDK) beside the engines' spans and
+        # forwards a traceparent, so each request is one trace from router to first token.
         router_cmd = [self.python, str(ROOT / "demo" / "router.py"),
                       "--prefill", f"127.0.0.1:{prefill.port}",
-                      "--decode", f"127.0.0.1:{decode.port}", "--port", str(router_port)]
-        router = self.pm.start("router", servers.attach_argv(
-            router_cmd, self.cfg.traces("disagg").resolve(), "pd-router", "auto", self.python),
-            cwd=ROOT)
+                      "--decode", f"127.0.0.1:{decode.port}", "--port", str(router_port),
+                      "--trace-dir", str(self.cfg.traces("disagg").resolve())]
+        router = self.pm.start("router", router_cmd, cwd=ROOT)
         router_url = f"http://127.0.0.1:{router_port}"
         self.pm.wait_http_ok(router, router_url + "/health", 60)
+        self.pm.watch(router)
         lines = [
             self.say(f"prefill on core {prefill.cores} ({prefill.base_url}, NIXL side channel "
                      f"{prefill.side_channel_port}), decode on core {decode.cores} "
@@ -419,8 +429,9 @@ class Demo:
 
     def report(self) -> list[str]:
         base = ["report", "--traces", str(self.cfg.traces("disagg")),
-                "--aiperf", str(self.cfg.aiperf("disagg")),
-                "--microbench", str(self.report_microbench())]
+                "--aiperf", str(self.cfg.aiperf("disagg"))]
+        if self.report_microbench().exists():
+            base += ["--microbench", str(self.report_microbench())]
         if list(self.cfg.samples.glob("**/*.parquet")):
             base += ["--samples", str(self.cfg.samples)]
         for log in nixl_worker_logs(self.cfg.logs):
@@ -621,6 +632,8 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--microbench-iters", type=int, default=3)
     parser.add_argument("--microbench-warmup", type=int, default=1)
+    parser.add_argument("--skip-microbench", action="store_true",
+                        help="skip the microbench step (the report then has no should-cost)")
     parser.add_argument("--engine-timeout", type=float, default=600.0,
                         help="seconds an engine may take to become ready")
     parser.add_argument("--wait-idle", type=float, default=0.0,
@@ -640,6 +653,7 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
     return DemoConfig(mode=args.mode, out=args.out, concurrencies=levels, requests=args.requests,
                       input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                       microbench_iters=args.microbench_iters,
+                      microbench=not args.skip_microbench,
                       microbench_warmup=args.microbench_warmup,
                       engine_timeout_s=args.engine_timeout, wait_idle_s=args.wait_idle)
 

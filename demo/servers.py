@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvprof.cpu_quirks import PORTABLE_DTYPE
+
 SERVED_MODEL_NAME = "tiny"
 
 # On CPU the KV block size must be a multiple of 32 (shared/context/vllm-on-cpu.md).
@@ -49,6 +51,9 @@ def vllm_argv(spec: ServerSpec, model_dir: Path, python: str = sys.executable) -
         "--port", str(spec.port),
         "--max-model-len", str(MAX_MODEL_LEN),
         "--block-size", str(BLOCK_SIZE),
+        # bf16 NIXL decode engines die with SIGILL on AMX CPUs (kvprof/cpu_quirks.py);
+        # float16 serves on every x86-64 CPU, with or without AMX.
+        "--dtype", PORTABLE_DTYPE,
         "--max-num-seqs", "16",
         # torch.compile warm-up doubles engine start on 2 cores and the tiny model gains
         # nothing from it; eager keeps the demo near its 5-minute budget.

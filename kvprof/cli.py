@@ -11,6 +11,7 @@ import typer
 from kvprof import __version__
 from kvprof.commands import analysis as analysis_commands
 from kvprof.commands import attach as attach_command
+from kvprof.commands import check as check_command
 from kvprof.commands import collect as collect_command
 from kvprof.commands import microbench as microbench_command
 from kvprof.errors import EXIT_FAILED, EXIT_USAGE, KvprofError
@@ -49,6 +50,7 @@ app.command("microbench", context_settings={"help_option_names": ["-h", "--help"
     microbench_command.microbench
 )
 attach_command.register(app)
+check_command.register(app)
 app.command("collect", context_settings={"help_option_names": ["-h", "--help"]})(
     collect_command.collect
 )

@@ -20,6 +20,40 @@ SPAN_DECODE_FIRST_TOKEN = "vllm.decode.first_token"
 # traces can be compared phase by phase.
 SPAN_REQUEST = "vllm.request"
 
+# The engine's API server (the frontend process vLLM starts, or a Dynamo worker hosting
+# AsyncLLM): children of the engine's request span (vllm.prefill / vllm.decode / vllm.request).
+SPAN_API_REQUEST = "vllm.api.request"  # HTTP request received (ASGI) -> response complete
+SPAN_API_INPUT = "vllm.api.input"  # received -> validated and tokenized (AsyncLLM.add_request)
+SPAN_API_TO_CORE = "vllm.api.to_core"  # input processing -> handed to the EngineCore (sent)
+SPAN_API_WAIT = "vllm.api.wait_output"  # handed over -> first output back from the EngineCore
+# first output -> first response bytes written (prefill engine: its whole response returned)
+SPAN_API_RESPOND = "vllm.api.respond"
+API_SPANS = (SPAN_API_REQUEST, SPAN_API_INPUT, SPAN_API_TO_CORE, SPAN_API_WAIT,
+             SPAN_API_RESPOND)
+
+# Decode-side hand-over: the scheduler's view of the asynchronous KV load (KV will arrive ->
+# KV ready seen); the worker's kv.handshake / kv.transfer sit inside it.
+SPAN_DECODE_KV_WAIT = "vllm.decode.kv_wait"
+# The prefill worker released KV the decode side never pulled (NIXL send lease expired):
+# an instant span with an error status, child of vllm.prefill.
+SPAN_KV_LEASE_EXPIRED = "kv.lease_expired"
+
+# A router / proxy in front of the engines (the demo's router writes these with the
+# OpenTelemetry SDK; any proxy exporting spans of these names joins the same way).
+SPAN_ROUTER_REQUEST = "router.request"  # request received -> response complete
+SPAN_ROUTER_PREFILL = "router.prefill"  # prefill call sent -> prefill response read
+SPAN_ROUTER_DECODE = "router.decode"  # decode call sent -> decode response complete
+SPAN_ROUTER_FIRST_BYTE = "router.first_byte"  # first decode bytes read -> written to the client
+ROUTER_SPANS = (SPAN_ROUTER_REQUEST, SPAN_ROUTER_PREFILL, SPAN_ROUTER_DECODE,
+                SPAN_ROUTER_FIRST_BYTE)
+
+# Spans kvprof reads but does not write: NVIDIA Dynamo's frontend and workers, vLLM's own.
+DYNAMO_HTTP_REQUEST = "http-request"  # frontend; attributes x_request_id, request_id, ttft_ms
+DYNAMO_ROUTE = "router.route_request"  # frontend, twice in disagg (prefill, then decode)
+DYNAMO_HANDLE = "handle_payload"  # each worker; attributes x_request_id, request_id, component
+VLLM_LLM_REQUEST = "llm_request"  # vLLM's own span; gen_ai.request.id
+FOREIGN_SPANS = (DYNAMO_HTTP_REQUEST, DYNAMO_ROUTE, DYNAMO_HANDLE, VLLM_LLM_REQUEST)
+
 PREFILL_CHILDREN = (SPAN_PREFILL_QUEUE, SPAN_PREFILL_COMPUTE, SPAN_KV_SERIALIZE, SPAN_KV_HOLD)
 DECODE_CHILDREN = (
     SPAN_KV_HANDSHAKE,
@@ -28,7 +62,8 @@ DECODE_CHILDREN = (
     SPAN_DECODE_QUEUE,
     SPAN_DECODE_FIRST_TOKEN,
 )
-ALL_SPANS = (SPAN_PREFILL, *PREFILL_CHILDREN, SPAN_DECODE, *DECODE_CHILDREN, SPAN_REQUEST)
+ALL_SPANS = (SPAN_PREFILL, *PREFILL_CHILDREN, SPAN_DECODE, *DECODE_CHILDREN, SPAN_REQUEST,
+             *API_SPANS, SPAN_DECODE_KV_WAIT, SPAN_KV_LEASE_EXPIRED, *ROUTER_SPANS)
 
 # The order phases happen in for one request: reports stack them in this order.
 PHASE_ORDER = (
@@ -61,6 +96,17 @@ ATTR_K8S_POD_NAME = "k8s.pod.name"
 ATTR_K8S_NAMESPACE = "k8s.namespace.name"
 ATTR_K8S_NODE_NAME = "k8s.node.name"
 ATTR_GPU_UUID = "gpu.uuid"
+# The id the client chose (X-Request-Id), on API-server and router spans: the join key when a
+# proxy forwards X-Request-Id but no traceparent.
+ATTR_X_REQUEST_ID = "kvprof.x_request_id"
+X_REQUEST_ID_KEYS = (ATTR_X_REQUEST_ID, "x_request_id", "http.request.header.x-request-id")
+# Request ids of spans kvprof reads (Dynamo, vLLM's llm_request).
+FOREIGN_REQUEST_ID_KEYS = ("request_id", "gen_ai.request.id")
+ATTR_HTTP_STATUS = "http.response.status_code"
+ATTR_HTTP_ROUTE = "http.route"
+ATTR_FAILURE = "kvprof.failure"  # short machine-readable reason on error spans
+ATTR_LEASE_RETRIEVED_BY = "kv.lease.retrieved_by"  # decode workers that pulled before expiry
+ATTR_DYNAMO_TTFT_MS = "ttft_ms"  # Dynamo frontend's own TTFT on http-request
 
 # --- Resource attributes (per process) -------------------------------------------------------
 RES_SERVICE_NAME = "service.name"
@@ -132,4 +178,5 @@ ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
 ROLE_AGGREGATED = "aggregated"
 ROLE_FRONTEND = "frontend"
+ROLE_ROUTER = "router"
 ROLES = (ROLE_PREFILL, ROLE_DECODE, ROLE_AGGREGATED, ROLE_FRONTEND)

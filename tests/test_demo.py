@@ -42,7 +42,7 @@ def assert_headline_printed(stdout: str, report_json: Path) -> None:
              for ln in stdout.splitlines() if ":" in ln}
     assert lines["First-request handshake share"].startswith(f"{first:.1f}% of TTFT")
     assert lines["Steady-state transfer share"].startswith(f"{steady:.1f}% of TTFT")
-    assert lines["Unaccounted hand-over time"].startswith(f"{unaccounted:.1f} ms")
+    assert lines["Unaccounted time"].startswith(f"{unaccounted:.1f} ms")
 
 
 def assert_analysis_outputs(out: Path) -> None:

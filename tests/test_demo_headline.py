@@ -35,8 +35,26 @@ def test_recorded_report_headline_matches_its_rows() -> None:
     # On loopback the first request's lazy NIXL handshake dwarfs every later transfer.
     assert hl.first_handshake.part_ms > 10 * hl.steady_transfer.part_ms
     names = [name for name, _ in hl.lines()]
-    assert names == ["First-request handshake share", "Steady-state transfer share",
-                     "Unaccounted hand-over time"]
+    assert names[-3:] == ["First-request handshake share", "Steady-state transfer share",
+                          "Unaccounted time"]
+    assert names[:-3] == [f"Largest stage #{i}" for i in range(1, len(names) - 2)]
+
+
+def test_largest_stages_come_from_the_verdict_in_its_words() -> None:
+    report = {"requests": [], "summary": {"unaccounted_mean_ms": 4.0,
+                                          "unaccounted_share": 0.02},
+              "verdict": [{"cause": "decode.intake", "share": 0.41,
+                           "headline": "the decode engine's API server held the request 80.0 ms"
+                                       " before its EngineCore saw it"},
+                          {"cause": "unaccounted", "share": 0.02, "headline": "4.0 ms ..."},
+                          {"cause": "prefill.compute", "share": 0.3,
+                           "headline": "prefill compute took 60.0 ms to the first token"}]}
+    text = dict(headline_from_report(report).lines())
+    assert text["Largest stage #1"] == ("the decode engine's API server held the request "
+                                        "80.0 ms before its EngineCore saw it (41% of TTFT)")
+    assert text["Largest stage #2"].startswith("prefill compute took 60.0 ms")
+    assert "Largest stage #3" not in text
+    assert text["Unaccounted time"] == "4.0 ms per request (mean; 2.0% of TTFT; no leg covers it)"
 
 
 def test_shares_are_medians_and_skip_rows_without_ttft() -> None:
@@ -55,7 +73,7 @@ def test_shares_are_medians_and_skip_rows_without_ttft() -> None:
     assert hl.steady_transfer.part_ms == pytest.approx(2.0)
     text = dict(hl.lines())
     assert text["First-request handshake share"].startswith("80.0% of TTFT (kv.handshake 400.0")
-    assert text["Unaccounted hand-over time"].startswith("12.5 ms per request")
+    assert text["Unaccounted time"].startswith("12.5 ms per request")
 
 
 def test_missing_phases_read_no_data_not_zero() -> None:
@@ -64,7 +82,7 @@ def test_missing_phases_read_no_data_not_zero() -> None:
     assert dict(hl.lines()) == {
         "First-request handshake share": NO_DATA,
         "Steady-state transfer share": NO_DATA,
-        "Unaccounted hand-over time": NO_DATA,
+        "Unaccounted time": NO_DATA,
     }
 
 

@@ -226,3 +226,50 @@ def test_report_gets_only_engine_logs_with_nixl_lines(tmp_path: Path) -> None:
     (tmp_path / "vllm-agg.log").write_text("INFO plain engine\n")
     (tmp_path / "router.log").write_text("KV Transfer metrics\n")
     assert [p.name for p in nixl_worker_logs(tmp_path)] == ["vllm-decode.log", "vllm-prefill.log"]
+
+
+def test_watchdog_fails_the_stage_when_a_watched_process_dies(tmp_path: Path) -> None:
+    """A watched process killed by a signal ends the stage's wait within seconds, with one
+    line naming it, its signal and the fatal lines of its log."""
+    pm = ProcessManager(tmp_path)
+    pm.stage = "Disaggregated deployment under the same load"
+    script = ("import os, signal, sys, time; "
+              "print('kvprof: VLLM::Worker (pid 7, vllm-decode, decode) died from SIGILL', "
+              "flush=True); time.sleep(0.5); os.kill(os.getpid(), signal.SIGILL)")
+    victim = pm.start("vllm-decode", [sys.executable, "-c", script])
+    waiter = pm.start("aiperf-c1", [sys.executable, "-c", "import time; time.sleep(600)"])
+    pm.watch(victim)
+    started = time.monotonic()
+    with pytest.raises(DemoProcessError) as err:
+        pm.wait_exit(waiter, timeout_s=120)
+    assert time.monotonic() - started < 10
+    head = err.value.message.splitlines()[0]
+    assert head.startswith(f"vllm-decode (pid {victim.pid}) died from SIGILL during "
+                           "'Disaggregated deployment under the same load'")
+    assert "VLLM::Worker (pid 7, vllm-decode, decode) died from SIGILL" in head
+    assert str(victim.log_path) in err.value.hint
+    pm.stop_all()
+    assert pm.running() == []
+
+
+def test_watchdog_fails_on_a_process_that_stops_answering_health(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    import demo.procs as procs
+
+    monkeypatch.setattr(procs, "HEALTH_GRACE_S", 1.5)
+    pm = ProcessManager(tmp_path)
+    pm.stage = "Aggregated deployment under load"
+    hung = pm.start("vllm-agg", [sys.executable, "-c", "import time; time.sleep(600)"])
+    pm.watch(hung, f"http://127.0.0.1:{free_port()}/health")  # nobody answers there
+    with pytest.raises(DemoProcessError, match=r"vllm-agg \(pid \d+\) stopped answering"):
+        pm.wait_exit(hung, timeout_s=60)
+    pm.stop_all()
+
+
+def test_exit_descriptions() -> None:
+    from demo.procs import exit_description
+
+    assert exit_description(-4) == "died from SIGILL"
+    assert exit_description(132) == "died from SIGILL"  # a launcher's 128 + n
+    assert exit_description(1) == "exited with code 1"
+    assert exit_description(0) == "exited with code 0"

@@ -95,9 +95,15 @@ def test_attach_pid_samples_and_classifies_phases(busy_process, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "model forward" in r.stdout and "idle / waiting" in r.stdout
     summary = json.loads(next(out.glob("*.phases.json")).read_text())
-    phases = summary["phases"]
-    assert phases["model forward"] > 0 and phases["idle / waiting"] > 0
-    assert phases["model forward"] + phases["idle / waiting"] >= 0.8 * summary["samples"]
+    (main,) = summary["threads"]
+    # The script never imports threading, so py-spy finds no thread name: the main thread
+    # is known by its OS thread id, which is the pid.
+    assert main["tid"] == str(busy_process.pid) and main["main"] and main["runs_model"]
+    assert main["samples"] == summary["sampling"]["instants"] > 0
+    samples = {phase: v["samples"] for phase, v in main["phases"].items()}
+    assert samples["model forward"] > 0 and samples["idle / waiting"] > 0
+    assert samples["model forward"] + samples["idle / waiting"] >= 0.8 * main["samples"]
+    assert main["waits"][0]["site"] == "idle_wait <- <module>"
     speedscope = json.loads(next(out.glob("*.speedscope.json")).read_text())
     assert speedscope["$schema"].startswith("https://www.speedscope.app")
     assert "execute_model" in next(out.glob("*.collapsed.txt")).read_text()

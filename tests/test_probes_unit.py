@@ -42,7 +42,7 @@ def test_ids_are_shared_by_both_sides_and_traceparent_round_trips():
 def _prefill_events(rid="r-1-abcdef01"):
     params = {"do_remote_decode": True}
     return [
-        (ev.ARRIVE, rid, 0, 1000 * MS, 40, params),
+        (ev.ARRIVE, rid, 1001 * MS, 1000 * MS, 40, params),
         (ev.SCHEDULED, rid, 1002 * MS),
         (ev.HOLD, rid, 1010 * MS),
         (ev.FIRST_TOKEN, rid, 1002 * MS, 1009 * MS),
@@ -60,8 +60,9 @@ def test_prefill_side_spans_and_parentage():
     assert top.trace_id == trace_id_for("r-1")
     assert top.span_id == span_id_for("r-1", semconv.SPAN_PREFILL) and top.parent_id is None
     assert (top.start_ns, top.end_ns) == (1000 * MS, 1030 * MS)
+    # The queue starts when the scheduler got the request, not at the frontend's arrival.
     assert spans[semconv.SPAN_PREFILL_QUEUE].end_ns - spans[
-        semconv.SPAN_PREFILL_QUEUE].start_ns == 2 * MS
+        semconv.SPAN_PREFILL_QUEUE].start_ns == 1 * MS
     assert spans[semconv.SPAN_KV_HOLD].start_ns == 1010 * MS
     for s in spans.values():
         if s is not top:
@@ -77,7 +78,7 @@ def test_decode_side_joins_through_traceparent_and_handshake_only_when_paid():
     params = {"do_remote_prefill": True, "remote_request_id": "r-1-abcdef01",
               semconv.TRACEPARENT_KEY: tp}
     out = sched.feed([
-        (ev.ARRIVE, "r-1-0000aaaa", 0, 2000 * MS, 40, params),
+        (ev.ARRIVE, "r-1-0000aaaa", 2000 * MS, 2000 * MS, 40, params),
         (ev.KV_WAIT, "r-1-0000aaaa", 2001 * MS, 40),
         (ev.KV_READY, "r-1-0000aaaa", 2100 * MS),
         (ev.SCHEDULED, "r-1-0000aaaa", 2102 * MS),
@@ -85,7 +86,9 @@ def test_decode_side_joins_through_traceparent_and_handshake_only_when_paid():
     ])
     names = {s.name: s for s in out}
     assert set(names) == {semconv.SPAN_DECODE, semconv.SPAN_DECODE_QUEUE,
-                          semconv.SPAN_DECODE_FIRST_TOKEN}
+                          semconv.SPAN_DECODE_KV_WAIT, semconv.SPAN_DECODE_FIRST_TOKEN}
+    wait = names[semconv.SPAN_DECODE_KV_WAIT]  # request known -> KV ready seen
+    assert (wait.start_ns, wait.end_ns) == (2000 * MS, 2100 * MS)
     assert names[semconv.SPAN_DECODE].parent_id == span_id_for(key, semconv.SPAN_PREFILL)
     assert names[semconv.SPAN_DECODE].trace_id == trace_id_for(key)
 
@@ -115,7 +118,7 @@ def test_decode_side_joins_through_traceparent_and_handshake_only_when_paid():
 def test_aggregated_request_gets_comparable_spans():
     a = SpanAssembler(ProcessFacts())
     spans = a.feed([
-        (ev.ARRIVE, "x-1", 0, 10 * MS, 5, None), (ev.SCHEDULED, "x-1", 11 * MS),
+        (ev.ARRIVE, "x-1", 10 * MS, 10 * MS, 5, None), (ev.SCHEDULED, "x-1", 11 * MS),
         (ev.FIRST_TOKEN, "x-1", 12 * MS, 15 * MS), (ev.FINISH, "x-1", 40 * MS),
     ])
     names = sorted(s.name for s in spans)
@@ -275,12 +278,13 @@ def test_scheduler_probes_report_first_token_before_finish_and_aborts():
             outs = model_runner_output
             for o in outs[0].outputs:
                 if o.finish_reason is not None:
-                    self._free_request(NS(request_id=o.request_id))
+                    self._free_request(NS(request_id=o.request_id,
+                                          status="FINISHED_LENGTH_CAPPED"))
             return outs
 
         def finish_requests(self, request_ids, finished_status):
             for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-                self._free_request(NS(request_id=rid))
+                self._free_request(NS(request_id=rid, status="FINISHED_ABORTED"))
             return []
 
         def _free_request(self, request, delay_free_blocks=False):
@@ -325,6 +329,11 @@ def test_scheduler_probes_report_first_token_before_finish_and_aborts():
                    == "one-1-0000aaaa")
     assert names == sorted([semconv.SPAN_REQUEST, semconv.SPAN_PREFILL_QUEUE,
                             semconv.SPAN_PREFILL_COMPUTE, semconv.SPAN_DECODE_FIRST_TOKEN])
+    # The finished request ends fine, the aborted one with an error status and the reason.
+    tops = {s.attributes[semconv.ATTR_REQUEST_ID]: s for s in spans
+            if s.name == semconv.SPAN_REQUEST}
+    assert tops["one-1-0000aaaa"].error is None
+    assert "FINISHED_ABORTED" in tops["two-1-0000bbbb"].error
 
 
 def test_forked_child_exports_its_own_spans_to_its_own_file(tmp_path):

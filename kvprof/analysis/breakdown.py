@@ -1,15 +1,23 @@
-"""Per-request TTFT breakdown from the span table: phases, skew, TTFT join and unaccounted time.
+"""Per-request TTFT breakdown: the legs of each request, its phases, clock skew and TTFT.
 
 Request table schema (one row per request, ``RequestBreakdown.requests``):
-key (vLLM request id, or trace id), trace_id, prefill_engine, decode_engine, prefill_pod,
-decode_pod, prefill_node, decode_node, prefill_clock, decode_clock, kv_bytes, kv_path,
-connector; one ``<span name>`` column per phase of semconv.PHASE_ORDER in ms (NaN = no span);
-stacked_ms (sum of the phases that happen one after another: all but kv.hold, which overlaps
-the handshake and transfer); start_ns (prefill start on the reference clock); span_ttft_ms
-(prefill start -> first decode step end, skew-corrected); ttft_ms and ttft_source
-("aiperf request id" | "aiperf time window (estimate)" | "spans (estimate)"); unaccounted_ms =
-ttft_ms - stacked_ms; transfer_gbps (kv.bytes / transfer time); pair, pair_index,
-first_contact.
+
+* key (the prefill-side vLLM request id, else the client's id, else the trace id),
+  x_request_id (the client's X-Request-Id when known), trace_id, chain ("disaggregated" |
+  "aggregated": which path the legs follow), concurrency (from aiperf, NaN if unknown);
+* prefill_engine, decode_engine, prefill_pod, decode_pod, prefill_node, decode_node,
+  prefill_clock, decode_clock, kv_bytes, kv_path, connector, transfer_gbps, pair,
+  pair_index, first_contact;
+* one ``<span name>`` column in ms per phase span (semconv.PHASE_ORDER, the top spans,
+  vllm.decode.kv_wait): each span on its own (NaN = no span);
+* one ``leg:<milestone id>`` column per leg in ms (kvprof.analysis.legs; NaN = no leg),
+  stacked_ms (their sum), unaccounted_ms (TTFT - stacked_ms: the gaps no leg covers) and
+  unaccounted_detail (each gap in words: between which milestones, which were missing);
+* start_ns (first milestone, reference clock), span_ttft_ms (first -> last milestone,
+  skew-corrected), ttft_ms and ttft_source ("aiperf request id" | "aiperf time window
+  (estimate)" | "spans (estimate)"), client_error (aiperf recorded an error), dynamo_ttft_ms
+  (NVIDIA Dynamo's frontend's own ttft_ms), transfer_status ("ok" | "failed: ..." |
+  "lease expired: ...", None without a transfer).
 """
 
 from __future__ import annotations
@@ -19,24 +27,31 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvprof import semconv as sc
-from kvprof.analysis.skew import CONSTRAINT_COLUMNS, SkewResult, estimate_skew, lookup
+from kvprof.analysis import legs as lg
+from kvprof.analysis.arrowops import fast_isin
+from kvprof.analysis.join import SOURCE_ID, SOURCE_SPANS, SOURCE_WINDOW, join_aiperf
+from kvprof.analysis.keys import assign_request_keys
+from kvprof.analysis.skew import CONSTRAINT_COLUMNS, SkewResult, estimate_skew
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+__all__ = ["SOURCE_ID", "SOURCE_SPANS", "SOURCE_WINDOW", "RequestBreakdown", "build_breakdown"]
+
 PHASES = sc.PHASE_ORDER
-# kv.hold overlaps the decode side's handshake and transfer: shown, never stacked.
-STACKED_PHASES = tuple(p for p in PHASES if p != sc.SPAN_KV_HOLD)
-PREFILL_NAMES = {sc.SPAN_PREFILL, *sc.PREFILL_CHILDREN}
-DECODE_NAMES = {sc.SPAN_DECODE, *sc.DECODE_CHILDREN}
-# What disaggregation adds on top of an aggregated engine's prefill + first step.
-OVERHEAD_PHASES = (sc.SPAN_KV_SERIALIZE, sc.SPAN_KV_HANDSHAKE, sc.SPAN_KV_TRANSFER,
-                   sc.SPAN_KV_DESERIALIZE, sc.SPAN_DECODE_QUEUE)
-UNACCOUNTED = "unaccounted"
-SOURCE_ID = "aiperf request id"
-SOURCE_WINDOW = "aiperf time window (estimate)"
-SOURCE_SPANS = "spans (estimate)"
+SPAN_MS_COLUMNS = (*PHASES, sc.SPAN_DECODE_KV_WAIT, sc.SPAN_PREFILL, sc.SPAN_DECODE,
+                   sc.SPAN_REQUEST)
+LEG = "leg:"
+UNACCOUNTED = lg.UNACCOUNTED
+PREFILL_NAMES = {sc.SPAN_PREFILL, *sc.PREFILL_CHILDREN, sc.SPAN_KV_LEASE_EXPIRED}
+DECODE_NAMES = {sc.SPAN_DECODE, *sc.DECODE_CHILDREN, sc.SPAN_DECODE_KV_WAIT}
+ROUTER_NAMES = {*sc.ROUTER_SPANS, sc.DYNAMO_HTTP_REQUEST, sc.DYNAMO_ROUTE}
+KNOWN_NAMES = {*sc.ALL_SPANS, *sc.FOREIGN_SPANS}
+# Spans of one name that a request meets once per engine (Dynamo's); numbered by start.
+ORDERED_NAMES = (sc.DYNAMO_HANDLE, sc.DYNAMO_ROUTE, sc.VLLM_LLM_REQUEST)
+SIDE_PREFILL, SIDE_DECODE, SIDE_AGGREGATED, SIDE_ROUTER, SIDE_OTHER = range(5)
+CLIENT_CLOCK = "client"
 
 
 @dataclass
@@ -47,255 +62,183 @@ class RequestBreakdown:
     skew: SkewResult
     notes: list[str] = field(default_factory=list)
 
+    def leg_columns(self) -> list[str]:
+        """The leg columns present, in path order (disaggregated chain first)."""
+        return [c for c in leg_order() if c in self.requests]
 
-SIDE_PREFILL, SIDE_DECODE, SIDE_AGGREGATED = 0, 1, 2
-SIDE_NAMES = (sc.ROLE_PREFILL, sc.ROLE_DECODE, sc.ROLE_AGGREGATED)
+
+def leg_order() -> list[str]:
+    """Every leg column of every chain, in path order, without repeats."""
+    out: dict[str, None] = {}
+    for chain in lg.CHAINS.values():
+        for m in chain[1:]:
+            out[LEG + m.id] = None
+    return list(out)
 
 
-def _name_codes(spans: pd.DataFrame):
-    """Span-name categories, each span's code, side (0/1/2) and whether kvprof wrote it.
+def leg_info() -> dict[str, dict[str, str]]:
+    """Per leg column: its label and stage per chain (a milestone id may end legs in two
+    chains under different words)."""
+    info: dict[str, dict[str, str]] = {}
+    for chain_name, chain in lg.CHAINS.items():
+        for m in chain[1:]:
+            info.setdefault(LEG + m.id, {})[chain_name] = m.leg
+            info[LEG + m.id].setdefault("stage:" + chain_name, m.stage)
+    return info
 
-    The span's name decides its side: a decode engine's resource may say role=decode for
-    every span it records, so the role attribute is not trusted for this.
-    """
+
+def _sides(spans: pd.DataFrame, names: pd.Series):
+    """Which engine recorded each span: prefill / decode / aggregated / router / other."""
     import numpy as np
 
-    names = spans["name"]
-    if names.dtype.name != "category":
-        names = names.astype("category")
-    cats = [str(c) for c in names.cat.categories]
-    codes = names.cat.codes.to_numpy()
-    side_of = np.array([SIDE_PREFILL if c in PREFILL_NAMES else SIDE_DECODE if c in DECODE_NAMES
-                        else SIDE_AGGREGATED for c in cats] or [0], dtype=np.int8)
-    ours = np.array([c in sc.ALL_SPANS for c in cats] or [False])
-    side = side_of[codes]
-    if "role" in spans:
-        # An aggregated engine records prefill.* and decode.first_token children under its
-        # vllm.request span: they are one engine's phases, not two sides.
-        side = np.where((spans["role"] == sc.ROLE_AGGREGATED).to_numpy(dtype=bool),
-                        SIDE_AGGREGATED, side).astype(np.int8)
-    return cats, codes, side, ours[codes]
+    role = spans["role"].astype(object).to_numpy() if "role" in spans else np.full(
+        len(spans), None, dtype=object)
+    nm = names.to_numpy(dtype=object)
+    side = np.full(len(spans), SIDE_OTHER, dtype=np.int8)
+    side[np.isin(nm, list(PREFILL_NAMES))] = SIDE_PREFILL
+    side[np.isin(nm, list(DECODE_NAMES))] = SIDE_DECODE
+    side[np.isin(nm, list(ROUTER_NAMES))] = SIDE_ROUTER
+    api = np.isin(nm, list(sc.API_SPANS))
+    for value, code in ((sc.ROLE_PREFILL, SIDE_PREFILL), (sc.ROLE_DECODE, SIDE_DECODE),
+                        (sc.ROLE_AGGREGATED, SIDE_AGGREGATED)):
+        side[api & (role == value)] = code
+    # An aggregated engine records prefill.* and decode.first_token under vllm.request: one
+    # engine's phases, not two sides.
+    side[(role == sc.ROLE_AGGREGATED) & ~api & (side != SIDE_ROUTER)] = SIDE_AGGREGATED
+    side[nm == sc.SPAN_REQUEST] = SIDE_AGGREGATED
+    return side
 
 
-def _key_codes(spans: pd.DataFrame, side):
-    """One key per request: the prefill side's request id, reached through the trace.
-
-    The decode side joins the prefill trace through the traceparent; where that failed its
-    spans sit in another trace, and its remote_request_id (or request_id) joins it instead.
-    Returns (key code per span, key labels); a trace without any request id is its own key.
-    """
+def _slots(spans: pd.DataFrame, names: pd.Series, key_codes, role) -> pd.Series:
+    """The column a span fills: its name, name@role for API spans, name#k for spans one
+    request meets once per engine (Dynamo's), k by start time."""
     import numpy as np
     import pandas as pd
 
-    t_codes, t_uni = pd.factorize(spans["trace_id"])
-    rem = spans["remote_request_id"]
-    use_rem = (side == SIDE_DECODE) & rem.notna().to_numpy()
-    rid = spans["request_id"].where(~use_rem, rem) if use_rem.any() else spans["request_id"]
-    r_codes, r_uni = pd.factorize(rid)
-    n_t = len(t_uni)
-    has = r_codes >= 0
-    any_r = np.full(n_t, -1, dtype=np.int64)
-    any_r[t_codes[has][::-1]] = r_codes[has][::-1]  # reversed: the first occurrence wins
-    pref = has & (side == SIDE_PREFILL)
-    pref_r = np.full(n_t, -1, dtype=np.int64)
-    pref_r[t_codes[pref][::-1]] = r_codes[pref][::-1]
-    per_trace = np.where(pref_r >= 0, pref_r, any_r)
-    key = np.where(per_trace[t_codes] >= 0, per_trace[t_codes], len(r_uni) + t_codes)
-    labels = np.concatenate([np.asarray(r_uni, dtype=object), np.asarray(t_uni, dtype=object)])
-    used, compact = np.unique(key, return_inverse=True)
-    return compact, labels[used]
-
-
-def span_request_keys(spans: pd.DataFrame) -> pd.Series:
-    """The request key of every span (aligned to ``spans``), as build_breakdown assigns it."""
-    import pandas as pd
-
-    _, _, side, _ = _name_codes(spans)
-    codes, labels = _key_codes(spans, side)
-    return pd.Series(labels[codes], index=spans.index)
-
-
-def _first_rows(keys, rows):
-    """Row positions of the first span of each key among ``rows`` (a boolean mask)."""
-    import numpy as np
-
-    pos = np.flatnonzero(rows)
-    uniq, first = np.unique(keys[pos], return_index=True)
-    return uniq, pos[first]
-
-
-def _values_at(column: pd.Series, rows):
-    """column's values at positions ``rows`` as an object array (NaN where missing).
-
-    A categorical goes through its integer codes, so only the distinct values are boxed.
-    """
-    import numpy as np
-
-    if column.dtype.name == "category":
-        cats = np.append(np.asarray(column.cat.categories, dtype=object), np.nan)
-        return cats[column.cat.codes.to_numpy()[rows]]  # code -1 (missing) -> trailing NaN
-    return column.take(rows).to_numpy().astype(object)
-
-
-def _per_key(n_keys: int, uniq, values, fill=None):
-    import numpy as np
-
-    out = np.full(n_keys, fill, dtype=object if fill is None else float)
-    out[uniq] = values
-    return out
+    slot = names.to_numpy(dtype=object).copy()
+    api = np.isin(slot, list(sc.API_SPANS))
+    if api.any():
+        slot[api] = slot[api] + "@" + pd.Series(role[api]).fillna("?").astype(str).to_numpy()
+    ordered = np.isin(slot, list(ORDERED_NAMES))
+    if ordered.any():
+        sub = pd.DataFrame({"k": key_codes[ordered], "n": slot[ordered],
+                            "t": spans["start_ns"].to_numpy()[ordered]})
+        rank = sub.groupby(["k", "n"])["t"].rank(method="first").astype(int).to_numpy()
+        slot[ordered] = slot[ordered] + "#" + rank.astype(str).astype(object)
+    return pd.Series(slot, index=spans.index)
 
 
 def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> RequestBreakdown:
-    """Per-request phases, skew-corrected TTFT and unaccounted time."""
+    """Per-request legs, phases, skew-corrected TTFT and unaccounted time."""
     import numpy as np
     import pandas as pd
 
     notes: list[str] = []
-    cats, name_code, side, ours = _name_codes(spans)
-    if not ours.all():
-        spans = spans[ours]
-        name_code, side = name_code[ours], side[ours]
-    key, labels = _key_codes(spans, side)
-    n_keys = len(labels)
+    names_all = spans["name"].astype(str)
+    known = names_all.isin(KNOWN_NAMES).to_numpy()
+    if not known.all():
+        spans = spans[known]
+    names = spans["name"].astype(str)
+    side = _sides(spans, names)
+    keys = assign_request_keys(spans, side == SIDE_DECODE)
+    notes.extend(keys.notes)
+    key = keys.codes
+    n_keys = len(keys.labels)
+    role = spans["role"].astype(object).to_numpy() if "role" in spans else np.full(
+        len(spans), None, dtype=object)
+    slot_codes, slot_names = pd.factorize(_slots(spans, names, key, role))
+    slot_names = [str(s) for s in slot_names]
     # Times relative to the earliest span keep float64 exact to the nanosecond.
     base = int(spans["start_ns"].min()) if len(spans) else 0
-    start = spans["start_ns"].to_numpy() - base
-    end = spans["end_ns"].to_numpy() - base
-    # Each phase of each request: first start, last end (several ranks' spans overlap).
-    n_names = max(len(cats), 1)
-    combo = key.astype(np.int64) * n_names + name_code
-    order = np.argsort(combo, kind="stable")
-    sorted_combo = combo[order]
-    bounds = np.flatnonzero(np.r_[True, sorted_combo[1:] != sorted_combo[:-1]]) if len(
-        combo) else np.array([], dtype=np.int64)
-    g_start = np.minimum.reduceat(start[order], bounds) if len(bounds) else start[:0]
-    g_end = np.maximum.reduceat(end[order], bounds) if len(bounds) else end[:0]
-    g_key, g_name = sorted_combo[bounds] // n_names, sorted_combo[bounds] % n_names
-    start_m = np.full((n_keys, n_names), np.nan)
-    end_m = np.full((n_keys, n_names), np.nan)
-    start_m[g_key, g_name] = g_start
-    end_m[g_key, g_name] = g_end
-    index = pd.Index(labels, name="key")
-    starts = pd.DataFrame(start_m, index=index, columns=cats)
-    ends = pd.DataFrame(end_m, index=index, columns=cats)
-    dur = (ends - starts) / 1e6
+    start = (spans["start_ns"].to_numpy() - base).astype(float)
+    end = (spans["end_ns"].to_numpy() - base).astype(float)
+    clock_codes, clock_names = pd.factorize(spans["clock"].astype(str))
+    mat = _slot_matrices(key, slot_codes, len(slot_names), n_keys, start, end, clock_codes)
+    index = pd.Index(keys.labels, name="key")
+    starts = pd.DataFrame(mat["start"], index=index, columns=slot_names)
+    ends = pd.DataFrame(mat["end"], index=index, columns=slot_names)
     req = pd.DataFrame(index=index)
-    for p in (*PHASES, sc.SPAN_PREFILL, sc.SPAN_DECODE, sc.SPAN_REQUEST):
-        req[p] = dur[p] if p in dur else np.nan
+    for p in SPAN_MS_COLUMNS:
+        req[p] = (ends[p] - starts[p]) / 1e6 if p in starts else np.nan
+    req["x_request_id"] = keys.client_ids
+    _engine_attributes(req, spans, key, side, names, n_keys)
 
-    def attr(column: str, uniq, rows, fill=None):
-        if column not in spans:
-            return np.full(n_keys, fill, dtype=object)
-        return _per_key(n_keys, uniq, _values_at(spans[column], rows), None)
-
-    def engine(uniq, rows):
-        out = pd.Series(attr("engine_id", uniq, rows)).fillna(
-            pd.Series(attr("pod", uniq, rows)))
-        miss = out.isna().to_numpy()
-        if miss.any():
-            # Last resort, only where needed: "service@host" (missing when either is).
-            host = (pd.Series(attr("service", uniq, rows)[miss]).astype(str) + "@"
-                    + pd.Series(attr("host", uniq, rows)[miss]).astype(str))
-            out[miss] = host.to_numpy()
-        return out.to_numpy()
-
-    def side_time(role: int, frame: pd.DataFrame, how: str):
-        names = [c for c in cats if (c in PREFILL_NAMES if role == SIDE_PREFILL else
-                                     c in DECODE_NAMES if role == SIDE_DECODE else
-                                     c not in PREFILL_NAMES and c not in DECODE_NAMES)]
-        if not names:
-            return np.full(n_keys, np.nan)
-        return getattr(frame[names], how)(axis=1).to_numpy()
-
-    pu, prow = _first_rows(key, side == SIDE_PREFILL)
-    du, drow = _first_rows(key, side == SIDE_DECODE)
-    au, arow = _first_rows(key, side == SIDE_AGGREGATED)
-    xu, xrow = _first_rows(key, name_code == (cats.index(sc.SPAN_KV_TRANSFER)
-                                              if sc.SPAN_KV_TRANSFER in cats else -1))
-    su, srow = _first_rows(key, name_code == (cats.index(sc.SPAN_KV_SERIALIZE)
-                                              if sc.SPAN_KV_SERIALIZE in cats else -1))
-    req["prefill_engine"] = engine(pu, prow)
-    req["prefill_clock"] = attr("clock", pu, prow)
-    req["prefill_pod"] = attr("pod", pu, prow)
-    req["prefill_node"] = attr("node", pu, prow)
-    trace = pd.Series(attr("trace_id", pu, prow), index=index)
-    req["decode_engine"] = engine(du, drow)
-    req["decode_clock"] = attr("clock", du, drow)
-    req["decode_pod"] = attr("pod", du, drow)
-    req["decode_node"] = attr("node", du, drow)
-    remote = pd.Series(attr("remote_engine_id", xu, xrow), index=index).fillna(
-        pd.Series(attr("remote_engine_id", du, drow), index=index))
-    kv_bytes = pd.Series(attr("kv_bytes", xu, xrow), index=index).fillna(
-        pd.Series(attr("kv_bytes", su, srow), index=index))
-    req["kv_bytes"] = pd.to_numeric(kv_bytes, errors="coerce")
-    req["kv_path"] = attr("kv_path", xu, xrow)
-    req["connector"] = attr("connector", xu, xrow)
-    a_clock = pd.Series(attr("clock", au, arow), index=index)
-    req["prefill_engine"] = req["prefill_engine"].fillna(remote).fillna(
-        pd.Series(engine(au, arow), index=index))
-    req["trace_id"] = trace.fillna(pd.Series(attr("trace_id", du, drow), index=index)).fillna(
-        pd.Series(attr("trace_id", au, arow), index=index))
-    req["prefill_clock"] = req["prefill_clock"].fillna(a_clock)
-    p_start = pd.Series(side_time(SIDE_PREFILL, starts, "min"), index=index)
-    d_end = pd.Series(side_time(SIDE_DECODE, ends, "max"), index=index)
-    a_start = pd.Series(side_time(SIDE_AGGREGATED, starts, "min"), index=index)
-
-    def col(frame: pd.DataFrame, name: str) -> pd.Series:
-        return frame[name] if name in frame else pd.Series(np.nan, index=req.index)
-
-    # --- clock skew ---------------------------------------------------------------------
-    prefill_done = pd.concat([col(ends, sc.SPAN_PREFILL_COMPUTE), col(ends, sc.SPAN_KV_SERIALIZE)],
-                             axis=1).max(axis=1)
-    x_start, x_end = col(starts, sc.SPAN_KV_TRANSFER), col(ends, sc.SPAN_KV_TRANSFER)
-    hold_end = col(ends, sc.SPAN_KV_HOLD)
-    both = req["prefill_clock"].notna() & req["decode_clock"].notna()
+    # --- milestones, client leg, skew -----------------------------------------------------
+    chain_of = np.where(np.isin(np.arange(n_keys), np.unique(key[side == SIDE_DECODE])),
+                        "disaggregated", "aggregated")
+    req["chain"] = chain_of
+    raw_first = np.nanmin(np.where(np.isnan(mat["start"]), np.inf, mat["start"]), axis=1)
+    client = None
+    if aiperf is not None and len(aiperf):
+        ids = [pd.Series(keys.client_ids, dtype=object).astype("string"),
+               pd.Series(keys.labels, dtype=object).astype("string")]
+        client = join_aiperf(ids, pd.Series(np.where(np.isfinite(raw_first), raw_first + base,
+                                                     np.nan)), aiperf)
+        notes.extend(client.notes)
+    else:
+        notes.append("No aiperf records given: TTFT is the traced path's own envelope (first "
+                     "to last milestone), which misses the client's legs.")
+    clocks = list(map(str, clock_names)) + [CLIENT_CLOCK]
+    per_chain = {}
     cons = []
-    m = both & prefill_done.notna() & x_start.notna()
-    cons.append(pd.DataFrame({"rule": "transfer-after-prefill", "key": req.index[m],
-                              "a": req["prefill_clock"][m], "b": req["decode_clock"][m],
-                              "lo_ns": (prefill_done - x_start)[m], "hi_ns": math.inf}))
-    m = both & hold_end.notna() & x_end.notna()
-    cons.append(pd.DataFrame({"rule": "hold-outlasts-transfer", "key": req.index[m],
-                              "a": req["prefill_clock"][m], "b": req["decode_clock"][m],
-                              "lo_ns": -math.inf, "hi_ns": (hold_end - x_end)[m]}))
-    cons.append(_parent_constraints(spans, base, name_code, cats))
-    constraints = pd.concat([c[list(CONSTRAINT_COLUMNS)] for c in cons if len(c)],
-                            ignore_index=True) if any(len(c) for c in cons) else pd.DataFrame(
-        columns=list(CONSTRAINT_COLUMNS))
+    for chain_name, chain in lg.CHAINS.items():
+        rows = np.flatnonzero(chain_of == chain_name)
+        if not len(rows):
+            continue
+        t, c = _milestones(chain, rows, starts, ends, mat["clock"], slot_names, client, base,
+                           len(clocks) - 1)
+        per_chain[chain_name] = (rows, t, c)
+        cons.append(_path_constraints(chain, rows, t, c, clocks, keys.labels))
+    cons.append(_hold_constraints(req, starts, ends, mat["clock"], slot_names, clocks))
+    cons.append(_parent_constraints(spans, base, names))
+    cons = [c for c in cons if len(c)]
+    constraints = (pd.concat([c[list(CONSTRAINT_COLUMNS)] for c in cons], ignore_index=True)
+                   if cons else pd.DataFrame(columns=list(CONSTRAINT_COLUMNS)))
     prefill_clocks = sorted(str(c) for c in req["prefill_clock"].dropna().unique())
     skew = estimate_skew(constraints, prefill_clocks[0] if prefill_clocks else None)
-    off = skew.offsets_ns
+    offset = np.array([skew.offsets_ns.get(c, 0.0) for c in clocks])
 
-    def shifted(values: pd.Series, clocks: pd.Series) -> pd.Series:
-        return values + pd.Series(lookup(clocks, off), index=clocks.index)
-
-    req["start_ns"] = shifted(p_start.fillna(a_start), req["prefill_clock"])
-    first_token_end = col(ends, sc.SPAN_DECODE_FIRST_TOKEN)
-    first_end = shifted(first_token_end.fillna(d_end), req["decode_clock"])
-    agg_end = shifted(first_token_end, a_clock)
-    req["span_ttft_ms"] = ((first_end.fillna(agg_end) - req["start_ns"]) / 1e6)
-    req["start_ns"] = req["start_ns"] + base
-    req["stacked_ms"] = req[list(STACKED_PHASES)].sum(axis=1, min_count=1)
-    x_ms = req[sc.SPAN_KV_TRANSFER]
-    req["transfer_gbps"] = req["kv_bytes"] / (x_ms / 1e3) / 1e9
-
-    # --- TTFT: aiperf when given, else the spans' own envelope ---------------------------
+    # --- legs ------------------------------------------------------------------------------
+    for col in leg_order():
+        req[col] = np.nan
+    req["unaccounted_ms"] = np.nan
+    req["unaccounted_detail"] = None
+    req["span_ttft_ms"] = np.nan
+    req["start_ns"] = np.nan
+    ttft_client = client.ttft_ms if client is not None else np.full(n_keys, np.nan)
+    for chain_name, (rows, t, c) in per_chain.items():
+        chain = lg.CHAINS[chain_name]
+        corrected = t + np.where(c >= 0, offset[np.maximum(c, 0)], 0.0)
+        table = lg.compute_legs(corrected, chain, ttft_client[rows])
+        for j, m in enumerate(chain[1:], start=1):
+            req.iloc[rows, req.columns.get_loc(LEG + m.id)] = table.legs_ms[:, j]
+        req.iloc[rows, req.columns.get_loc("span_ttft_ms")] = (table.last_ns
+                                                               - table.first_ns) / 1e6
+        req.iloc[rows, req.columns.get_loc("unaccounted_ms")] = table.unaccounted_ms
+        req.iloc[rows, req.columns.get_loc("unaccounted_detail")] = [
+            "; ".join(g) or None for g in table.gaps]
+        req.iloc[rows, req.columns.get_loc("start_ns")] = table.first_ns + base
+    legs_present = [c for c in leg_order() if req[c].notna().any()]
+    req["stacked_ms"] = req[legs_present].sum(axis=1, min_count=1) if legs_present else np.nan
     req["ttft_ms"] = req["span_ttft_ms"]
     req["ttft_source"] = SOURCE_SPANS
-    if aiperf is not None and len(aiperf):
-        from kvprof.analysis.join import join_aiperf
+    req["concurrency"] = np.nan
+    req["client_error"] = False
+    if client is not None:
+        has = ~np.isnan(client.ttft_ms)
+        req.loc[has, "ttft_ms"] = client.ttft_ms[has]
+        req.loc[has, "ttft_source"] = client.source[has]
+        req["concurrency"] = client.concurrency
+        req["client_error"] = client.error
+    no_legs = req["stacked_ms"].isna() & req["ttft_ms"].notna()
+    req.loc[no_legs, "unaccounted_ms"] = req.loc[no_legs, "ttft_ms"]
+    x_ms = req[sc.SPAN_KV_TRANSFER]
+    req["transfer_gbps"] = req["kv_bytes"] / (x_ms / 1e3) / 1e9
+    req["transfer_status"] = _transfer_status(req, spans, key, names, n_keys)
+    req["dynamo_ttft_ms"] = _first_value(spans, key, names == sc.DYNAMO_HTTP_REQUEST,
+                                         "dynamo_ttft_ms", n_keys, numeric=True)
 
-        ttft, source, join_notes = join_aiperf(req, aiperf)
-        has = ttft.notna()
-        req.loc[has, "ttft_ms"] = ttft[has]
-        req.loc[has, "ttft_source"] = source[has]
-        notes.extend(join_notes)
-    else:
-        notes.append("No aiperf records given: TTFT is the span envelope (prefill start to "
-                     "first decode step end), which misses the client and frontend time.")
-    req["unaccounted_ms"] = req["ttft_ms"] - req["stacked_ms"].fillna(0.0)
-
-    # --- first contact per (prefill engine, decode engine) pair --------------------------
+    # --- first contact per (prefill engine, decode engine) pair ---------------------------
     req = req.sort_values("start_ns", kind="stable")
     req["pair"] = req["prefill_engine"].astype(str) + " -> " + req["decode_engine"].fillna(
         "(aggregated)").astype(str)
@@ -303,25 +246,116 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
     req["first_contact"] = req["pair_index"] == 0
     skipped = int(req["ttft_ms"].isna().sum())
     if skipped:
-        notes.append(f"{skipped} requests have neither aiperf TTFT nor both span ends; "
+        notes.append(f"{skipped} requests have neither an aiperf TTFT nor two milestones; "
                      "they are left out of the percentiles.")
     return RequestBreakdown(requests=req.reset_index(), skew=skew, notes=notes)
 
 
-def _parent_constraints(spans: pd.DataFrame, base: int, name_code, cats) -> pd.DataFrame:
-    """child start >= parent start, for a side's root span whose parent is on another clock.
+def _slot_matrices(key, slot, n_slots, n_keys, start, end, clock) -> dict[str, np.ndarray]:
+    """Per (request, slot): first start, last end (several ranks' spans overlap) and the
+    clock of the earliest span."""
+    import numpy as np
 
-    Only side roots (vllm.prefill / vllm.decode / vllm.request) are checked: below them parent
-    and child share a process, so the rule says nothing about skew and would cost a join of
-    every span.
-    """
+    n_slots = max(n_slots, 1)
+    combo = key.astype(np.int64) * n_slots + slot
+    order = np.lexsort((start, combo))
+    sc_ = combo[order]
+    bounds = (np.flatnonzero(np.r_[True, sc_[1:] != sc_[:-1]]) if len(sc_)
+              else np.array([], dtype=np.int64))
+    out = {"start": np.full((n_keys, n_slots), np.nan), "end": np.full((n_keys, n_slots), np.nan),
+           "clock": np.full((n_keys, n_slots), -1, dtype=np.int64)}
+    if len(bounds):
+        gk, gs = sc_[bounds] // n_slots, sc_[bounds] % n_slots
+        out["start"][gk, gs] = start[order][bounds]
+        out["end"][gk, gs] = np.maximum.reduceat(end[order], bounds)
+        out["clock"][gk, gs] = clock[order][bounds]
+    return out
+
+
+def _milestones(chain, rows, starts, ends, clock_mat, slot_names, client, base, client_clock):
+    """(times, clocks) of the chain's milestones for the given requests (NaN / -1 absent)."""
+    import numpy as np
+
+    n, m = len(rows), len(chain)
+    t = np.full((n, m), np.nan)
+    c = np.full((n, m), -1, dtype=np.int64)
+    slot_index = {s: i for i, s in enumerate(slot_names)}
+    for j, ms in enumerate(chain):
+        for slot, edge in ms.sources:
+            if slot == lg.CLIENT:
+                if client is None:
+                    continue
+                values = (client.send_ns if edge == "send" else client.first_ns)[rows] - base
+                clk = np.full(n, client_clock)
+            elif slot in slot_index:
+                frame = starts if edge == "start" else ends
+                values = frame.iloc[rows, slot_index[slot]].to_numpy(dtype=float)
+                clk = clock_mat[rows, slot_index[slot]]
+            else:
+                continue
+            fill = np.isnan(t[:, j]) & ~np.isnan(values)
+            t[fill, j] = values[fill]
+            c[fill, j] = clk[fill]
+    return t, c
+
+
+def _path_constraints(chain, rows, t, c, clocks, labels) -> pd.DataFrame:
+    """Consecutive milestones on two clocks bound their offset: the later one cannot
+    happen before the earlier (client -> router -> engines -> router -> client)."""
     import numpy as np
     import pandas as pd
 
-    roots = [i for i, c in enumerate(cats) if c in (sc.SPAN_PREFILL, sc.SPAN_DECODE,
-                                                     sc.SPAN_REQUEST)]
-    pick = np.isin(name_code, roots) & (spans["parent_span_id"] != "").to_numpy(dtype=bool)
+    # Optional milestones too: a staging copy that happened elsewhere than its place in the
+    # chain still precedes what follows it on another host.
+    req_j = range(len(chain))
+    parts = []
+    prev_t = np.full(len(rows), np.nan)
+    prev_c = np.full(len(rows), -1, dtype=np.int64)
+    for j in req_j:
+        has = ~np.isnan(t[:, j])
+        cross = has & (prev_c >= 0) & (c[:, j] != prev_c)
+        if cross.any():
+            parts.append(pd.DataFrame({
+                "rule": "path-order", "key": labels[rows[cross]],
+                "a": np.asarray(clocks, dtype=object)[prev_c[cross]],
+                "b": np.asarray(clocks, dtype=object)[c[cross, j]],
+                "lo_ns": prev_t[cross] - t[cross, j], "hi_ns": math.inf}))
+        prev_t = np.where(has, t[:, j], prev_t)
+        prev_c = np.where(has, c[:, j], prev_c)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=list(CONSTRAINT_COLUMNS))
+
+
+def _hold_constraints(req, starts, ends, clock_mat, slot_names, clocks) -> pd.DataFrame:
+    """The prefill side releases its blocks only after the decode side read them:
+    kv.hold ends after kv.transfer ends (an upper bound the path does not give)."""
+    import numpy as np
+    import pandas as pd
+
+    if sc.SPAN_KV_HOLD not in ends or sc.SPAN_KV_TRANSFER not in ends:
+        return pd.DataFrame(columns=list(CONSTRAINT_COLUMNS))
+    ih, ix = slot_names.index(sc.SPAN_KV_HOLD), slot_names.index(sc.SPAN_KV_TRANSFER)
+    h, x = ends[sc.SPAN_KV_HOLD].to_numpy(), ends[sc.SPAN_KV_TRANSFER].to_numpy()
+    ch, cx = clock_mat[:, ih], clock_mat[:, ix]
+    ok = ~np.isnan(h) & ~np.isnan(x) & (ch >= 0) & (cx >= 0) & (ch != cx)
+    names = np.asarray(clocks, dtype=object)
+    return pd.DataFrame({"rule": "hold-outlasts-transfer", "key": req.index[ok],
+                         "a": names[ch[ok]], "b": names[cx[ok]], "lo_ns": -math.inf,
+                         "hi_ns": (h - x)[ok]})
+
+
+def _parent_constraints(spans: pd.DataFrame, base: int, names: pd.Series) -> pd.DataFrame:
+    """child start >= parent start, for a side's root span whose parent is on another clock.
+
+    Only roots (vllm.prefill / vllm.decode / vllm.request) are checked: below them parent and
+    child share a process, so the rule says nothing about skew and would cost a join of every
+    span.
+    """
+    import pandas as pd
+
     empty = pd.DataFrame(columns=list(CONSTRAINT_COLUMNS))
+    pick = (names.isin((sc.SPAN_PREFILL, sc.SPAN_DECODE, sc.SPAN_REQUEST))
+            & (spans["parent_span_id"] != "")).to_numpy(dtype=bool)
     if not pick.any():
         return empty
     kids = spans.loc[pick, ["parent_span_id", "start_ns", "clock", "request_id"]]
@@ -341,107 +375,88 @@ def _parent_constraints(spans: pd.DataFrame, base: int, name_code, cats) -> pd.D
                          "hi_ns": math.inf})
 
 
-def _arrow_strings(values):
-    """A Series (or iterable) of strings as one Arrow string array, without Python loops."""
-    import pandas as pd
-    import pyarrow as pa
-
-    if not isinstance(values, pd.Series):
-        values = pd.Series(list(values), dtype=object)
-    arr = pa.array(values, from_pandas=True) if values.dtype == object else pa.array(values)
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    return arr if arr.type == pa.string() else arr.cast(pa.string())
-
-
-def fast_isin(values: pd.Series, wanted) -> np.ndarray:
-    """Series.isin through Arrow's hash kernel (pandas' Arrow-string isin loops in Python)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    found = pc.is_in(_arrow_strings(values), value_set=_arrow_strings(wanted).drop_null())
-    return np.asarray(found.fill_null(False), dtype=bool)
-
-
-def fast_map(values: pd.Series, table: pd.Series) -> pd.Series:
-    """values.map(table) for a float Series with unique string labels, via Arrow's hash kernel."""
+def _first_value(spans, key, rows_mask, column: str, n_keys: int, numeric: bool = False):
+    """Per request: ``column`` of its first span among ``rows_mask`` (NaN/None if none)."""
     import numpy as np
     import pandas as pd
-    import pyarrow.compute as pc
 
-    pos = pc.index_in(_arrow_strings(values), value_set=_arrow_strings(table.index.to_series()))
-    lookup_table = np.append(table.to_numpy(dtype=float), np.nan)
-    return pd.Series(lookup_table[np.asarray(pos.fill_null(-1))], index=values.index)
-
-
-def nearest_rank(values: pd.Series, pct: float) -> int:
-    """Position (in ascending order) of the nearest-rank percentile."""
-    n = len(values)
-    return max(0, min(n - 1, math.ceil(pct / 100.0 * n) - 1))
-
-
-def percentile_view(req: pd.DataFrame, pcts: tuple[int, ...] = (50, 90, 99)) -> list[dict]:
-    """The request at each TTFT percentile (nearest rank) with its stacked phases."""
-    done = req[req["ttft_ms"].notna()].sort_values("ttft_ms", kind="stable")
-    out = []
-    if done.empty:
+    out = np.full(n_keys, np.nan if numeric else None, dtype=float if numeric else object)
+    if column not in spans:
         return out
-    for p in pcts:
-        row = done.iloc[nearest_rank(done["ttft_ms"], p)]
-        phases = {ph: _num(row[ph]) for ph in STACKED_PHASES}
-        phases[UNACCOUNTED] = _num(row["unaccounted_ms"])
-        out.append({"percentile": p, "key": row["key"], "pair": row["pair"],
-                    "ttft_ms": float(row["ttft_ms"]), "ttft_source": row["ttft_source"],
-                    "first_contact": bool(row["first_contact"]), "phases_ms": phases,
-                    "kv_hold_ms": _num(row[sc.SPAN_KV_HOLD])})
+    pos = np.flatnonzero(np.asarray(rows_mask))
+    if not len(pos):
+        return out
+    uniq, first = np.unique(key[pos], return_index=True)
+    values = spans[column].iloc[pos[first]]
+    if numeric:
+        out[uniq] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    else:
+        v = values.astype(object).to_numpy()
+        out[uniq] = np.where(pd.isna(v), None, v)
     return out
 
 
-def phase_stats(req: pd.DataFrame) -> list[dict]:
-    """Each phase's own count, mean, p50 and p99 (linear interpolation) over requests."""
-    out = []
-    for ph in (*PHASES, UNACCOUNTED, "ttft"):
-        column = {UNACCOUNTED: "unaccounted_ms", "ttft": "ttft_ms"}.get(ph, ph)
-        s = req[column].dropna()
-        if s.empty:
-            continue
-        out.append({"phase": ph, "count": int(len(s)), "mean_ms": float(s.mean()),
-                    "p50_ms": float(s.quantile(0.5)), "p99_ms": float(s.quantile(0.99)),
-                    "max_ms": float(s.max())})
-    return out
+def _engine_attributes(req, spans, key, side, names, n_keys) -> None:
+    """Engines, pods, nodes, clocks, KV size/path/connector and trace id per request."""
+    import pandas as pd
+
+    def first(mask, column):
+        return pd.Series(_first_value(spans, key, mask, column, n_keys), index=req.index)
+
+    def engine(mask):
+        out = first(mask, "engine_id").fillna(first(mask, "pod"))
+        host = first(mask, "service").astype(str) + "@" + first(mask, "host").astype(str)
+        fallback = first(mask, "service").notna() & first(mask, "host").notna()
+        return out.fillna(host.where(fallback))
+
+    core = ~names.isin(sc.API_SPANS).to_numpy()
+    p = (side == SIDE_PREFILL) & core
+    d = (side == SIDE_DECODE) & core
+    a = (side == SIDE_AGGREGATED) & core
+    xfer = (names == sc.SPAN_KV_TRANSFER).to_numpy()
+    ser = (names == sc.SPAN_KV_SERIALIZE).to_numpy()
+    req["prefill_engine"] = engine(p)
+    req["prefill_clock"] = first(p, "clock")
+    req["prefill_pod"] = first(p, "pod")
+    req["prefill_node"] = first(p, "node")
+    req["decode_engine"] = engine(d)
+    req["decode_clock"] = first(d, "clock")
+    req["decode_pod"] = first(d, "pod")
+    req["decode_node"] = first(d, "node")
+    remote = first(xfer, "remote_engine_id").fillna(first(d, "remote_engine_id"))
+    req["kv_bytes"] = pd.to_numeric(first(xfer, "kv_bytes").fillna(first(ser, "kv_bytes")),
+                                    errors="coerce")
+    req["kv_path"] = first(xfer, "kv_path")
+    req["connector"] = first(xfer, "connector")
+    req["prefill_engine"] = req["prefill_engine"].fillna(remote).fillna(engine(a))
+    req["prefill_clock"] = req["prefill_clock"].fillna(first(a, "clock"))
+    any_span = pd.Series(True, index=spans.index).to_numpy()
+    req["trace_id"] = first(p, "trace_id").fillna(first(d, "trace_id")).fillna(
+        first(any_span, "trace_id"))
 
 
-def pair_view(req: pd.DataFrame) -> list[dict]:
-    """Per (prefill, decode) pair: the first request against the steady state after it."""
-    out = []
-    for pair, grp in req.groupby("pair", sort=True):
-        first = grp[grp["first_contact"]]
-        steady = grp[~grp["first_contact"]]
-        paths = grp["kv_path"].dropna().astype(str)
+def _transfer_status(req, spans, key, names, n_keys):
+    """ok / failed: <reason> / lease expired: <reason> for requests with a KV transfer."""
+    import numpy as np
 
-        def med(frame, colname):
-            s = frame[colname].dropna()
-            return float(s.median()) if len(s) else None
-
-        out.append({
-            "pair": pair, "requests": int(len(grp)),
-            "path": paths.mode().iloc[0] if len(paths) else None,
-            "first_key": first["key"].iloc[0] if len(first) else None,
-            "first_ttft_ms": med(first, "ttft_ms"),
-            "first_handshake_ms": med(first, sc.SPAN_KV_HANDSHAKE),
-            "steady_ttft_ms": med(steady, "ttft_ms"),
-            "steady_handshake_ms": med(steady, sc.SPAN_KV_HANDSHAKE),
-            "steady_transfer_ms": med(steady, sc.SPAN_KV_TRANSFER),
-            "median_transfer_gbps": med(grp, "transfer_gbps"),
-        })
-    return out
+    status = np.where(req[sc.SPAN_KV_TRANSFER].notna().to_numpy(), "ok", None).astype(object)
+    failed = _first_value(spans, key, (names == sc.SPAN_KV_TRANSFER).to_numpy()
+                          & spans["failure"].notna().to_numpy() if "failure" in spans
+                          else np.zeros(len(spans), dtype=bool), "failure", n_keys)
+    has = np.array([f is not None for f in failed])
+    status[has] = "failed: " + failed[has].astype(str)
+    lease = _first_value(spans, key, (names == sc.SPAN_KV_LEASE_EXPIRED).to_numpy(),
+                         "failure", n_keys)
+    expired = np.array([x is not None for x in lease])
+    status[expired] = ("lease expired: the prefill engine released this KV before the decode "
+                       "side read it")
+    return status
 
 
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
+def span_request_keys(spans: pd.DataFrame) -> pd.Series:
+    """The request key of every span (aligned to ``spans``), as build_breakdown assigns it."""
+    import pandas as pd
+
+    names = spans["name"].astype(str)
+    keys = assign_request_keys(spans, _sides(spans, names) == SIDE_DECODE)
+    return pd.Series(keys.labels[keys.codes], index=spans.index)

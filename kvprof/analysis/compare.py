@@ -1,4 +1,10 @@
-"""`kvprof compare`: two deployments' aiperf trees -> the seed report's tables + Pareto plot."""
+"""`kvprof compare`: two deployments' aiperf trees -> the seed report's tables + Pareto plot.
+
+A tree holds one folder per concurrency, each an aiperf run of any release: its summary JSON
+(schema 1.x or 0.1.x's "records"), else its summary CSV, else its profile_export.jsonl alone,
+whose aggregates are then recomputed as aiperf computes them (kvprof.analysis.aiperf); the
+tables say which runs were recomputed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvprof.analysis.aiperf import (
+    RECORDS_FILE,
     SUMMARY_CSV,
     SUMMARY_JSON,
     concurrency_of,
@@ -33,7 +40,11 @@ ROWS = (
 
 
 def load_tree(root: Path, gpus: int | None) -> pd.DataFrame:
-    """One row per concurrency folder: the metrics the tables need (NaN where absent)."""
+    """One row per concurrency folder: the metrics the tables need (NaN where absent).
+
+    ``summary_source`` names what each row was read from, ``recomputed`` is True where only
+    per-request records were there, ``notes`` carries what the reader said about the run.
+    """
     import pandas as pd
 
     if not root.is_dir():
@@ -41,16 +52,17 @@ def load_tree(root: Path, gpus: int | None) -> pd.DataFrame:
                             hint="Pass the --output-artifact-dir parent holding c1/, c10/, ...")
     rows = []
     for run in sorted(p for p in root.iterdir() if p.is_dir()):
-        summary_file = next((run / f for f in (SUMMARY_JSON, SUMMARY_CSV)
-                             if (run / f).exists()), None)
-        if summary_file is None:
+        if not any((run / f).exists() for f in (SUMMARY_JSON, SUMMARY_CSV, RECORDS_FILE)):
             continue
-        conc = concurrency_of(run, summary_file)
+        m = load_aiperf_summary(run)
+        summary_json = run / SUMMARY_JSON
+        conc = concurrency_of(run, summary_json if summary_json.exists() else None)
         if conc is None:
             raise BadInputError(f"cannot tell the concurrency of {run}",
                                 hint="Name run folders c1, c10, ... as the seed's script does.")
-        m = load_aiperf_summary(summary_file)
-        row: dict[str, Any] = {"concurrency": conc, "run": str(run)}
+        row: dict[str, Any] = {"concurrency": conc, "run": str(run),
+                               "summary_source": m.kind, "recomputed": m.recomputed,
+                               "notes": list(m.notes)}
         for _, metric, stat, _ in ROWS:
             if stat:
                 row[f"{metric}.{stat}"] = m.get(metric, {}).get(stat, math.nan)
@@ -60,8 +72,37 @@ def load_tree(root: Path, gpus: int | None) -> pd.DataFrame:
         rows.append(row)
     if not rows:
         raise BadInputError(f"no aiperf runs under {root}",
-                            hint=f"Expected sub-folders (one per concurrency) with {SUMMARY_JSON}.")
-    return pd.DataFrame(rows).sort_values("concurrency").reset_index(drop=True)
+                            hint=f"Expected sub-folders (one per concurrency) with {SUMMARY_JSON}, "
+                                 f"{SUMMARY_CSV} or {RECORDS_FILE}.")
+    tree = pd.DataFrame(rows).sort_values("concurrency").reset_index(drop=True)
+    dup = tree["concurrency"][tree["concurrency"].duplicated()]
+    if len(dup):
+        raise BadInputError(f"{root} holds two runs of concurrency {int(dup.iloc[0])}",
+                            hint="Keep one run folder per concurrency in a tree.")
+    return tree
+
+
+def run_sources(tree: pd.DataFrame) -> list[dict]:
+    """Per run of a tree: its concurrency, folder, what was read and the reader's notes."""
+    return [{"concurrency": int(r["concurrency"]), "run": r["run"],
+             "source": r["summary_source"], "recomputed": bool(r["recomputed"]),
+             "notes": list(r["notes"])} for _, r in tree.iterrows()]
+
+
+def _sources_markdown(sources: dict[str, list[dict]]) -> list[str]:
+    out = []
+    for name, runs in sources.items():
+        redone = [f"c{r['concurrency']}" for r in runs if r["recomputed"]]
+        if redone:
+            out.append(f"{name}: {', '.join(redone)} had no aiperf summary: aggregates "
+                       f"recomputed from {RECORDS_FILE} as aiperf computes them.")
+        csv_runs = [f"c{r['concurrency']}" for r in runs if r["source"] == SUMMARY_CSV]
+        if csv_runs:
+            out.append(f"{name}: {', '.join(csv_runs)} read from {SUMMARY_CSV} (aiperf rounds "
+                       "it to 2 decimals).")
+    notes = sorted({n for runs in sources.values() for r in runs if r["recomputed"]
+                    for n in r["notes"] if not n.startswith("Aggregates recomputed")})
+    return out + notes
 
 
 def _column(metric: str, stat: str) -> str:
@@ -80,7 +121,7 @@ def comparison_tables(base: pd.DataFrame, cand: pd.DataFrame, names: tuple[str, 
             b, c = r[f"{col}_b"], r[f"{col}_c"]
             if math.isnan(b) or math.isnan(c):
                 continue
-            if b == c:
+            if math.isclose(b, c, rel_tol=1e-9):  # equal but for float rounding
                 winner, ratio = "tie", 1.0
             else:
                 base_wins = (b < c) if lower else (b > c)
@@ -93,10 +134,14 @@ def comparison_tables(base: pd.DataFrame, cand: pd.DataFrame, names: tuple[str, 
     return tables
 
 
-def render_markdown(tables: list[dict], names: tuple[str, str], gpus: tuple) -> str:
+def render_markdown(tables: list[dict], names: tuple[str, str], gpus: tuple,
+                    sources: dict[str, list[dict]] | None = None) -> str:
     out = [f"# {names[0]} vs {names[1]}", "",
            f"GPUs: {names[0]} {gpus[0] or 'not given'}, {names[1]} {gpus[1] or 'not given'}. "
            "Ratio = worse / better (how many times the winner is better)."]
+    said = _sources_markdown(sources or {})
+    if said:
+        out += [""] + [f"- {line}" for line in said]
     for t in tables:
         out += ["", f"## {t['label']}", ""]
         if not t["rows"]:
@@ -126,10 +171,13 @@ def run_compare_command(baseline: Path, candidate: Path, gpus: list[int], baseli
         raise UsageError("--baseline-name and --candidate-name must differ")
     base, cand = load_tree(baseline, g[0]), load_tree(candidate, g[1])
     tables = comparison_tables(base, cand, names)
-    doc = {"baseline": {"name": names[0], "tree": str(baseline), "gpus": g[0]},
-           "candidate": {"name": names[1], "tree": str(candidate), "gpus": g[1]},
+    sources = {names[0]: run_sources(base), names[1]: run_sources(cand)}
+    doc = {"baseline": {"name": names[0], "tree": str(baseline), "gpus": g[0],
+                        "runs": sources[names[0]]},
+           "candidate": {"name": names[1], "tree": str(candidate), "gpus": g[1],
+                         "runs": sources[names[1]]},
            "tables": tables}
-    md = render_markdown(tables, names, g)
+    md = render_markdown(tables, names, g, sources)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(md, encoding="utf-8")
     (out / "compare.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
@@ -146,4 +194,4 @@ def run_compare_command(baseline: Path, candidate: Path, gpus: list[int], baseli
     return text, f"Wrote {', '.join(written)} to {out}{note}"
 
 
-__all__ = ["comparison_tables", "fmt", "load_tree", "run_compare_command"]
+__all__ = ["comparison_tables", "fmt", "load_tree", "run_compare_command", "run_sources"]

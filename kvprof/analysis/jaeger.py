@@ -10,7 +10,18 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from kvprof.analysis.otlp import SPAN_KINDS, kind_number
+from kvprof.analysis.otlp import (
+    MAX_UNIX_NANOS,
+    SPAN_KINDS,
+    MalformedSpan,
+    SpanProblems,
+    kind_number,
+    parent_id_hex,
+    raise_if_strict,
+    span_id_hex,
+    span_label,
+    whole_number,
+)
 from kvprof.errors import BadInputError, ResourceAbsentError, UsageError
 
 log = logging.getLogger(__name__)
@@ -57,65 +68,106 @@ def _tag(key: str, value: Any) -> dict:
     return {"key": key, "type": "string", "value": "" if value is None else str(value)}
 
 
-def jaeger_to_records(doc: dict) -> Iterator[dict]:
-    """Yield span records (see kvprof.analysis.otlp) from a Jaeger JSON document."""
+def jaeger_to_records(doc: dict, problems: SpanProblems | None = None) -> Iterator[dict]:
+    """Yield span records (see kvprof.analysis.otlp) from a Jaeger JSON document.
+
+    Malformed spans (rules in kvprof.analysis.otlp) are skipped and counted in `problems`;
+    without it the first one raises BadInputError.
+    """
+    counted = problems if problems is not None else SpanProblems()
     traces = doc["data"] if "data" in doc else [doc]
     for trace in traces:
         processes = trace.get("processes") or {}
         for sp in trace.get("spans") or ():
-            proc = sp.get("process") or processes.get(sp.get("processID"), {})
-            resource = {t["key"]: _tag_value(t) for t in proc.get("tags") or ()}
-            if proc.get("serviceName"):
-                resource["service.name"] = proc["serviceName"]
-            attrs: dict[str, Any] = {}
-            kind, scope, status = 0, {"name": "", "version": ""}, {"code": 0, "message": ""}
-            for t in sp.get("tags") or ():
-                key, value = t["key"], _tag_value(t)
-                if key == "span.kind":
-                    kind = _TAG_KIND.get(str(value).lower(), 0)
-                elif key in _SCOPE_NAME_TAGS:
-                    scope["name"] = value
-                elif key in _SCOPE_VERSION_TAGS:
-                    scope["version"] = value
-                elif key == _STATUS_CODE_TAG:
-                    status["code"] = _STATUS_NUMBERS.get(str(value).upper(), 0)
-                elif key == _STATUS_MSG_TAG:
-                    status["message"] = value
-                else:
-                    attrs[key] = value
-            parent = ""
-            for ref in sp.get("references") or ():
-                if ref.get("refType", "CHILD_OF") == "CHILD_OF":
-                    parent = str(ref.get("spanID", "")).lower()
-                    break
-            start_us = int(sp.get("startTime") or 0)
-            yield {
-                "trace_id": str(sp.get("traceID", trace.get("traceID", ""))).lower(),
-                "span_id": str(sp.get("spanID", "")).lower(),
-                "parent_span_id": parent,
-                "name": sp.get("operationName", ""),
-                "kind": kind,
-                "start_ns": start_us * 1000,
-                "end_ns": (start_us + int(sp.get("duration") or 0)) * 1000,
-                "attributes": attrs,
-                "resource": resource,
-                "scope": scope,
-                "status": status,
-                "events": [
-                    {
-                        "name": next(
-                            (f["value"] for f in lg.get("fields", ()) if f["key"] == "event"), ""
-                        ),
-                        "time_ns": int(lg.get("timestamp") or 0) * 1000,
-                        "attributes": {
-                            f["key"]: _tag_value(f)
-                            for f in lg.get("fields", ())
-                            if f["key"] != "event"
-                        },
-                    }
-                    for lg in sp.get("logs") or ()
-                ],
+            try:
+                rec = _jaeger_record(sp, trace, processes, counted)
+            except MalformedSpan as exc:
+                name = sp.get("operationName") if isinstance(sp, dict) else None
+                tid = sp.get("traceID") if isinstance(sp, dict) else None
+                counted.skip(f"{span_label(name, tid)}: {exc}")
+                raise_if_strict(problems, counted)
+                continue
+            raise_if_strict(problems, counted)
+            yield rec
+
+
+def _jaeger_times(sp: dict) -> tuple[int, int]:
+    """(start_ns, end_ns) from Jaeger's microsecond startTime and duration."""
+    start_us = whole_number(sp.get("startTime"), "startTime")
+    dur_us = whole_number(sp.get("duration"), "duration", allow_zero=True)
+    if (start_us + dur_us) * 1000 > MAX_UNIX_NANOS:
+        raise MalformedSpan(f"startTime {start_us} + duration {dur_us} is beyond int64 "
+                            "nanoseconds")
+    return start_us * 1000, (start_us + dur_us) * 1000
+
+
+def _jaeger_record(sp: Any, trace: dict, processes: dict, counted: SpanProblems) -> dict:
+    if not isinstance(sp, dict):
+        raise MalformedSpan(f"is a {type(sp).__name__}, not an object")
+    tid = span_id_hex(sp.get("traceID", trace.get("traceID")), 16, "traceID", jaeger=True)
+    sid = span_id_hex(sp.get("spanID"), 8, "spanID", jaeger=True)
+    start_ns, end_ns = _jaeger_times(sp)
+    try:
+        proc = sp.get("process") or processes.get(sp.get("processID"), {})
+        resource = {t["key"]: _tag_value(t) for t in proc.get("tags") or ()}
+        if proc.get("serviceName"):
+            resource["service.name"] = proc["serviceName"]
+        attrs: dict[str, Any] = {}
+        kind, scope, status = 0, {"name": "", "version": ""}, {"code": 0, "message": ""}
+        for t in sp.get("tags") or ():
+            key, value = t["key"], _tag_value(t)
+            if key == "span.kind":
+                kind = _TAG_KIND.get(str(value).lower(), 0)
+            elif key in _SCOPE_NAME_TAGS:
+                scope["name"] = value
+            elif key in _SCOPE_VERSION_TAGS:
+                scope["version"] = value
+            elif key == _STATUS_CODE_TAG:
+                status["code"] = _STATUS_NUMBERS.get(str(value).upper(), 0)
+            elif key == _STATUS_MSG_TAG:
+                status["message"] = value
+            else:
+                attrs[key] = value
+        parent, parent_why = "", None
+        for ref in sp.get("references") or ():
+            if ref.get("refType", "CHILD_OF") == "CHILD_OF":
+                parent, parent_why = parent_id_hex(ref.get("spanID"), "CHILD_OF spanID",
+                                                   jaeger=True)
+                break
+        events = [
+            {
+                "name": next(
+                    (f["value"] for f in lg.get("fields", ()) if f["key"] == "event"), ""
+                ),
+                "time_ns": int(lg.get("timestamp") or 0) * 1000,
+                "attributes": {
+                    f["key"]: _tag_value(f)
+                    for f in lg.get("fields", ())
+                    if f["key"] != "event"
+                },
             }
+            for lg in sp.get("logs") or ()
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedSpan(f"tags, process or logs malformed ({type(exc).__name__}: "
+                            f"{exc})") from None
+    name = sp.get("operationName", "")
+    if parent_why:
+        counted.drop_parent(f"{span_label(name, tid)}: {parent_why}")
+    return {
+        "trace_id": tid,
+        "span_id": sid,
+        "parent_span_id": parent,
+        "name": name,
+        "kind": kind,
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "attributes": attrs,
+        "resource": resource,
+        "scope": scope,
+        "status": status,
+        "events": events,
+    }
 
 
 def records_to_jaeger(records: Iterable[dict]) -> dict:

@@ -4,6 +4,11 @@ The stdlib path builds Python objects for every span and attribute; this one let
 the lines and flattens resourceSpans -> scopeSpans -> spans -> attributes with vectorised
 list kernels, so a million spans load in seconds. Any file it cannot take (pretty-printed
 JSON, Jaeger, types Arrow infers inconsistently) returns None and goes the stdlib way.
+
+Malformed spans (the rules are kvprof.analysis.otlp's) are found with a few vectorised
+checks on the id bytes and times; only the rows they flag go through the stdlib checks,
+which skip them (counted) or normalise them (base64 ids, zero parent ids), so both paths
+keep and drop the same spans.
 """
 
 from __future__ import annotations
@@ -12,7 +17,19 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvprof.analysis.span_schema import ATTR_COLUMNS, CATEGORY_COLUMNS, NUMERIC_COLUMNS
+from kvprof.analysis.otlp import (
+    MalformedSpan,
+    SpanProblems,
+    check_otlp_span,
+    span_label,
+    whole_number,
+)
+from kvprof.analysis.span_schema import (
+    ATTR_COLUMN_NAMES,
+    ATTR_COLUMNS,
+    CATEGORY_COLUMNS,
+    NUMERIC_COLUMNS,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -77,12 +94,15 @@ def _attr_columns(n: int, attrs_list: pa.Array, owner_of_list) -> dict[str, pa.A
     encoded = pc.dictionary_encode(pc.fill_null(keys, ""))
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     out = {}
-    for code, key in enumerate(encoded.dictionary.to_pylist()):
-        col = ATTR_COLUMNS.get(key)
-        if col is None:
+    present = {key: code for code, key in enumerate(encoded.dictionary.to_pylist())}
+    # In ATTR_COLUMNS order: where several keys feed one column, the first listed wins.
+    for key, col in ATTR_COLUMNS.items():
+        code = present.get(key)
+        if code is None:
             continue
         mask_np = codes == code
-        out[col] = _spread(n, owner[mask_np], text.filter(pa.array(mask_np)))
+        values = _spread(n, owner[mask_np], text.filter(pa.array(mask_np)))
+        out[col] = values if col not in out else pc.coalesce(out[col], values)
     return out
 
 
@@ -114,18 +134,45 @@ def _column(col: str, n: int, own, res, take_rs) -> pa.Array:
     return pc.dictionary_encode(own if res is None else pc.coalesce(own, res.take(take_rs)))
 
 
-def read_otlp_jsonl(path: Path) -> pa.Table | None:
-    """The span table (as Arrow, before pandas) of one OTLP JSON-lines file, or None."""
+def _status(sp: pa.Array, n: int) -> tuple[pa.Array, pa.Array]:
+    """(code as float64, message) of each span; a code written as its STATUS_CODE_* name
+    goes through the stdlib mapping (rare: the probes and SDKs write numbers)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from kvprof.analysis.otlp import status_number
+
+    status = _field(sp, "status")
+    code = _field(status, "code") if status is not None else None
+    message = _field(status, "message") if status is not None else None
+    if code is None:
+        code = pa.nulls(n, pa.float64())
+    elif pa.types.is_integer(code.type) or pa.types.is_floating(code.type):
+        code = pc.cast(code, pa.float64())
+    else:
+        code = pa.array([None if v is None else float(status_number(v))
+                         for v in code.to_pylist()], pa.float64())
+    if message is None or not pa.types.is_string(message.type):
+        message = pa.nulls(n, pa.string())
+    return code, message
+
+
+def read_otlp_jsonl(path: Path, problems: SpanProblems | None = None) -> pa.Table | None:
+    """The span table (as Arrow, before pandas) of one OTLP JSON-lines file, or None.
+
+    Malformed spans are left out of the table and counted in `problems` (only when a table
+    is returned: on None the stdlib reader counts them itself).
+    """
     import pyarrow as pa
 
     try:
-        return _read(path)
+        return _read(path, problems)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError) as exc:
         log.debug("arrow path failed for %s (%s); using the stdlib reader", path, exc)
         return None
 
 
-def _read(path: Path) -> pa.Table | None:
+def _read(path: Path, problems: SpanProblems | None = None) -> pa.Table | None:
     import pyarrow as pa
     import pyarrow.json as pj
 
@@ -143,11 +190,108 @@ def _read(path: Path) -> pa.Table | None:
             return None
     if table is None:
         return None
-    return flatten_otlp(table, path.name)
+    return flatten_otlp(table, path.name, problems)
 
 
-def flatten_otlp(table: pa.Table, source: str) -> pa.Table | None:
-    """resourceSpans -> scopeSpans -> spans -> the span table's columns (None: not OTLP)."""
+def _bad_ids(ids: pa.Array, digits: int, empty_ok: bool = False):
+    """Rows whose id is not `digits` lowercase hex digits (or is all zeros); None: no such row.
+
+    Reads the string buffers with NumPy (a byte-class test, no regex), so a million ids cost
+    a few milliseconds; ids were lowercased before.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if ids.type != pa.string():
+        ids = pc.cast(ids, pa.string())
+    bufs = ids.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[ids.offset: ids.offset + len(ids) + 1]
+    lengths = np.diff(offsets)
+    bad = lengths != digits
+    if empty_ok:
+        bad &= lengths != 0
+    if bufs[2] is not None and offsets[-1] > offsets[0]:
+        body = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        # All in '0'..'f' and none in ':'..'`' (uint8 wrap-around) is the usual answer; only
+        # otherwise find the bytes that are not hex digits.
+        usual = body.min() >= 48 and body.max() <= 102 and not ((body - 58) < 39).any()
+        not_hex = None if usual else ((body - 48) >= 10) & ((body - 97) >= 6)
+        if not_hex is not None and not_hex.any():
+            at = np.flatnonzero(not_hex) + offsets[0]
+            bad[np.searchsorted(offsets, at, side="right") - 1] = True
+    zeros = pc.equal(ids, "0" * digits)
+    if pc.any(zeros).as_py():
+        bad |= zeros.to_numpy(zero_copy_only=False)
+    return bad if bad.any() else None
+
+
+def _bad_times(start: pa.Array, end: pa.Array):
+    """Rows without 0 < start <= end (missing or unparsable times are null); None: none."""
+    import pyarrow.compute as pc
+
+    ok = pc.fill_null(pc.and_(pc.greater(start, 0), pc.greater_equal(end, start)), False)
+    if pc.all(ok).as_py():
+        return None
+    return ~ok.to_numpy(zero_copy_only=False)
+
+
+def _nanos_or_none(value) -> int | None:
+    try:
+        return whole_number(value, "time")
+    except MalformedSpan:
+        return None
+
+
+def _recheck(cols: dict, sp: pa.Array, bad, problems: SpanProblems):
+    """Run the stdlib checks on the flagged rows: fix what they normalise, return rows to keep."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = np.flatnonzero(bad)
+    take = pa.array(rows)
+
+    def raw(name: str) -> list:
+        f = _field(sp, name)
+        return [None] * len(rows) if f is None else f.take(take).to_pylist()
+
+    fields = ("traceId", "spanId", "parentSpanId", "startTimeUnixNano", "endTimeUnixNano")
+    values = [raw(name) for name in fields]
+    names = cols["name"].take(take).to_pylist()
+    keep = np.ones(len(cols["trace_id"]), dtype=bool)
+    fixed_rows: list[int] = []
+    fixed: list[list] = [[], [], [], [], []]
+    for j, row in enumerate(rows.tolist()):
+        t, s, p, b, e = (v[j] for v in values)
+        try:
+            checked = check_otlp_span(t, s, p, b, e)
+        except MalformedSpan as exc:
+            problems.skip(f"{span_label(names[j], t)}: {exc}")
+            keep[row] = False
+            continue
+        if checked[5]:
+            problems.drop_parent(f"{span_label(names[j], checked[0])}: {checked[5]}")
+        fixed_rows.append(row)
+        for out, v in zip(fixed, checked[:5], strict=True):
+            out.append(v)
+    if fixed_rows:
+        mask = np.zeros(len(keep), dtype=bool)
+        mask[fixed_rows] = True
+        mask_arr = pa.array(mask)
+        targets = ("trace_id", "span_id", "parent_span_id", "start_ns", "end_ns")
+        for col, vals in zip(targets, fixed, strict=True):
+            cols[col] = pc.replace_with_mask(cols[col], mask_arr,
+                                             pa.array(vals, type=cols[col].type))
+    return keep
+
+
+def flatten_otlp(table: pa.Table, source: str,
+                 problems: SpanProblems | None = None) -> pa.Table | None:
+    """resourceSpans -> scopeSpans -> spans -> the span table's columns (None: not OTLP).
+
+    Malformed spans are dropped and counted in `problems` (see the module docstring).
+    """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -175,13 +319,20 @@ def flatten_otlp(table: pa.Table, source: str) -> pa.Table | None:
                 return pa.array([""] * n, pa.string())
             f = f if f.type == pa.string() else pc.cast(f, pa.string())
             f = pc.fill_null(f, "")
-            return pc.utf8_lower(f) if lower else f
+            # ASCII is enough: an id with other characters is malformed whatever its case.
+            return pc.ascii_lower(f) if lower else f
 
         def nanos(name: str) -> pa.Array:
+            """Times as int64; null where missing or not a whole number (checked below)."""
             f = _field(sp, name)
-            if f is None:
-                return pa.array(np.zeros(n, dtype=np.int64))
-            return pc.fill_null(pc.cast(f, pa.int64()), 0)
+            if f is None or not (pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+                                 or pa.types.is_string(f.type)):
+                return pa.nulls(n, pa.int64())
+            try:
+                return pc.cast(f, pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                # Some span's time is no whole number: value by value, that one becomes null.
+                return pa.array([_nanos_or_none(v) for v in f.to_pylist()], pa.int64())
 
         cols: dict[str, pa.Array] = {
             "trace_id": text("traceId", lower=True),
@@ -191,6 +342,14 @@ def flatten_otlp(table: pa.Table, source: str) -> pa.Table | None:
             "start_ns": nanos("startTimeUnixNano"),
             "end_ns": nanos("endTimeUnixNano"),
         }
+        bad = _bad_times(cols["start_ns"], cols["end_ns"])
+        for col, digits, empty_ok in (("trace_id", 32, False), ("span_id", 16, False),
+                                      ("parent_span_id", 16, True)):
+            flagged = _bad_ids(cols[col], digits, empty_ok)
+            if flagged is not None:
+                bad = flagged if bad is None else bad | flagged
+        found = SpanProblems()
+        keep = _recheck(cols, sp, bad, found) if bad is not None else None
         span_attrs = _field(sp, "attributes")
         own = _attr_columns(n, span_attrs, None) if span_attrs is not None else {}
         resource = _field(rs, "resource")
@@ -200,8 +359,9 @@ def flatten_otlp(table: pa.Table, source: str) -> pa.Table | None:
         log.debug("arrow flattening failed for %s (%s); using the stdlib reader", source, exc)
         return None
     take_rs = pa.array(sp_rs)
-    for col in ATTR_COLUMNS.values():
+    for col in ATTR_COLUMN_NAMES:
         cols[col] = _column(col, n, own.get(col), res.get(col), take_rs)
+    cols["status_code"], cols["status_message"] = _status(sp, n)
     # The clock domain: node, else host, else service. Worked out per resource (a few rows)
     # when no span overrides those attributes, then spread to the spans by index.
     parts = ("node", "host", "service")
@@ -214,4 +374,9 @@ def flatten_otlp(table: pa.Table, source: str) -> pa.Table | None:
             take_rs)
     cols["source"] = pa.DictionaryArray.from_arrays(
         pa.array(np.zeros(n, dtype=np.int32)), pa.array([source], pa.string()))
-    return pa.table(cols)
+    out = pa.table(cols)
+    if keep is not None and not keep.all():
+        out = out.filter(pa.array(keep))
+    if problems is not None:
+        problems.merge(found)
+    return out

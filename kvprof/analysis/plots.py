@@ -5,16 +5,20 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
-from kvprof.analysis.breakdown import STACKED_PHASES, UNACCOUNTED
+from kvprof.analysis.breakdown import UNACCOUNTED
+from kvprof.analysis.legs import STAGES
 
 if TYPE_CHECKING:
     import pandas as pd
 
-PHASE_COLOURS = {
-    "vllm.prefill.queue": "#c7c7c7", "vllm.prefill.compute": "#1f77b4",
-    "kv.serialize": "#9467bd", "kv.handshake": "#d62728", "kv.transfer": "#ff7f0e",
-    "kv.deserialize": "#8c564b", "vllm.decode.queue": "#bcbd22",
-    "vllm.decode.first_token": "#2ca02c", UNACCOUNTED: "#7f7f7f",
+STAGE_COLOURS = {
+    "client": "#aec7e8", "router": "#c5b0d5", "prefill.intake": "#ffbb78",
+    "prefill.queue": "#c7c7c7", "prefill.compute": "#1f77b4", "prefill.response": "#98df8a",
+    "decode.intake": "#ff9896", "kv.wait": "#e377c2", "kv.handshake": "#d62728",
+    "kv.transfer": "#ff7f0e", "kv.copy": "#8c564b", "kv.ready": "#bcbd22",
+    "decode.compute": "#2ca02c", "decode.response": "#17becf",
+    "engine.intake": "#ffbb78", "engine.queue": "#c7c7c7", "engine.compute": "#1f77b4",
+    "engine.response": "#17becf", UNACCOUNTED: "#7f7f7f",
 }
 
 
@@ -35,28 +39,29 @@ def _png(fig) -> bytes:
 
 
 def stacked_percentiles(view: list[dict]) -> bytes:
-    """Horizontal stacked bars: the phases of the p50 / p90 / p99 TTFT requests."""
+    """Horizontal stacked bars: the stages of the p50 / p90 / p99 TTFT requests."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 0.9 + 0.7 * len(view)))
     labels = [f"p{v['percentile']} ({v['ttft_ms']:.0f} ms)" for v in view]
     for row, v in enumerate(view):
         left = 0.0
-        for ph in (*STACKED_PHASES, UNACCOUNTED):
-            width = v["phases_ms"].get(ph) or 0.0
+        for stage in (*STAGES, UNACCOUNTED):
+            width = v["stages_ms"].get(stage) or 0.0
             if width <= 0:
                 continue
-            ax.barh(row, width, left=left, color=PHASE_COLOURS.get(ph),
-                    label=ph if row == 0 or ph not in ax.get_legend_handles_labels()[1] else None,
+            name = STAGES.get(stage, stage)
+            ax.barh(row, width, left=left, color=STAGE_COLOURS.get(stage),
+                    label=name if name not in ax.get_legend_handles_labels()[1] else None,
                     edgecolor="white", linewidth=0.5)
             left += width
     ax.set_yticks(range(len(view)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("ms from request start (stacked phases)")
+    ax.set_xlabel("ms from the client's send (stages of the request's path, stacked)")
     ax.set_title("Where TTFT goes: the requests at p50, p90 and p99")
     handles, names = ax.get_legend_handles_labels()
     uniq = dict(zip(names, handles, strict=True))
     ax.legend(uniq.values(), uniq.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.25),
-              ncol=4, fontsize=8, frameon=False)
+              ncol=2, fontsize=8, frameon=False)
     return _png(fig)
 
 

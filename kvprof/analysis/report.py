@@ -11,14 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvprof import semconv as sc
-from kvprof.analysis.breakdown import (
-    STACKED_PHASES,
-    UNACCOUNTED,
-    build_breakdown,
-    pair_view,
-    percentile_view,
-    phase_stats,
-)
+from kvprof.analysis.breakdown import LEG, PHASES, UNACCOUNTED, build_breakdown, leg_order
 from kvprof.analysis.render import (
     NO_DATA,
     esc,
@@ -28,6 +21,13 @@ from kvprof.analysis.render import (
     html_table,
     md_table,
     sig,
+)
+from kvprof.analysis.views import (
+    leg_stats,
+    level_view,
+    pair_view,
+    percentile_view,
+    phase_stats,
 )
 from kvprof.errors import BadInputError, UsageError
 
@@ -80,7 +80,12 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
     from kvprof.analysis.aiperf import load_aiperf_records
     from kvprof.analysis.links import link_timeline, transfer_links
     from kvprof.analysis.traces import load_spans, require_kvprof_spans
-    from kvprof.analysis.verdict import rank_causes, should_cost_line, traced_transfer
+    from kvprof.analysis.verdict import (
+        rank_by_level,
+        rank_causes,
+        should_cost_line,
+        traced_transfer,
+    )
 
     spans_load = load_spans(inputs.traces, inputs.service, inputs.lookback)
     require_kvprof_spans(spans_load, inputs.traces)
@@ -93,8 +98,10 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
         "inputs": {"traces": {"source": str(inputs.traces), "files": len(spans_load.files),
                               "spans": int(len(spans_load.spans)),
                               "formats": sorted(spans_load.formats),
-                              "skipped": [{"file": f, "why": w} for f, w in spans_load.skipped]}},
-        "notes": list(bd.notes),
+                              "skipped": [{"file": f, "why": w} for f, w in spans_load.skipped],
+                              "spans_skipped": spans_load.spans_skipped,
+                              "parents_dropped": spans_load.parents_dropped}},
+        "notes": [*spans_load.notes, *bd.notes],
     }
     if aiperf is not None:
         data["inputs"]["aiperf"] = {"source": str(inputs.aiperf), "records": int(len(aiperf))}
@@ -124,10 +131,17 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
         "ttft_p99_ms": float(done["ttft_ms"].quantile(0.99)) if len(done) else None,
         "stacked_mean_ms": float(done["stacked_ms"].mean()) if len(done) else None,
         "unaccounted_mean_ms": float(done["unaccounted_ms"].mean()) if len(done) else None,
+        "unaccounted_share": (float(done["unaccounted_ms"].mean() / done["ttft_ms"].mean())
+                              if len(done) and done["ttft_ms"].mean() else None),
+        "chains": {str(k): int(v) for k, v in req["chain"].value_counts().items()},
+        "failed_transfers": int(req["transfer_status"].astype(str).str.startswith(
+            ("failed", "lease")).sum()),
         "ttft_sources": {str(k): int(v) for k, v in done["ttft_source"].value_counts().items()},
     }
     data["skew"] = bd.skew.to_dict()
     data["percentiles"] = percentile_view(req)
+    data["legs"] = leg_stats(req)
+    data["levels"] = level_view(req)
     data["phase_stats"] = phase_stats(req)
     data["pairs"] = pair_view(req)
     links = None
@@ -154,14 +168,22 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
 
         data["nixl_metrics"] = nixl_summary(parse_nixl_prometheus(inputs.vllm_metrics))
     data["verdict"] = rank_causes(req, links, should)
+    data["verdict_by_level"] = rank_by_level(req)
     if should is not None:
         data["should_cost"]["against_traces"] = should.against(*traced_transfer(done))
         data["should_cost"]["summary"] = should_cost_line(should, done)
-    cols = ["key", "trace_id", "pair", "first_contact", "prefill_pod", "decode_pod",
-            "prefill_node", "decode_node", "kv_path", "kv_bytes", *STACKED_PHASES,
-            sc.SPAN_KV_HOLD, "stacked_ms", "ttft_ms", "ttft_source", "unaccounted_ms",
-            "transfer_gbps"]
+    legs = [c for c in leg_order() if c in req and req[c].notna().any()]
+    cols = ["key", "x_request_id", "trace_id", "chain", "concurrency", "pair", "first_contact",
+            "prefill_pod", "decode_pod", "prefill_node", "decode_node", "kv_path", "kv_bytes",
+            *[p for p in PHASES if p in req], sc.SPAN_DECODE_KV_WAIT, "stacked_ms", "ttft_ms",
+            "ttft_source", "unaccounted_ms", "unaccounted_detail", "transfer_gbps",
+            "transfer_status", "dynamo_ttft_ms", "client_error"]
     data["requests"] = _records(req, cols, MAX_REQUEST_ROWS)
+    for row, (_, legs_row) in zip(data["requests"], req[legs].head(MAX_REQUEST_ROWS).iterrows(),
+                                  strict=False):
+        # Path order, one entry per leg the request has: legs + unaccounted = TTFT.
+        row["legs_ms"] = {c.removeprefix(LEG): float(v) for c, v in legs_row.items()
+                          if v == v}
     if len(req) > MAX_REQUEST_ROWS:
         data["notes"].append(f"requests lists the first {MAX_REQUEST_ROWS} of {len(req)} "
                              "requests; every statistic covers all of them.")
@@ -207,27 +229,50 @@ def _links_data(links) -> dict:
 # --- rendering -----------------------------------------------------------------------------
 
 def _verdict_lines(data: dict) -> list[tuple[dict, str]]:
-    return [(c, f"{c['label']} ({c['cause']}): "
-                f"{c.get('headline') or fmt(c['mean_ms']) + ' ms per request'}, "
-                f"{100 * c['share']:.0f}% of the overhead"
+    return [(c, f"{c['headline']} ({100 * c['share']:.0f}% of mean TTFT)"
                 + (" — estimate" if c["estimate"] else ""))
             for c in data["verdict"]]
+
+
+def _level_lines(data: dict) -> list[str]:
+    """Per concurrency level: the top stages in words, and what is left unaccounted."""
+    out = []
+    for lv in data.get("verdict_by_level", []):
+        top = "; ".join(f"{t['headline']} ({100 * t['share']:.0f}%)" for t in lv["top"])
+        out.append(f"concurrency {lv['concurrency']} ({lv['requests']} requests, TTFT mean "
+                   f"{fmt(lv['ttft_mean_ms'])} ms): {top}; unaccounted "
+                   f"{fmt(lv['unaccounted_mean_ms'])} ms ({100 * lv['unaccounted_share']:.1f}%)")
+    return out
 
 
 def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
     """Every table of the report, once, for both Markdown and HTML."""
     t: dict[str, tuple[list[str], list[list]]] = {}
-    phases = [*STACKED_PHASES, UNACCOUNTED]
     view = data["percentiles"]
-    # Phases as rows, percentiles as columns: stays narrow however long the request ids are.
+    stages = list(dict.fromkeys(k for v in view for k in v["stages_ms"] if k != UNACCOUNTED))
+    # Stages as rows, percentiles as columns: stays narrow however long the request ids are.
     t["percentiles"] = (["", *[f"p{v['percentile']}" for v in view]],
                         [["TTFT ms", *[v["ttft_ms"] for v in view]],
-                         *[[p, *[v["phases_ms"].get(p) for v in view]] for p in phases],
+                         *[[p, *[v["stages_ms"].get(p) for v in view]]
+                           for p in [*stages, UNACCOUNTED]],
                          ["kv.hold ms (overlaps, not stacked)", *[v["kv_hold_ms"] for v in view]],
                          ["pair", *[v["pair"] for v in view]],
                          ["first contact", *[v["first_contact"] for v in view]],
                          ["TTFT source", *[v["ttft_source"] for v in view]],
                          ["request", *[v["key"] for v in view]]])
+    t["legs"] = (["leg (in path order)", "stage", "requests", "mean ms", "p50 ms", "p99 ms",
+                  "max ms", "% of mean TTFT"],
+                 [[x["label"], x["stage"], x["count"], x["mean_ms"], x["p50_ms"], x["p99_ms"],
+                   x["max_ms"], sig(100 * x["share_of_ttft"]) if x["share_of_ttft"] is not None
+                   else None] for x in data["legs"]])
+    t["levels"] = (["concurrency", "requests", "TTFT mean ms", "TTFT p99 ms",
+                    "unaccounted mean ms", "unaccounted % of TTFT", "largest stage"],
+                   [[lv["concurrency"], lv["requests"], lv["ttft_mean_ms"], lv["ttft_p99_ms"],
+                     lv["unaccounted_mean_ms"],
+                     sig(100 * lv["unaccounted_share"]) if lv["unaccounted_share"] is not None
+                     else None,
+                     next((f"{k} ({fmt(v)} ms)" for k, v in lv["stages_ms"].items()
+                           if k != UNACCOUNTED), None)] for lv in data["levels"]])
     t["phases"] = (["phase", "requests", "mean ms", "p50 ms", "p99 ms", "max ms"],
                    [[s["phase"], s["count"], s["mean_ms"], s["p50_ms"], s["p99_ms"],
                      s["max_ms"]] for s in data["phase_stats"]])
@@ -300,21 +345,35 @@ def _empty_sentences(d: dict) -> dict[str, str]:
     }
 
 
+def _summary_sentence(d: dict) -> str:
+    s = d["summary"]
+    share = s.get("unaccounted_share")
+    return (f"{s['requests']} requests over {s['pairs']} prefill->decode pairs "
+            f"({s['first_contact_requests']} first contacts) from "
+            f"{d['inputs']['traces']['spans']} spans; TTFT mean {fmt(s['ttft_mean_ms'])} ms, "
+            f"p50 {fmt(s['ttft_p50_ms'])} ms, p99 {fmt(s['ttft_p99_ms'])} ms. The legs cover "
+            f"{fmt(s['stacked_mean_ms'])} ms on average; {fmt(s['unaccounted_mean_ms'])} ms"
+            + (f" ({100 * share:.1f}% of TTFT)" if share is not None else "")
+            + " is unaccounted. TTFT sources: "
+            + ", ".join(f"{v} x {k}" for k, v in s["ttft_sources"].items()) + ".")
+
+
 def render_markdown(report: Report) -> str:
     """The report as Markdown (same numbers as the JSON)."""
     d = report.data
-    s = d["summary"]
     t = _tables(d)
-    out = [f"# {d['title']}", "",
-           f"{s['requests']} requests over {s['pairs']} prefill->decode pairs from "
-           f"{d['inputs']['traces']['spans']} spans; TTFT p50 {fmt(s['ttft_p50_ms'])} ms, "
-           f"p99 {fmt(s['ttft_p99_ms'])} ms; mean unaccounted {fmt(s['unaccounted_mean_ms'])} ms.",
-           "", "## Verdict: causes of the disaggregation overhead, ranked", ""]
+    out = [f"# {d['title']}", "", _summary_sentence(d), "",
+           "## Verdict: where TTFT goes, stage by stage", ""]
     for n, (c, line) in enumerate(_verdict_lines(d), start=1):
         out.append(f"{n}. **{line}**")
         out.extend(f"   - {e}" for e in c["evidence"])
-    sections = [("Percentile view (stacked phases, ms)", "percentiles"),
-                ("Each phase on its own", "phases"),
+    levels = _level_lines(d)
+    if levels:
+        out += ["", "Per concurrency level:", ""] + [f"- {x}" for x in levels]
+    sections = [("TTFT per concurrency level", "levels"),
+                ("Percentile view (stages stacked, ms)", "percentiles"),
+                ("Every leg of TTFT, in path order", "legs"),
+                ("Each span on its own", "phases"),
                 ("First contact vs steady state per pair", "pairs"),
                 ("Clock skew (offsets added to each clock)", "skew"),
                 ("Skew bounds per pair of clocks", "skew_pairs"),
@@ -342,34 +401,31 @@ def render_markdown(report: Report) -> str:
 def render_html(report: Report) -> str:
     """The report as one self-contained HTML page with its figures embedded."""
     d = report.data
-    s = d["summary"]
     t = _tables(d)
     p = report.plots
     sections: list[tuple[str, str]] = []
-    summary = (f"<p><b>{s['requests']}</b> requests over <b>{s['pairs']}</b> prefill&rarr;decode "
-               f"pairs ({s['first_contact_requests']} first contacts). TTFT p50 "
-               f"<b>{esc(fmt(s['ttft_p50_ms']))} ms</b>, p99 <b>{esc(fmt(s['ttft_p99_ms']))} ms"
-               f"</b>; the spans cover {esc(fmt(s['stacked_mean_ms']))} ms on average and "
-               f"<b>{esc(fmt(s['unaccounted_mean_ms']))} ms</b> is unaccounted (hand-over "
-               f"through the frontend/router lives there). TTFT sources: "
-               + esc(", ".join(f"{v} x {k}" for k, v in s["ttft_sources"].items()))
-               + ".</p>")
+    summary = f"<p>{esc(_summary_sentence(d))}</p>"
     items = "".join(
         f"<li><b>{esc(line)}</b><ul>" + "".join(f"<li>{esc(e)}</li>" for e in c["evidence"])
         + "</ul></li>" for c, line in _verdict_lines(d))
+    levels = "".join(f"<li>{esc(x)}</li>" for x in _level_lines(d))
     sections.append(("Summary", summary))
-    sections.append(("Verdict: causes of the disaggregation overhead, ranked",
-                     f"<ol class=\"verdict\">{items}</ol><p class=\"note\">Share = a cause's "
-                     "mean per request over the sum of all overhead phases (serialize, "
-                     "handshake, transfer, deserialize, decode queue, unaccounted). Lines "
-                     "marked estimate rest on something not measured in these traces.</p>"))
+    sections.append(("Verdict: where TTFT goes, stage by stage",
+                     f"<ol class=\"verdict\">{items}</ol>"
+                     + (f"<p>Per concurrency level:</p><ul>{levels}</ul>" if levels else "")
+                     + "<p class=\"note\">Share = a stage's mean per request over the mean "
+                     "TTFT. Stages sum the legs between milestones of the request's path; "
+                     "unaccounted is what no leg covers. Lines marked estimate rest on "
+                     "something not measured in these traces.</p>"))
+    sections.append(("TTFT per concurrency level", html_table(*t["levels"])))
     block = ""
     if "stacked_percentiles" in p:
         block += html_img(p["stacked_percentiles"], "stacked breakdown per percentile")
     sections.append(("Percentile view", block + html_table(*t["percentiles"])))
-    sections.append(("Each phase on its own", html_table(*t["phases"])
-                     + "<p class=\"note\">kv.hold overlaps the decode side's handshake and "
-                     "transfer, so it is listed but not stacked.</p>"))
+    sections.append(("Every leg of TTFT, in path order", html_table(*t["legs"])))
+    sections.append(("Each span on its own", html_table(*t["phases"])
+                     + "<p class=\"note\">Spans overlap (kv.hold runs beside the decode "
+                     "side's handshake and transfer); the legs above do not.</p>"))
     block = html_img(p["ttft_by_pair"], "TTFT per pair") if "ttft_by_pair" in p else ""
     sections.append(("First contact vs steady state per pair", block + html_table(*t["pairs"])))
     sk = d["skew"]

@@ -21,6 +21,14 @@ The golden scenario the tests check by hand (``ScenarioSpec()`` defaults):
   in its spans and in its collector samples.
 * The last ``broken_traceparent`` requests' decode spans sit in their own trace (the
   traceparent got lost), so analysis must join them by request id.
+* ``full_path=True`` adds what the probes write on a real path: a router on host
+  ``frontend-0`` (its clock ``router_skew_ms`` off) and each engine's API-server spans. The
+  31 ms no engine span covers are then legs too: client -> router 2, router 1, router ->
+  prefill 1, prefill API input 2 + hand-off 1.5 + to the core 0.5 (the 8 ms before the
+  prefill); prefill output 0.5 + answer 0.5 + back to the router 1, router 1, router ->
+  decode 1, decode API input 10 + hand-off 5 + to the core 1 (the 20 ms hand-over); decode
+  output 0.5 + first bytes 1 + to the router 0.5, router 0.5, router -> client 0.5 (the 3 ms
+  after the first token). Nothing is left unaccounted.
 """
 
 from __future__ import annotations
@@ -72,6 +80,16 @@ class ScenarioSpec:
     t0_ns: int = 1_761_000_000_000_000_000
     jitter_ms: float = 0.0  # random extra prefill compute per request (bench realism)
     seed: int = 7
+    full_path: bool = False
+    router_skew_ms: float = -25.0
+    # The router forwards X-Request-Id but no traceparent (vLLM's example proxies): its spans
+    # sit in traces of their own and join by that id.
+    router_own_trace: bool = False
+
+# The full path's legs (ms), in order, splitting client_before / handover / client_after.
+BEFORE_PREFILL = (2.0, 1.0, 1.0, 2.0, 1.5, 0.5)  # -> router, router, -> API, input, to_core, core
+HANDOVER = (0.5, 0.5, 1.0, 1.0, 1.0, 10.0, 5.0, 1.0)  # output, answer, -> router, router, ...
+AFTER_FIRST_TOKEN = (0.5, 1.0, 0.5, 0.5, 0.5)  # output, first bytes, -> router, router, client
 
 
 @dataclass
@@ -146,7 +164,11 @@ def write_scenario(root: str | Path, spec: ScenarioSpec | None = None, samples: 
                for i in range(spec.prefill_engines)]
     decode = [_Engine(sc.ROLE_DECODE, i, DECODE_NODE, 2000 + i)
               for i in range(spec.decode_engines)]
-    files = {e.engine_id: (traces / f"{e.engine_id}.jsonl").open("w") for e in prefill + decode}
+    router = _Engine("router", 0, "frontend-0", 3000)
+    router.resource = [_kv(sc.RES_SERVICE_NAME, "pd-router"), _kv(sc.RES_HOST_NAME, "frontend-0"),
+                       _kv(sc.RES_PROCESS_PID, 3000), _kv(sc.ATTR_ROLE, sc.ROLE_ROUTER)]
+    engines = prefill + decode + ([router] if spec.full_path else [])
+    files = {e.engine_id: (traces / f"{e.engine_id}.jsonl").open("w") for e in engines}
     skew = _ms(spec.skew_ms)
     seen_pairs: set[tuple[int, int]] = set()
     truth: list[dict] = []
@@ -214,7 +236,13 @@ def write_scenario(root: str | Path, spec: ScenarioSpec | None = None, samples: 
                common)
         d.span(d_tid, sid(), d_root, sc.SPAN_DECODE_FIRST_TOKEN, dq_end + dshift,
                ft_end + dshift, common)
-        for eng in (p, d):
+        # The scheduler's view of the KV hand-over: request known -> KV ready (after the copy).
+        d.span(d_tid, sid(), d_root, sc.SPAN_DECODE_KV_WAIT, d_start + dshift, z_end + dshift,
+               common)
+        if spec.full_path:
+            _full_path(spec, p, d, router, sid, tid, d_tid, root_id, d_root, xid, rid,
+                       t, s_end, d_start, ft_end, skew)
+        for eng in (p, d, router):
             if len(eng.spans) >= batch:
                 files[eng.engine_id].write(eng.line() + "\n")
         client_start = t - _ms(spec.client_before_ms)
@@ -236,7 +264,7 @@ def write_scenario(root: str | Path, spec: ScenarioSpec | None = None, samples: 
                         "output_sequence_length": {"value": 500, "unit": "tokens"},
                         "input_sequence_length": {"value": 4000, "unit": "tokens"}},
         }))
-    for eng in prefill + decode:
+    for eng in engines:
         if eng.spans:
             files[eng.engine_id].write(eng.line() + "\n")
         files[eng.engine_id].close()
@@ -251,6 +279,51 @@ def write_scenario(root: str | Path, spec: ScenarioSpec | None = None, samples: 
         _write_samples(sample_dir, spec, windows)
     return Scenario(root=root, traces=traces, aiperf=aiperf, samples=sample_dir,
                     microbench=mb, truth=truth)
+
+
+def _full_path(spec, p, d, router, sid, tid, d_tid, p_root, d_root, xid, rid, t, s_end,
+               d_start, ft_end, d_shift) -> None:
+    """Router and API-server spans around one request (see the module docstring)."""
+    def marks(end: int, legs: tuple[float, ...]) -> list[int]:
+        out = [end]
+        for ms in reversed(legs):
+            out.insert(0, out[0] - _ms(ms))
+        return out
+
+    # Milestones in true time: before the prefill, the hand-over, after the first token.
+    c_send, r_recv, r_psend, p_recv, p_input, p_handoff, _ = marks(t, BEFORE_PREFILL)
+    h = [s_end]
+    for ms in HANDOVER:
+        h.append(h[-1] + _ms(ms))
+    _, p_out, p_ans, r_pdone, r_dsend, d_recv, d_input, d_handoff, _ = h
+    a = [ft_end]
+    for ms in AFTER_FIRST_TOKEN:
+        a.append(a[-1] + _ms(ms))
+    _, d_out, d_bytes, r_read, r_write, _ = a
+    assert c_send == t - _ms(spec.client_before_ms) and h[-1] == d_start
+    rs = _ms(spec.router_skew_ms)
+    rattrs = {sc.ATTR_X_REQUEST_ID: xid, sc.ATTR_ROLE: sc.ROLE_ROUTER}
+    r_root = sid()
+    r_tid = f"{int(tid, 16):016x}{'e' * 16}" if spec.router_own_trace else tid
+    router.span(r_tid, r_root, "", sc.SPAN_ROUTER_REQUEST, r_recv + rs, r_write + rs + _ms(5000),
+                rattrs)
+    router.span(r_tid, sid(), r_root, sc.SPAN_ROUTER_PREFILL, r_psend + rs, r_pdone + rs, rattrs)
+    router.span(r_tid, sid(), r_root, sc.SPAN_ROUTER_DECODE, r_dsend + rs, r_write + rs + _ms(5000),
+                rattrs)
+    router.span(r_tid, sid(), r_root, sc.SPAN_ROUTER_FIRST_BYTE, r_read + rs, r_write + rs, rattrs)
+    for eng, trace, parent, role, shift, times in (
+            (p, tid, p_root, sc.ROLE_PREFILL, 0, (p_recv, p_input, p_handoff, p_out, p_ans,
+                                                  p_ans)),
+            (d, d_tid, d_root, sc.ROLE_DECODE, d_shift, (d_recv, d_input, d_handoff, d_out,
+                                                         d_bytes, d_bytes + _ms(5000)))):
+        recv, inp, hand, out, answered, end = (x + shift for x in times)
+        attrs = {sc.ATTR_REQUEST_ID: rid, sc.ATTR_X_REQUEST_ID: xid, sc.ATTR_ROLE: role}
+        for name, start, stop in ((sc.SPAN_API_REQUEST, recv, end),
+                                  (sc.SPAN_API_INPUT, recv, inp),
+                                  (sc.SPAN_API_TO_CORE, inp, hand),
+                                  (sc.SPAN_API_WAIT, hand, out),
+                                  (sc.SPAN_API_RESPOND, out, answered)):
+            eng.span(trace, sid(), parent, name, start, stop, attrs)
 
 
 def _microbench_doc() -> dict:

@@ -3,22 +3,25 @@
 Each cross-host causal rule gives a bound on delta = offset(b) - offset(a), where a host's
 offset is added to its raw timestamps to put them on the reference clock:
 
-* ``transfer-after-prefill``: a decode-side kv.transfer cannot start before its prefill
-  finished (compute/serialize end): delta >= prefill_done(a) - transfer_start(b).
 * ``hold-outlasts-transfer``: the prefill side releases its blocks (kv.hold end) only after
   the decode side told it the transfer ended: delta <= hold_end(a) - transfer_end(b).
 * ``child-after-parent``: a span starts no earlier than its parent on another host.
+* ``path-order``: consecutive milestones of a request's path (client -> router -> engines ->
+  router -> client) happen in that order; a request that goes to another host and comes
+  back bounds the pair from both sides.
 
 Per pair of hosts the estimate is the middle of the feasible interval [max lower, min upper]
 (NTP's symmetric-slack assumption); with only lower bounds, the smallest shift that satisfies
 them (0 when none is violated). Offsets spread from the reference host (the first prefill
-host, by name) along the pairs with the most constraints.
+host, by name) along a maximum spanning tree: two-sided pairs first, then the pairs with the
+most constraints.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -131,18 +134,32 @@ def estimate_skew(cons: pd.DataFrame, reference: str | None) -> SkewResult:
             "estimate_ms": d / 1e6, "constraints": int(row["n"]),
             "consistent": not (math.isfinite(high) and low > high),
         })
-    graph: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
+    # Offsets spread from the reference along a maximum spanning tree: a pair bounded on both
+    # sides (a request went there and came back) beats any one-sided pair, then the pair
+    # with more constraints wins.
+    graph: dict[str, list[tuple[tuple[bool, int], str, float]]] = defaultdict(list)
     for (x, y), d in delta.items():
-        n = int(pairs.loc[(x, y), "n"])
-        graph[x].append((n, y, d))  # off(y) = off(x) + d
-        graph[y].append((n, x, -d))
-    queue = deque([reference])
-    while queue:
-        here = queue.popleft()
-        for _n, there, d in sorted(graph[here], reverse=True):
-            if there not in result.offsets_ns:
-                result.offsets_ns[there] = result.offsets_ns[here] + d
-                queue.append(there)
+        row = pairs.loc[(x, y)]
+        weight = (math.isfinite(float(row["lo"])) and math.isfinite(float(row["hi"])),
+                  int(row["n"]))
+        graph[x].append((weight, y, d))  # off(y) = off(x) + d
+        graph[y].append((weight, x, -d))
+    frontier: list = []
+    counter = 0
+
+    def push(node: str) -> None:
+        nonlocal counter
+        for weight, there, d in graph[node]:
+            counter += 1
+            # heapq pops the smallest: negate the weight, the counter breaks ties stably.
+            heapq.heappush(frontier, ((-int(weight[0]), -weight[1]), counter, node, there, d))
+
+    push(reference)
+    while frontier:
+        _, _, here, there, d = heapq.heappop(frontier)
+        if there not in result.offsets_ns:
+            result.offsets_ns[there] = result.offsets_ns[here] + d
+            push(there)
     # Report each interval as "offset of the second clock minus the first", the first being the
     # one nearer the reference, so the estimate reads as the offset applied to the second.
     for item in result.intervals:

@@ -48,16 +48,30 @@ ATTR_COLUMNS: dict[str, str] = {
     sc.ATTR_KV_BLOCKS: "kv_blocks",
     sc.ATTR_KV_DESCRIPTORS: "kv_descriptors",
     sc.ATTR_PROMPT_TOKENS: "prompt_tokens",
+    sc.ATTR_X_REQUEST_ID: "x_request_id",
+    "x_request_id": "x_request_id",  # NVIDIA Dynamo's frontend and workers
+    "http.request.header.x-request-id": "x_request_id",
+    "request_id": "foreign_request_id",  # Dynamo's own id (vLLM's request id in its workers)
+    "gen_ai.request.id": "foreign_request_id",  # vLLM's llm_request span
+    sc.ATTR_DYNAMO_TTFT_MS: "dynamo_ttft_ms",
+    "component": "component",  # Dynamo worker component (prefill / backend)
+    sc.ATTR_FAILURE: "failure",
+    sc.ATTR_HTTP_STATUS: "http_status",
     sc.RES_SERVICE_NAME: "service",
     sc.RES_HOST_NAME: "host",
     sc.RES_PROCESS_PID: "pid",
 }
-NUMERIC_COLUMNS = ("kv_bytes", "kv_blocks", "kv_descriptors", "prompt_tokens", "pid")
+NUMERIC_COLUMNS = ("kv_bytes", "kv_blocks", "kv_descriptors", "prompt_tokens", "pid",
+                   "dynamo_ttft_ms", "http_status")
 CATEGORY_COLUMNS = ("name", "service", "host", "clock", "source", "role", "node", "connector",
                     "kv_path", "namespace", "engine_id", "remote_engine_id", "pod",
-                    "remote_host", "gpu_uuid")
+                    "remote_host", "gpu_uuid", "component", "failure")
+# Several attribute keys may feed one column (the first listed that a span has).
+ATTR_COLUMN_NAMES = tuple(dict.fromkeys(ATTR_COLUMNS.values()))
+# The span's OTLP status: code 0 unset / 1 ok / 2 error (float, NaN when unknown), message.
+STATUS_COLUMNS = ("status_code", "status_message")
 SPAN_COLUMNS = ("trace_id", "span_id", "parent_span_id", "name", "start_ns", "end_ns",
-                *ATTR_COLUMNS.values(), "clock", "source")
+                *ATTR_COLUMN_NAMES, *STATUS_COLUMNS, "clock", "source")
 
 
 def finalize_spans(df: pd.DataFrame) -> pd.DataFrame:
@@ -69,6 +83,10 @@ def finalize_spans(df: pd.DataFrame) -> pd.DataFrame:
         clock = df["node"].astype(object).fillna(df["host"].astype(object)).fillna(
             df["service"].astype(object)).fillna("unknown")
         df["clock"] = clock if "clock" not in df else df["clock"].astype(object).fillna(clock)
+    for col in STATUS_COLUMNS:
+        if col not in df:
+            df[col] = np.nan if col == "status_code" else None
+    df["status_code"] = pd.to_numeric(df["status_code"], errors="coerce").astype("float64")
     for col in NUMERIC_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     df["start_ns"] = df["start_ns"].astype(np.int64)

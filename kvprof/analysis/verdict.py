@@ -1,31 +1,51 @@
-"""Rank the causes of the disaggregation TTFT overhead by their measured share, with evidence."""
+"""Rank where TTFT goes, stage by stage, in a serving engineer's words, with evidence."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from kvprof import semconv as sc
-from kvprof.analysis.breakdown import (
-    OVERHEAD_PHASES,
-    SOURCE_ID,
-    SOURCE_SPANS,
-    UNACCOUNTED,
-)
+from kvprof.analysis import legs as lg
+from kvprof.analysis.breakdown import SOURCE_ID, SOURCE_SPANS, UNACCOUNTED, leg_order
 from kvprof.analysis.render import fmt, fmt_sig
+from kvprof.analysis.views import leg_label, leg_stage, stage_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from kvprof.analysis.microbench_results import ShouldCost
 
-LABELS = {
-    sc.SPAN_KV_SERIALIZE: "KV serialization on the prefill engine",
-    sc.SPAN_KV_HANDSHAKE: "NIXL handshake before the transfer",
-    sc.SPAN_KV_TRANSFER: "KV transfer between engines",
-    sc.SPAN_KV_DESERIALIZE: "KV deserialization on the decode engine",
-    sc.SPAN_DECODE_QUEUE: "Queueing on the decode engine",
-    UNACCOUNTED: "Unaccounted hand-over (frontend/router, client, gaps between spans)",
+# What a stage's mean means, said plainly ({ms} is the mean per request).
+SENTENCES = {
+    "client": "{ms} ms per request pass between the client and the router/frontend "
+              "(connect, upload, first bytes back)",
+    "router": "the router itself spent {ms} ms per request (parsing, between its calls, "
+              "forwarding the first bytes)",
+    "prefill.intake": "the prefill engine's API server held the request {ms} ms before its "
+                      "EngineCore saw it",
+    "prefill.queue": "requests waited {ms} ms in the prefill scheduler's queue",
+    "prefill.compute": "prefill compute took {ms} ms to the first token",
+    "prefill.response": "the prefill engine's answer took {ms} ms from its first token back "
+                        "to the router",
+    "decode.intake": "the decode engine's API server held the request {ms} ms before its "
+                     "EngineCore saw it",
+    "kv.wait": "the decode engine waited {ms} ms for a step boundary before it started the "
+               "KV load",
+    "kv.handshake": "the NIXL handshake cost {ms} ms per request",
+    "kv.transfer": "moving the KV took {ms} ms per request",
+    "kv.copy": "KV staging copies (serialize / deserialize) took {ms} ms per request",
+    "kv.ready": "{ms} ms passed between the KV arriving and the request being scheduled "
+                "(step boundaries)",
+    "decode.compute": "the decode engine's first step took {ms} ms",
+    "decode.response": "{ms} ms passed from the decode engine's first token to the client "
+                       "(API server, router)",
+    "engine.intake": "the API server held the request {ms} ms before its EngineCore saw it",
+    "engine.queue": "requests waited {ms} ms in the scheduler's queue",
+    "engine.compute": "prefill compute took {ms} ms to the first token",
+    "engine.response": "{ms} ms passed from the first token to the client",
+    UNACCOUNTED: "{ms} ms per request are covered by no leg",
 }
+TOP_LEGS = 3  # legs named in a stage's evidence
 
 
 def _fmt_keys(keys) -> str:
@@ -33,57 +53,111 @@ def _fmt_keys(keys) -> str:
     return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
+def sentence(stage: str, mean_ms: float) -> str:
+    """A stage's mean in words."""
+    return SENTENCES.get(stage, stage + ": {ms} ms per request").format(ms=fmt(mean_ms))
+
+
 def rank_causes(req: pd.DataFrame, links: pd.DataFrame | None = None,
                 should_cost: ShouldCost | None = None) -> list[dict]:
-    """Causes ordered by mean ms per request; share = that / the summed overhead."""
+    """Stages ordered by mean ms per request, unaccounted last; share = of the mean TTFT."""
     done = req[req["ttft_ms"].notna()]
     if done.empty:
         return []
-    means = {ph: float(done[ph].fillna(0).mean()) if ph in done else 0.0
-             for ph in OVERHEAD_PHASES}
-    means[UNACCOUNTED] = float(done["unaccounted_ms"].clip(lower=0).mean())
-    total = sum(means.values())
+    ttft_mean = float(done["ttft_ms"].mean())
+    stages = stage_table(done)
     causes = []
-    for ph, mean in means.items():
-        column = "unaccounted_ms" if ph == UNACCOUNTED else ph
-        s = done[column].dropna()
-        if s.empty:
+    for stage in stages.columns:
+        col = stages[stage]
+        mean = float(col.mean())
+        if stage != UNACCOUNTED and mean <= 0:
             continue
-        top = done.loc[s.sort_values(ascending=False).index[:3], "key"]
-        if len(s) == 1:
-            spread = f"{fmt(s.iloc[0])} ms in 1 request ({_fmt_keys(top)})"
-        else:
-            spread = (f"p50 {fmt(s.quantile(0.5))} ms, p99 {fmt(s.quantile(0.99))} ms over "
-                      f"{len(s)} requests" + (f"; largest in {_fmt_keys(top)}"
-                                              if s.max() > s.min() else
-                                              " (the same in each of them)"))
-        evidence = [f"mean {fmt(mean)} ms per request, {spread}"]
-        headline = f"{fmt(mean)} ms per request"
+        evidence = _leg_evidence(done, stage) if stage != UNACCOUNTED else []
+        headline = sentence(stage, mean)
         estimate = False
-        if ph == sc.SPAN_KV_HANDSHAKE:
+        if stage == "kv.handshake":
             hs = _handshake_evidence(done, mean)
             if hs:
                 headline, evidence = hs
-        elif ph == sc.SPAN_KV_TRANSFER:
+        elif stage == "kv.transfer":
             evidence.extend(_transfer_evidence(done, links, should_cost))
-        elif ph == UNACCOUNTED:
-            sources = done["ttft_source"].value_counts().to_dict()
-            measured = sources.get(SOURCE_ID, 0)
-            estimate = measured < len(done)
-            evidence.append(
-                "TTFT from " + ", ".join(f"{v} x {k}" for k, v in sources.items())
-                + ("; TTFT minus the spans' stacked phases" if measured else "")
-                + (". The span-only TTFT misses the client->frontend leg: an estimate."
-                   if sources.get(SOURCE_SPANS) else ""))
+        elif stage == UNACCOUNTED:
+            evidence, estimate = _unaccounted_evidence(done)
+        top = done.loc[col.sort_values(ascending=False).index[:3], "key"]
+        if stage != UNACCOUNTED and col.max() > col.min():
+            evidence.append(f"p50 {fmt(col.quantile(0.5))} ms, p99 {fmt(col.quantile(0.99))} ms;"
+                            f" largest in {_fmt_keys(top)}")
         causes.append({
-            "cause": ph, "label": LABELS.get(ph, ph), "mean_ms": mean, "headline": headline,
-            "share": (mean / total) if total > 0 else 0.0, "estimate": estimate,
+            "cause": stage, "label": lg.STAGES.get(stage, "unaccounted (no leg covers it)"),
+            "mean_ms": mean, "headline": headline,
+            "share": mean / ttft_mean if ttft_mean > 0 else 0.0, "estimate": estimate,
             "evidence": [e for e in evidence if e],
         })
-    causes.sort(key=lambda c: c["mean_ms"], reverse=True)
+    unacc = [c for c in causes if c["cause"] == UNACCOUNTED]
+    causes = sorted((c for c in causes if c["cause"] != UNACCOUNTED),
+                    key=lambda c: c["mean_ms"], reverse=True) + unacc
     for rank, c in enumerate(causes, start=1):
         c["rank"] = rank
     return causes
+
+
+def rank_by_level(req: pd.DataFrame) -> list[dict]:
+    """Per concurrency level: the top stages in words (queueing differs between levels)."""
+    done = req[req["ttft_ms"].notna()]
+    if "concurrency" not in done or done["concurrency"].isna().all():
+        return []
+    out = []
+    for level, grp in done.groupby(done["concurrency"].astype(float)):
+        causes = rank_causes(grp)
+        named = [c for c in causes if c["cause"] != UNACCOUNTED][:3]
+        unacc = next((c for c in causes if c["cause"] == UNACCOUNTED), None)
+        out.append({"concurrency": int(level), "requests": int(len(grp)),
+                    "ttft_mean_ms": float(grp["ttft_ms"].mean()),
+                    "top": [{"cause": c["cause"], "headline": c["headline"],
+                             "mean_ms": c["mean_ms"], "share": c["share"]} for c in named],
+                    "unaccounted_mean_ms": unacc["mean_ms"] if unacc else 0.0,
+                    "unaccounted_share": unacc["share"] if unacc else 0.0})
+    return out
+
+
+def _leg_evidence(done: pd.DataFrame, stage: str) -> list[str]:
+    """The stage's legs, largest first: what each one is and its mean."""
+    rows = []
+    for col in leg_order():
+        if col not in done:
+            continue
+        s = done[col]
+        chains = done["chain"] if "chain" in done else None
+        chain = chains[s.notna()].mode().iloc[0] if chains is not None and s.notna().any() \
+            else None
+        if s.notna().any() and leg_stage(col, chain) == stage:
+            rows.append((float(s.fillna(0).mean()), leg_label(col, chain), int(s.notna().sum())))
+    rows.sort(reverse=True)
+    if len(rows) <= 1:
+        return []
+    return [f"{label}: {fmt(mean)} ms mean ({n} requests)" for mean, label, n in
+            rows[:TOP_LEGS]]
+
+
+def _unaccounted_evidence(done: pd.DataFrame) -> tuple[list[str], bool]:
+    """Where the unaccounted time sits, and whether TTFT itself is measured."""
+    sources = done["ttft_source"].value_counts().to_dict()
+    measured = sources.get(SOURCE_ID, 0)
+    lines = ["TTFT from " + ", ".join(f"{v} x {k}" for k, v in sources.items())]
+    if sources.get(SOURCE_SPANS):
+        lines.append("without the client's records the first and last legs (client <-> "
+                     "router) are not seen at all")
+    details = done["unaccounted_detail"].dropna() if "unaccounted_detail" in done else []
+    if len(details):
+        import re
+
+        missing: dict[str, int] = {}
+        for text in details:
+            for m in re.findall(r"\(missing: ([^)]*)\)", str(text)):
+                missing[m] = missing.get(m, 0) + 1
+        for what, n in sorted(missing.items(), key=lambda kv: -kv[1])[:3]:
+            lines.append(f"{n} requests have a gap where these milestones are missing: {what}")
+    return lines, measured < len(done)
 
 
 def _handshake_evidence(done: pd.DataFrame, mean: float) -> tuple[str, list[str]] | None:

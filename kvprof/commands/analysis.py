@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-traces_app = typer.Typer(help="Convert traces between OTLP JSON, Jaeger JSON and Perfetto.",
+traces_app = typer.Typer(help="Convert traces between OTLP JSON, Jaeger JSON and Perfetto; "
+                         "receive OTLP traces from processes kvprof does not probe.",
                          no_args_is_help=True)
 
 
@@ -106,6 +107,58 @@ def convert(
     if text is not None:
         typer.echo(text)
     typer.echo(summary, err=True)
+
+
+@traces_app.command("receive", context_settings={"help_option_names": ["-h", "--help"]})
+def receive(
+    output: Path = typer.Option(
+        Path("out/traces/received"), "--output",
+        help="Directory for received-<pid>-NNNN.jsonl (OTLP/JSON lines, as the probes write).",
+    ),
+    grpc: str = typer.Option(
+        "127.0.0.1:4317", "--grpc",
+        help="HOST:PORT for OTLP/gRPC; port 0 picks a free port; 'off' = none.",
+    ),
+    http: str = typer.Option(
+        "127.0.0.1:4318", "--http",
+        help="HOST:PORT for OTLP/HTTP (POST /v1/traces); port 0 picks a free port; 'off'.",
+    ),
+    max_bytes: str = typer.Option(
+        "64MiB", "--max-bytes", help="Start a new file before one passes this size."
+    ),
+    max_queue_bytes: str = typer.Option(
+        "64MiB", "--max-queue-bytes",
+        help="Bound on payloads read but not yet written; when full, senders get 503 / "
+        "UNAVAILABLE and retry.",
+    ),
+    max_payload_bytes: str | None = typer.Option(
+        None, "--max-payload-bytes",
+        help="Largest export accepted, after gunzip (413 / RESOURCE_EXHAUSTED above it). "
+        "Default: 16MiB or --max-queue-bytes if smaller.",
+    ),
+    duration: float | None = typer.Option(
+        None, "--duration", help="Stop after this many seconds (default: until SIGINT/SIGTERM)."
+    ),
+    ready_file: Path | None = typer.Option(
+        None, "--ready-file",
+        help="Once listening, write the bound addresses here as JSON (removed at exit).",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
+) -> None:
+    """Receive OTLP traces (NVIDIA Dynamo's spans, vLLM's `llm_request`) and store them
+    beside kvprof's own, so `kvprof report --traces DIR` reads both without a Jaeger.
+
+    Accepts OTLP/gRPC TraceService/Export and OTLP/HTTP POST /v1/traces (protobuf or JSON,
+    gzip), e.g. OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=http://127.0.0.1:4317 for Dynamo.
+    Logs and metrics exports are answered 404 / UNIMPLEMENTED and counted. SIGINT / SIGTERM
+    stop accepting, write what was received and exit 0 with a summary line."""
+    from kvprof.receiver.run import run_receive_command
+
+    run_receive_command(
+        output=output, grpc=grpc, http=http, max_bytes=max_bytes,
+        max_queue_bytes=max_queue_bytes, max_payload_bytes=max_payload_bytes,
+        duration=duration, ready_file=ready_file, json_out=json_out,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -18,7 +18,10 @@ def attach(
     output: Path = typer.Option(Path("out/traces"), "--output", help="Directory for files."),
     service_name: str | None = typer.Option(None, "--service-name", help="OTel service.name."),
     role: str = typer.Option("auto", "--role", help="prefill, decode or auto (from vLLM config)."),
-    pid: int | None = typer.Option(None, "--pid", help="Sample this running process (py-spy)."),
+    pid: int | None = typer.Option(
+        None, "--pid", help="Sample this running process with py-spy (a brief pause per "
+        "sample) and show each thread's phases and waits."
+    ),
     duration: float = typer.Option(10.0, "--duration", help="With --pid: seconds to sample."),
     rate: int = typer.Option(100, "--rate", help="With --pid: samples per second."),
 ) -> None:

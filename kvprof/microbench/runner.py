@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvprof.errors import KvprofError, ResourceAbsentError, UsageError
+from kvprof.microbench.memory import check_memory
 from kvprof.model import KvGeometry, resolve_geometry
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,9 @@ def run_microbench(
     device = resolve_device(opts.device)
     transport, reason = resolve_transport(opts.transport, device)
     log.info("transport %s (%s), device %s", transport, reason, device)
+    # Before any allocation: the largest point must fit in memory (else exit 4, saying what does).
+    check_memory(opts.geometry_args(), max(opts.sweep or [opts.tokens]), opts.prefill_tp,
+                 opts.decode_tp, transport, device, sweep=bool(opts.sweep))
     threads = opts.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 

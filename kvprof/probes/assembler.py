@@ -9,7 +9,7 @@ from typing import Any
 
 from kvprof import semconv
 from kvprof.probes import events as ev
-from kvprof.probes.ids import external_request_id, parse_traceparent, span_id_for, trace_id_for
+from kvprof.probes.ids import effective_trace, external_request_id, span_id_for
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,9 @@ STALE_AFTER_NS = 600 * 1_000_000_000
 # A finished transfer waits this long for the NIXL stats of its step before it is emitted
 # without them.
 STATS_WAIT_NS = 1_000_000_000
+# ... and this long for its trace: the decode request reaches the worker (with the
+# traceparent the prefill side named) only when it is scheduled, after its KV arrived.
+TRACE_WAIT_NS = 5_000_000_000
 
 
 @dataclass
@@ -32,12 +35,15 @@ class SpanRecord:
     start_ns: int
     end_ns: int
     attributes: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # set: the span ends with an error status and this reason
 
 
 @dataclass
 class _Request:
     req_id: str
-    arrival: int | None = None
+    arrival: int | None = None  # the frontend's arrival_time (its clock)
+    core_arrive: int | None = None  # when the scheduler got the request
+    traceparent: str | None = None  # from the request's trace headers (the caller's trace)
     prompt_tokens: int | None = None
     params: dict | None = None
     scheduled: int | None = None
@@ -49,6 +55,7 @@ class _Request:
     emitted_first: bool = False
     finished: bool = False
     touched: int = 0
+    error: str | None = None  # the request ended badly (aborted, errored)
 
 
 @dataclass
@@ -61,6 +68,9 @@ class _Load:
     remote_host: str | None
     handshake: bool
     done: int | None = None
+    ok: bool = True
+    stats: tuple[int, int, float] | None = None
+    stats_seen: bool = False  # the step's NIXL stats came (matched 1:1 or not)
 
 
 @dataclass
@@ -98,6 +108,7 @@ class SpanAssembler:
         self._loads: dict[str, _Load] = {}
         self._handshakes: dict[str, tuple[int, int, bool]] = {}
         self._done_loads: list[_Load] = []
+        self._traces: dict[str, str] = {}  # worker: request id -> traceparent to join
         self._out: list[SpanRecord] = []
 
     # -- public -----------------------------------------------------------------------------
@@ -108,23 +119,66 @@ class SpanAssembler:
                 self._apply(e)
             except Exception:  # a malformed event must not stop the others
                 log.debug("kvprof: could not apply event %r", e[:2], exc_info=True)
+        if self._done_loads and events:
+            self._release_loads(max(e[2] if len(e) > 2 and isinstance(e[2], int) else 0
+                                    for e in events))
         return self._take()
 
-    def flush(self, now_ns: int, final: bool = False) -> list[SpanRecord]:
-        """Emit transfers still waiting for stats, and forget stale requests."""
+    def _release_loads(self, now_ns: int, final: bool = False) -> None:
+        """Emit finished transfers once their stats and trace are known (or waited for)."""
         keep = []
         for load in self._done_loads:
-            if final or now_ns - (load.done or now_ns) >= STATS_WAIT_NS:
-                self._emit_load(load, None)
+            waited = now_ns - (load.done or now_ns)
+            stats_ok = load.stats_seen or waited >= STATS_WAIT_NS
+            trace_ok = load.req_id in self._traces or waited >= TRACE_WAIT_NS
+            if final or (stats_ok and trace_ok):
+                self._emit_load(load, load.stats)
             else:
                 keep.append(load)
         self._done_loads = keep
+
+    def flush(self, now_ns: int, final: bool = False) -> list[SpanRecord]:
+        """Emit transfers still waiting for stats, and forget stale requests."""
+        self._release_loads(now_ns, final)
         for rid, r in list(self._reqs.items()):
             if now_ns - r.touched > STALE_AFTER_NS:
                 del self._reqs[rid]
         for rid, load in list(self._loads.items()):
             if now_ns - load.start > STALE_AFTER_NS:
                 del self._loads[rid]
+        if len(self._traces) > 8192:
+            self._traces.clear()
+        return self._take()
+
+    def open_requests(self) -> list[str]:
+        """Requests this process has seen start and not yet finish (for crash reports)."""
+        return sorted({*self._reqs, *self._loads})
+
+    def close_open(self, now_ns: int, reason: str) -> list[SpanRecord]:
+        """End every request still open with an error span: the process is going away.
+
+        The scheduler's requests get their top span (and what is known of their phases); a
+        KV load never finished becomes a failed kv.transfer. Nothing is dropped silently.
+        """
+        for load in list(self._loads.values()):
+            load.done, load.ok = now_ns, False
+            self._emit_load(load, None, error=reason)
+        self._loads.clear()
+        for r in list(self._reqs.values()):
+            role = self._role(r)
+            if role == semconv.ROLE_DECODE and r.emitted_first:
+                continue  # its spans are out: vllm.decode ends at the first token
+            key, trace_id, top, parent = self._ids(r, role)
+            if r.hold is not None:
+                self._child(semconv.SPAN_KV_HOLD, trace_id, top, r.hold, now_ns,
+                            self._base_attrs(role, r.req_id), key, error=reason)
+            name = {semconv.ROLE_PREFILL: semconv.SPAN_PREFILL,
+                    semconv.ROLE_DECODE: semconv.SPAN_DECODE}.get(role, semconv.SPAN_REQUEST)
+            attrs = self._top_attrs(r, role)
+            attrs[semconv.ATTR_FAILURE] = "process_exit"
+            self._span(name, trace_id, top, parent, r.arrival or r.core_arrive or now_ns,
+                       now_ns, attrs, error=reason)
+        self._reqs.clear()
         return self._take()
 
     # -- roles and ids ----------------------------------------------------------------------
@@ -153,16 +207,17 @@ class SpanAssembler:
             a[semconv.ATTR_KV_CONNECTOR] = self.facts.connector
         return a
 
-    def _span(self, name, trace_id, span_id, parent, start, end, attrs) -> None:
+    def _span(self, name, trace_id, span_id, parent, start, end, attrs,
+              error: str | None = None) -> None:
         if start is None or end is None:
             return
-        self._out.append(
-            SpanRecord(name, trace_id, span_id, parent, int(start), int(max(end, start)), attrs)
-        )
+        self._out.append(SpanRecord(name, trace_id, span_id, parent, int(start),
+                                    int(max(end, start)), attrs, error))
 
-    def _child(self, name, trace_id, parent, start, end, attrs, key: str) -> None:
+    def _child(self, name, trace_id, parent, start, end, attrs, key: str,
+               error: str | None = None) -> None:
         self._span(name, trace_id, span_id_for(key + "/" + attrs.get(
-            semconv.ATTR_REQUEST_ID, ""), name), parent, start, end, attrs)
+            semconv.ATTR_REQUEST_ID, ""), name), parent, start, end, attrs, error)
 
     def _take(self) -> list[SpanRecord]:
         out, self._out = self._out, []
@@ -179,11 +234,16 @@ class SpanAssembler:
     def _apply(self, e: tuple) -> None:
         kind = e[0]
         if kind == ev.ARRIVE:
-            _, rid, t, arrival, prompt, params = e
+            rid, t, arrival, prompt, params = e[1:6]
             r = self._req(rid, t)
             r.arrival = arrival or t
+            r.core_arrive = t
             r.prompt_tokens = prompt
             r.params = params
+            r.traceparent = e[6] if len(e) > 6 else None
+            if r.traceparent:
+                # A model runner in this same process (one-GPU topology) joins it too.
+                self._traces[rid] = r.traceparent
         elif kind == ev.SCHEDULED:
             r = self._req(e[1], e[2])
             if r.scheduled is None:
@@ -197,6 +257,9 @@ class SpanAssembler:
             r = self._reqs.get(e[1])
             if r is not None:
                 r.touched = e[2]
+                status = e[3] if len(e) > 3 else None
+                if status in _FAILED_STATUSES:
+                    r.error = f"the engine ended the request {status} (aborted or failed)"
                 self._on_finish(r, e[2])
         elif kind == ev.KV_WAIT:
             r = self._req(e[1], e[2])
@@ -220,7 +283,14 @@ class SpanAssembler:
             load = self._loads.pop(e[1], None)
             if load is not None:
                 load.done = e[2]
+                load.ok = bool(e[3]) if len(e) > 3 else True
                 self._done_loads.append(load)
+        elif kind == ev.REQ_TRACE:
+            self._traces[e[1]] = e[2]
+        elif kind == ev.LEASE_EXPIRED:
+            self._on_lease_expired(*e[1:])
+        elif kind == ev.API:
+            self._on_api(*e[1:])
         elif kind == ev.HANDSHAKE:
             self._handshakes[e[1]] = (e[2], e[3], e[4])
         elif kind == ev.XFER_STATS:
@@ -237,16 +307,7 @@ class SpanAssembler:
     # -- scheduler-side spans ---------------------------------------------------------------
     def _ids(self, r: _Request, role: str) -> tuple[str, int, int, int | None]:
         """(key, trace_id, top span id, top span parent) for a request seen by the scheduler."""
-        p = r.params or {}
-        key = self._key(r.req_id, p.get("remote_request_id") if role == "decode" else None)
-        if role == semconv.ROLE_PREFILL:
-            return key, trace_id_for(key), span_id_for(key, semconv.SPAN_PREFILL), None
-        if role == semconv.ROLE_DECODE:
-            ctx = parse_traceparent(p.get(semconv.TRACEPARENT_KEY))
-            trace_id, parent = ctx if ctx else (trace_id_for(key),
-                                                span_id_for(key, semconv.SPAN_PREFILL))
-            return key, trace_id, span_id_for(key, semconv.SPAN_DECODE), parent
-        return key, trace_id_for(key), span_id_for(key, semconv.SPAN_REQUEST), None
+        return _request_ids(r.req_id, role, r.params, r.traceparent)
 
     def _top_attrs(self, r: _Request, role: str) -> dict[str, Any]:
         a = self._base_attrs(role, r.req_id)
@@ -269,8 +330,8 @@ class SpanAssembler:
         key, trace_id, top, parent = self._ids(r, role)
         attrs = self._base_attrs(role, r.req_id)
         if role in (semconv.ROLE_PREFILL, semconv.ROLE_AGGREGATED):
-            self._child(semconv.SPAN_PREFILL_QUEUE, trace_id, top, r.arrival, r.scheduled,
-                        dict(attrs), key)
+            self._child(semconv.SPAN_PREFILL_QUEUE, trace_id, top, r.core_arrive or r.arrival,
+                        r.scheduled, dict(attrs), key)
             self._child(semconv.SPAN_PREFILL_COMPUTE, trace_id, top, r.scheduled,
                         r.first_token, dict(attrs), key)
             if role == semconv.ROLE_AGGREGATED:
@@ -283,13 +344,19 @@ class SpanAssembler:
             a = dict(attrs)
             a["kvprof.source"] = "scheduler"
             self._child(semconv.SPAN_KV_TRANSFER, trace_id, top, r.kv_wait, r.kv_ready, a, key)
-        if r.kv_ready is not None and r.scheduled is not None:
-            self._child(semconv.SPAN_DECODE_QUEUE, trace_id, top, r.kv_ready, r.scheduled,
-                        dict(attrs), key)
+        if r.kv_ready is not None:
+            # The hand-over as the decode scheduler sees it: request known -> KV ready.
+            self._child(semconv.SPAN_DECODE_KV_WAIT, trace_id, top,
+                        r.core_arrive or r.kv_wait, r.kv_ready, dict(attrs), key)
+        # Waiting to be scheduled: after the KV is ready (asynchronous load), else from
+        # arrival (the KV, if any, is read synchronously inside the first step).
+        self._child(semconv.SPAN_DECODE_QUEUE, trace_id, top,
+                    r.kv_ready if r.kv_ready is not None else r.core_arrive, r.scheduled,
+                    dict(attrs), key)
         self._child(semconv.SPAN_DECODE_FIRST_TOKEN, trace_id, top,
                     r.scheduled or r.step_start, r.first_token, dict(attrs), key)
-        self._span(semconv.SPAN_DECODE, trace_id, top, parent, r.arrival or r.scheduled,
-                   r.first_token, self._top_attrs(r, role))
+        self._span(semconv.SPAN_DECODE, trace_id, top, parent, _first(r.arrival, r.core_arrive)
+                   or r.scheduled, r.first_token, self._top_attrs(r, role))
         r.emitted_first = True
 
     def _on_finish(self, r: _Request, t: int) -> None:
@@ -301,12 +368,14 @@ class SpanAssembler:
             if r.hold is not None:
                 return  # vllm.prefill ends when the decode side has read the blocks
             key, trace_id, top, parent = self._ids(r, role)
-            self._span(semconv.SPAN_PREFILL, trace_id, top, parent, r.arrival, t,
-                       self._top_attrs(r, role))
+            self._span(semconv.SPAN_PREFILL, trace_id, top, parent,
+                       _first(r.arrival, r.core_arrive), t, self._top_attrs(r, role),
+                       error=r.error)
         elif role == semconv.ROLE_AGGREGATED:
             key, trace_id, top, parent = self._ids(r, role)
-            self._span(semconv.SPAN_REQUEST, trace_id, top, parent, r.arrival, t,
-                       self._top_attrs(r, role))
+            self._span(semconv.SPAN_REQUEST, trace_id, top, parent,
+                       _first(r.arrival, r.core_arrive), t, self._top_attrs(r, role),
+                       error=r.error)
         self._reqs.pop(r.req_id, None)
 
     def _on_released(self, r: _Request, t: int) -> None:
@@ -315,29 +384,31 @@ class SpanAssembler:
         if r.hold is not None:
             self._child(semconv.SPAN_KV_HOLD, trace_id, top, r.hold, t,
                         self._base_attrs(role, r.req_id), key)
-        self._span(semconv.SPAN_PREFILL, trace_id, top, parent, r.arrival, t,
-                   self._top_attrs(r, role))
+        self._span(semconv.SPAN_PREFILL, trace_id, top, parent,
+                   _first(r.arrival, r.core_arrive), t, self._top_attrs(r, role))
         self._reqs.pop(r.req_id, None)
 
     # -- worker-side spans ------------------------------------------------------------------
     def _on_stats(self, t: int, nbytes: list, descs: list, durs: list) -> None:
-        ready = [x for x in self._done_loads if (x.done or 0) <= t]
+        ready = [x for x in self._done_loads if (x.done or 0) <= t and not x.stats_seen]
         if not ready:
             return
         # NIXL reports one entry per completed transfer; a 1:1 match attributes them exactly,
         # otherwise the step's totals are left off rather than guessed per request.
         if len(ready) == len(nbytes):
             for load, b, d, s in zip(ready, nbytes, descs, durs, strict=False):
-                self._emit_load(load, (int(b), int(d), float(s)))
-        else:
-            for load in ready:
-                self._emit_load(load, None)
-        self._done_loads = [x for x in self._done_loads if x not in ready]
+                load.stats = (int(b), int(d), float(s))
+        for load in ready:
+            load.stats_seen = True
 
-    def _emit_load(self, load: _Load, stats: tuple[int, int, float] | None) -> None:
+    def _emit_load(self, load: _Load, stats: tuple[int, int, float] | None,
+                   error: str | None = None) -> None:
         role = semconv.ROLE_DECODE
         key = self._key(load.req_id, load.remote_req)
-        trace_id, parent = trace_id_for(key), span_id_for(key, semconv.SPAN_DECODE)
+        trace_id, _ = effective_trace(key, self._traces.pop(load.req_id, None))
+        parent = span_id_for(key, semconv.SPAN_DECODE)
+        if error is None and not load.ok:
+            error = "NIXL reported the KV receive as failed"
         base = self._base_attrs(role, load.req_id)
         if load.remote_engine:
             base[semconv.ATTR_KV_REMOTE_ENGINE_ID] = load.remote_engine
@@ -367,7 +438,10 @@ class SpanAssembler:
             a[semconv.ATTR_KV_GBPS] = a[semconv.ATTR_KV_BYTES] / seconds / 1e9
         if _is_loopback(load.remote_host):
             a[semconv.ATTR_KV_PATH] = "loopback"
-        self._child(semconv.SPAN_KV_TRANSFER, trace_id, parent, start, load.done, a, key)
+        if error is not None:
+            a[semconv.ATTR_FAILURE] = "transfer_failed" if load.done else "process_exit"
+        self._child(semconv.SPAN_KV_TRANSFER, trace_id, parent, start, load.done, a, key,
+                    error=error)
 
     def _on_file_io(self, kind: int, rid: str, t0: int, t1: int, nbytes: int, tokens: int):
         serialize = kind == ev.SERIALIZE
@@ -385,4 +459,89 @@ class SpanAssembler:
             a[semconv.ATTR_KV_BLOCKS] = -(-int(tokens) // int(self.facts.block_size))
         a[semconv.ATTR_KV_PATH] = "file"
         name = semconv.SPAN_KV_SERIALIZE if serialize else semconv.SPAN_KV_DESERIALIZE
-        self._child(name, trace_id_for(key), span_id_for(key, top), t0, t1, a, key)
+        trace_id, _ = effective_trace(key, self._traces.get(rid))
+        self._child(name, trace_id, span_id_for(key, top), t0, t1, a, key)
+
+    def _on_lease_expired(self, rid: str, t: int, retrieved_by: int) -> None:
+        key = external_request_id(rid)
+        trace_id, _ = effective_trace(key, self._traces.get(rid))
+        a = self._base_attrs(semconv.ROLE_PREFILL, rid)
+        a[semconv.ATTR_LEASE_RETRIEVED_BY] = int(retrieved_by)
+        a[semconv.ATTR_FAILURE] = "lease_expired"
+        self._child(semconv.SPAN_KV_LEASE_EXPIRED, trace_id, span_id_for(key, semconv.SPAN_PREFILL),
+                    t, t, a, key,
+                    error=f"NIXL send lease expired: KV released after {retrieved_by} decode "
+                          "worker(s) read it")
+
+    # -- API-server spans ---------------------------------------------------------------------
+    def _on_api(self, rid: str, t_input: int, t_handoff: int | None, t_first: int | None,
+                ok: bool, internal: str | None, params: dict | None, traceparent: str | None,
+                http: tuple | None) -> None:
+        """The frontend's legs of one request, children of the engine's request span."""
+        p = params or {}
+        role = self._api_role(p)
+        key, trace_id, top, _ = _request_ids(rid, role, p, traceparent)
+        a = self._base_attrs(role, internal or rid)
+        t_recv = t_bytes = t_end = status = xid = None
+        if http is not None:
+            t_recv, t_bytes, t_end, status, xid, path = http
+            a[semconv.ATTR_HTTP_ROUTE] = path
+            if xid:
+                a[semconv.ATTR_X_REQUEST_ID] = xid
+            if status is not None:
+                a[semconv.ATTR_HTTP_STATUS] = int(status)
+        failed = (status is not None and int(status) >= 400) or not ok
+        # 599: kvprof's mark for a 200 stream that ended with an error event.
+        error = ("the response stream ended with an error event" if status == 599 else
+                 f"HTTP {status}" if status is not None and int(status) >= 400 else
+                 "no output from the EngineCore" if not ok else None)
+        # The prefill engine's answer to the router is its whole response; everywhere else
+        # the first bytes are what the client is waiting for.
+        answered = t_end if role == semconv.ROLE_PREFILL else (t_bytes or t_end)
+        child = [(semconv.SPAN_API_INPUT, t_recv, t_input),
+                 (semconv.SPAN_API_TO_CORE, t_input, t_handoff),
+                 (semconv.SPAN_API_WAIT, t_handoff, t_first),
+                 (semconv.SPAN_API_RESPOND, t_first, answered if t_first else None)]
+        for name, start, end in child:
+            self._child(name, trace_id, top, start, end, dict(a), key)
+        if t_recv is not None:
+            self._child(semconv.SPAN_API_REQUEST, trace_id, top, t_recv, t_end, dict(a), key,
+                        error=error if failed else None)
+
+    def _api_role(self, params: dict) -> str:
+        if self.facts.forced_role in (semconv.ROLE_PREFILL, semconv.ROLE_DECODE):
+            return self.facts.forced_role
+        if params.get("do_remote_decode"):
+            return semconv.ROLE_PREFILL
+        if params.get("do_remote_prefill"):
+            return semconv.ROLE_DECODE
+        return semconv.ROLE_AGGREGATED
+
+
+_TOP_SPAN = {semconv.ROLE_PREFILL: semconv.SPAN_PREFILL, semconv.ROLE_DECODE: semconv.SPAN_DECODE}
+_FAILED_STATUSES = {"FINISHED_ABORTED", "FINISHED_ERROR"}
+
+
+def _request_ids(req_id: str, role: str, params: dict | None,
+                 traceparent: str | None) -> tuple[str, int, int, int | None]:
+    """(key, trace_id, top span id, top span parent) of a request on this engine.
+
+    The key is the prefill side's external id (the decode side learns it from
+    remote_request_id), so every process derives the same span ids. The trace is the
+    caller's (trace headers), else the one the prefill side named in kv_transfer_params,
+    else derived from the key.
+    """
+    p = params or {}
+    decode = role == semconv.ROLE_DECODE
+    key = external_request_id((p.get("remote_request_id") if decode else None) or req_id)
+    kv_tp = p.get(semconv.TRACEPARENT_KEY) if decode else None
+    trace_id, parent = effective_trace(key, traceparent, kv_tp)
+    if parent is None and decode:
+        parent = span_id_for(key, semconv.SPAN_PREFILL)
+    return key, trace_id, span_id_for(key, _TOP_SPAN.get(role, semconv.SPAN_REQUEST)), parent
+
+
+def _first(*times: int | None) -> int | None:
+    """The earliest of the times given (None when none is)."""
+    known = [t for t in times if t is not None]
+    return min(known) if known else None

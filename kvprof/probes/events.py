@@ -7,21 +7,30 @@ is built later, off vLLM's critical path, by the assembler.
 from __future__ import annotations
 
 # Scheduler process (EngineCore)
-ARRIVE = 1  # (ARRIVE, req, t, arrival_ns, prompt_tokens, kv_params_info | None)
+# (ARRIVE, req, t, arrival_ns, prompt_tokens, kv_params | None, traceparent | None): t is when
+# the scheduler got the request; the traceparent comes from the request's trace headers.
+ARRIVE = 1
 SCHEDULED = 2  # (SCHEDULED, req, t)
 FIRST_TOKEN = 3  # (FIRST_TOKEN, req, step_start_ns, t)
-FINISH = 4  # (FINISH, req, t)
+FINISH = 4  # (FINISH, req, t, status): status the RequestStatus name (FINISHED_ABORTED...)
 KV_WAIT = 5  # (KV_WAIT, req, t, external_tokens): KV will arrive asynchronously
 KV_READY = 6  # (KV_READY, req, t): scheduler saw finished_recving
 HOLD = 7  # (HOLD, req, t): blocks kept for the decode side
 RELEASED = 8  # (RELEASED, req, t): scheduler saw finished_sending
 # Worker process
 LOAD_START = 20  # (LOAD_START, req, t, blocks, remote_req, remote_engine, remote_host, handshake)
-LOAD_DONE = 21  # (LOAD_DONE, req, t)
+LOAD_DONE = 21  # (LOAD_DONE, req, t, ok): ok False when NIXL reported the receive failed
 HANDSHAKE = 22  # (HANDSHAKE, engine_id, t0, t1, ok)
 XFER_STATS = 23  # (XFER_STATS, t, bytes[], descriptors[], durations_s[])
 SERIALIZE = 24  # (SERIALIZE, req, t0, t1, nbytes, tokens)
 DESERIALIZE = 25  # (DESERIALIZE, req, t0, t1, nbytes, tokens)
+LEASE_EXPIRED = 26  # (LEASE_EXPIRED, req, t, retrieved_by): prefill released unpulled KV
+REQ_TRACE = 27  # (REQ_TRACE, req, traceparent): the trace a request's worker-side spans join
+# API-server process (vLLM's OpenAI frontend, or a Dynamo worker hosting AsyncLLM)
+# (API, request_id, t_input, t_handoff, t_first_output, ok, internal_id, kv_params,
+#  traceparent, http): http is None outside an HTTP server, else (t_recv, t_first_bytes,
+#  t_end, status, x_request_id, path).
+API = 30
 # Process facts (rare)
 CONNECTOR = 40  # (CONNECTOR, class_name, profile, kv_role, engine_id)
 KV_LAYOUT = 41  # (KV_LAYOUT, bytes_per_block, block_size, layers)

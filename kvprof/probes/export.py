@@ -16,7 +16,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from kvprof import __version__
 from kvprof.probes.assembler import SpanRecord
@@ -31,6 +31,7 @@ def to_readable_spans(records: Sequence[SpanRecord], resource: Resource) -> list
     """SDK span objects (what every OTel exporter takes) for assembled records."""
     out = []
     flags = TraceFlags(TraceFlags.SAMPLED)
+    unset = Status(StatusCode.UNSET)
     for r in records:
         ctx = SpanContext(r.trace_id, r.span_id, is_remote=False, trace_flags=flags)
         parent = (
@@ -41,6 +42,7 @@ def to_readable_spans(records: Sequence[SpanRecord], resource: Resource) -> list
             name=r.name, context=ctx, parent=parent, resource=resource,
             attributes=r.attributes, kind=SpanKind.INTERNAL, start_time=r.start_ns,
             end_time=r.end_ns, instrumentation_scope=SCOPE,
+            status=unset if r.error is None else Status(StatusCode.ERROR, r.error),
         ))
     return out
 

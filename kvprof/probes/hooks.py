@@ -28,14 +28,21 @@ from kvprof.probes.events import (
     KV_LAYOUT,
     KV_READY,
     KV_WAIT,
+    LEASE_EXPIRED,
     LOAD_DONE,
     LOAD_START,
     RELEASED,
+    REQ_TRACE,
     SCHEDULED,
     SERIALIZE,
     XFER_STATS,
 )
-from kvprof.probes.ids import external_request_id, format_traceparent, span_id_for, trace_id_for
+from kvprof.probes.ids import (
+    effective_trace,
+    external_request_id,
+    format_traceparent,
+    span_id_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +61,9 @@ _STEP_START: dict[int, int] = {}
 # Requests scheduled that have not produced a token yet: update_from_output looks at the
 # step's outputs only while this is non-empty (steady decode steps skip the scan).
 _AWAIT_FIRST: set[str] = set()
-# (request id, time) freed inside the scheduler call now running; reported when that call
-# returns, so a request that finishes on its first token reports the token first.
-_FREED: list[tuple[str, int]] = []
+# (request id, time, status) freed inside the scheduler call now running; reported when that
+# call returns, so a request that finishes on its first token reports the token first.
+_FREED: list[tuple[str, int, str]] = []
 # First KV block id -> request id, from the model runner's view of each step; connectors
 # whose metadata has no request ids (ExampleConnector) are attributed through it.
 _BLOCK_OWNER: dict[int, str] = {}
@@ -101,10 +108,14 @@ def scheduler_add_request(wrapped: Callable[..., Any]) -> Probe:
             # arrival_time is the frontend's wall clock (s); older builds used monotonic time.
             arrival_ns = int(arrival * 1e9) if arrival and arrival > 1e9 else t
             kvp = getattr(request, "kv_transfer_params", None)
+            # The caller's trace (an HTTP traceparent handed down by the API server, or
+            # Dynamo's): this request's spans join it.
+            headers = getattr(request, "trace_headers", None)
             # A snapshot: the connector later flips do_remote_prefill in place. The assembler
             # picks out the keys it needs.
             _EMIT((ARRIVE, request.request_id, t, arrival_ns,
-                   getattr(request, "num_prompt_tokens", None), dict(kvp) if kvp else None))
+                   getattr(request, "num_prompt_tokens", None), dict(kvp) if kvp else None,
+                   headers.get(_TRACEPARENT) if headers else None))
         except Exception:
             _hook_failed("Scheduler.add_request")
         return wrapped(self, *args, **kwargs)
@@ -135,9 +146,9 @@ def scheduler_schedule(wrapped: Callable[..., Any]) -> Probe:
 def _report_freed() -> None:
     freed = _FREED[:]
     _FREED.clear()
-    for rid, t in freed:
+    for rid, t, status in freed:
         _AWAIT_FIRST.discard(rid)
-        _EMIT((FINISH, rid, t))
+        _EMIT((FINISH, rid, t, status))
 
 
 def scheduler_update_from_output(wrapped: Callable[..., Any]) -> Probe:
@@ -182,7 +193,9 @@ def scheduler_free_request(wrapped: Callable[..., Any]) -> Probe:
         out = wrapped(self, *args, **kwargs)
         try:
             # Timed after the call: the connector's request_finished (HOLD) comes first.
-            _FREED.append(((args[0] if args else kwargs["request"]).request_id, time_ns()))
+            request = args[0] if args else kwargs["request"]
+            status = getattr(request, "status", None)
+            _FREED.append((request.request_id, time_ns(), None if status is None else str(status)))
         except Exception:
             _hook_failed("Scheduler._free_request")
         return out
@@ -201,6 +214,12 @@ def runner_execute_model(wrapped: Callable[..., Any]) -> Probe:
                     ids = r.block_ids
                     if ids and ids[0]:
                         owners[ids[0][0]] = r.req_id
+                    sp = r.sampling_params
+                    extra = sp.extra_args if sp is not None else None
+                    kvp = extra.get("kv_transfer_params") if extra else None
+                    if kvp and kvp.get(_TRACEPARENT):
+                        # The decode side's worker spans join the trace the prefill side named.
+                        _EMIT((REQ_TRACE, r.req_id, kvp[_TRACEPARENT]))
                 if len(owners) > 8192:
                     owners.clear()
         except Exception:
@@ -253,10 +272,13 @@ def conn_request_finished(wrapped: Callable[..., Any]) -> Probe:
                 # The decode engine gets these params back through the router: the
                 # traceparent makes its spans children of this request's vllm.prefill span.
                 # The one piece of formatting done here, because it must ride the result.
+                # The trace is the caller's when the request came with one.
                 key = external_request_id(request.request_id)
+                headers = getattr(request, "trace_headers", None)
+                trace_id, _ = effective_trace(key, headers.get(_TRACEPARENT) if headers else None)
                 params = dict(params)
                 params[_TRACEPARENT] = format_traceparent(
-                    trace_id_for(key), span_id_for(key, semconv.SPAN_PREFILL))
+                    trace_id, span_id_for(key, semconv.SPAN_PREFILL))
                 return delay_free, params
         except Exception:
             _hook_failed("KVConnector.request_finished")
@@ -294,12 +316,42 @@ def conn_transfer_results(wrapped: Callable[..., Any]) -> Probe:
             done = out.finished_recving
             if done:
                 t = time_ns()
+                # Failed receives are reported among the finished ones (vLLM then recomputes
+                # or fails the request): their transfer must not look like a success.
+                failed = getattr(out, "failed_recving", None) or ()
                 for rid in done:
-                    _EMIT((LOAD_DONE, rid, t))
+                    _EMIT((LOAD_DONE, rid, t, rid not in failed))
         except Exception:
             _hook_failed("KVConnector.get_transfer_results")
         return out
     return get_transfer_results
+
+
+def nixl_reap_expired_send_leases(wrapped: Callable[..., Any]) -> Probe:
+    # Prefill worker, once per get_transfer_results: releases KV whose send lease ran out,
+    # into done_sending, whether or not a decode worker ever read it.
+    def _reap_expired_send_leases(self, *args, **kwargs):
+        pending = self._reqs_to_send
+        if not pending:
+            return wrapped(self, *args, **kwargs)
+        done = args[0] if args else kwargs["done_sending"]
+        try:
+            before = set(done)
+            counts = dict(self.consumer_notification_counts_by_req)
+        except Exception:
+            _hook_failed("NixlConnectorWorker._reap_expired_send_leases")
+            return wrapped(self, *args, **kwargs)
+        out = wrapped(self, *args, **kwargs)
+        try:
+            expired = done - before
+            if expired:
+                t = time_ns()
+                for rid in expired:
+                    _EMIT((LEASE_EXPIRED, rid, t, int(counts.get(rid, 0))))
+        except Exception:
+            _hook_failed("NixlConnectorWorker._reap_expired_send_leases")
+        return out
+    return _reap_expired_send_leases
 
 
 def nixl_start_load_kv(wrapped: Callable[..., Any]) -> Probe:

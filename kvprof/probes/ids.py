@@ -49,3 +49,15 @@ def parse_traceparent(value: object) -> tuple[int, int] | None:
     if trace_id == 0 or span_id == 0:
         return None
     return trace_id, span_id
+
+
+def effective_trace(key: str, *traceparents: object) -> tuple[int, int | None]:
+    """(trace_id, parent span id) of a request: the first valid traceparent given (the
+    caller's trace headers, then the one the prefill side put in kv_transfer_params), else
+    the trace derived from ``key`` with no parent. Every process of an engine calls this with
+    the same inputs, so their spans land in one trace, the caller's when there is one."""
+    for tp in traceparents:
+        ctx = parse_traceparent(tp)
+        if ctx is not None:
+            return ctx
+    return trace_id_for(key), None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from typing import Any
 
 import wrapt
 
+from kvprof.probes import api_hooks, hooks, lifecycle
 from kvprof.probes import events as ev
-from kvprof.probes import hooks
+from kvprof.probes.config import ENV_STATS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ SCHED = "vllm.v1.core.sched.scheduler"
 FACTORY = "vllm.distributed.kv_transfer.kv_connector.factory"
 RUNNER = "vllm.v1.worker.gpu_model_runner"
 NIXL_WORKER = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker"
+ASYNC_LLM = "vllm.v1.engine.async_llm"
+CORE_CLIENT = "vllm.v1.engine.core_client"
+OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor"
 
 
 def _resolve(module: Any, path: str) -> tuple[Any, str]:
@@ -89,6 +94,26 @@ class VllmInstrumentor:
             Target(FACTORY, "KVConnectorFactory.create_connector", self._create_connector),
             Target(RUNNER, "GPUModelRunner.execute_model", hooks.runner_execute_model),
             Target(NIXL_WORKER, "NixlBaseConnectorWorker._nixl_handshake", hooks.nixl_handshake),
+            Target(NIXL_WORKER, "NixlBaseConnectorWorker._reap_expired_send_leases",
+                   hooks.nixl_reap_expired_send_leases),
+            # The API-server process: HTTP intake, hand-off to the EngineCore, first output.
+            Target("fastapi.applications", "FastAPI.build_middleware_stack",
+                   api_hooks.starlette_build_middleware_stack),
+            Target("starlette.applications", "Starlette.build_middleware_stack",
+                   api_hooks.starlette_build_middleware_stack),
+            Target(ASYNC_LLM, "AsyncLLM.add_request", api_hooks.async_llm_add_request),
+            Target(CORE_CLIENT, "AsyncMPClient.add_request_async",
+                   api_hooks.core_client_add_request_async),
+            Target(CORE_CLIENT, "DPAsyncMPClient.add_request_async",
+                   api_hooks.core_client_add_request_async),
+            Target(OUTPUT_PROCESSOR, "OutputProcessor.process_outputs",
+                   api_hooks.output_processor_process_outputs),
+            Target(OUTPUT_PROCESSOR, "OutputProcessor.propagate_error",
+                   api_hooks.output_processor_propagate_error),
+            # A parent reaping a child (EngineCore -> worker, API server -> EngineCore) notes
+            # its exit code: how a SIGKILL or SIGILL death becomes known.
+            Target("multiprocessing.popen_fork", "Popen.poll",
+                   lifecycle.popen_poll(os.environ.get(ENV_STATS_DIR))),
         ]
 
     # -- public API -------------------------------------------------------------------------
@@ -122,6 +147,7 @@ class VllmInstrumentor:
             self._connector_classes.clear()
             hooks.set_emit(None)
             hooks.reset_state()
+            api_hooks.reset_state()
             self.is_instrumented = False
 
     # -- internals --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from kvprof import semconv
@@ -77,6 +78,11 @@ def run_with_probes(command: list[str], exporter: str, endpoint: str | None, out
                                 role, stats_dir)
         if exporter == "file":
             output.mkdir(parents=True, exist_ok=True)
+        from kvprof.cpu_quirks import warning_for_command
+
+        quirk = warning_for_command(command)
+        if quirk:
+            sys.stderr.write(f"kvprof: warning: {quirk}\n")
         try:
             # Own process group: a signal to kvprof reaches every engine process it started.
             child = subprocess.Popen(command, env=env, start_new_session=True)
@@ -88,7 +94,10 @@ def run_with_probes(command: list[str], exporter: str, endpoint: str | None, out
         except PermissionError:
             raise UsageError(f"command not executable: {command[0]}") from None
 
+        stopping: list[float] = []
+
         def forward(signum, _frame):
+            stopping.append(time.time())
             try:
                 os.killpg(child.pid, signum)
             except ProcessLookupError:
@@ -102,8 +111,30 @@ def run_with_probes(command: list[str], exporter: str, endpoint: str | None, out
             for s, handler in old.items():
                 signal.signal(s, handler)
         sys.stderr.write(summarize(stats_dir, exporter, output, endpoint) + "\n")
+        for line in crash_lines(stats_dir, child.pid, rc, stopping[0] if stopping else None):
+            sys.stderr.write(line + "\n")
     # A child killed by a signal exits like a shell reports it: 128 + signal number.
     return 128 - rc if rc < 0 else rc
+
+
+def crash_lines(stats_dir: str, child_pid: int, rc: int, stopping_since: float | None
+                ) -> list[str]:
+    """What `kvprof attach` says when a process it watched died from a signal."""
+    from kvprof.probes.lifecycle import STOP_SIGNALS, death_report, signal_name
+
+    deaths, inflight = death_report(stats_dir, stopping_since)
+    lines = []
+    if rc < 0 and -rc not in STOP_SIGNALS and all(d.pid != child_pid for d in deaths):
+        lines.append(f"kvprof: the command (pid {child_pid}) died from {signal_name(-rc)}")
+    for d in deaths:
+        lines.append("kvprof: " + d.describe())
+    if lines:
+        shown = ", ".join(inflight[:10]) + (f" (+{len(inflight) - 10} more)"
+                                            if len(inflight) > 10 else "")
+        lines.append("kvprof: requests in flight: " + (shown or "none recorded")
+                     + "; their spans were ended with an error status where a process "
+                     "survived to close them, and every span exported before is kept.")
+    return lines
 
 
 def run_attach_command(command: list[str], exporter: str, endpoint: str | None, output: Path,

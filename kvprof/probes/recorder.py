@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any
 
 from kvprof import __version__, semconv
+from kvprof.probes import lifecycle
 from kvprof.probes.assembler import ProcessFacts, SpanAssembler, SpanRecord
 from kvprof.probes.config import ProbeConfig
 
@@ -102,7 +103,9 @@ class Recorder:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._stats_written = (-1, -1)
+        self._stats_written: tuple = (-1, -1, (), "")
+        self._open_at_exit: list[str] = []
+        self._clean_exit = False
         self._pid = os.getpid()  # a forked child inherits this object (and its atexit entry)
         self._closed = False
 
@@ -115,6 +118,7 @@ class Recorder:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvprof-export", daemon=True)
         self._thread.start()
+        lifecycle.enable_fault_file(self.config.stats_dir)
         atexit.register(self.shutdown)
 
     def shutdown(self) -> None:
@@ -138,7 +142,9 @@ class Recorder:
                 exporter.shutdown()
             except Exception:
                 log.debug("kvprof: exporter shutdown failed", exc_info=True)
+        self._clean_exit = True
         self.write_stats()
+        lifecycle.drop_empty_fault_file(self.config.stats_dir)
 
     # -- export -----------------------------------------------------------------------------
     def _ensure_exporter(self) -> Any:
@@ -174,6 +180,13 @@ class Recorder:
             try:
                 records = self.assembler.feed(batch)
                 records += self.assembler.flush(time.time_ns(), final=final)
+                if final:
+                    # Requests still open when the process goes: closed with an error and
+                    # the reason (a sibling's crash when one is known), never dropped.
+                    self._open_at_exit = self.assembler.open_requests()
+                    reason = (lifecycle.crash_reason(self.config.stats_dir)
+                              or "the process stopped before the request finished")
+                    records += self.assembler.close_open(time.time_ns(), reason)
             except Exception:
                 if not self._warned_build:
                     self._warned_build = True
@@ -182,7 +195,7 @@ class Recorder:
                 self.dropped += len(batch)
             if records:
                 self._export(records)
-            if final or self._stats_written != (self.exported, self.dropped):
+            if final or self._stats_written != self._stats_key():
                 self.write_stats()
 
     def _export(self, records: list[SpanRecord]) -> None:
@@ -211,16 +224,28 @@ class Recorder:
                 "vLLM unaffected)", self.destination or self.config.exporter,
             )
 
+    def _stats_key(self) -> tuple:
+        # vLLM renames its processes (VLLM::Worker) after the probes start: the name is
+        # part of the key so a crash report names the process as ps would.
+        from kvprof.probes.api_hooks import in_flight
+
+        open_now = sorted({*self.assembler.open_requests(), *in_flight()})[:50]
+        return self.exported, self.dropped, tuple(open_now), lifecycle.process_name()
+
     def write_stats(self) -> None:
-        """Leave {pid, exported, dropped, destination} where `kvprof attach` sums them."""
-        self._stats_written = (self.exported, self.dropped)
+        """Leave {pid, exported, dropped, destination, in-flight requests, ...} where
+        `kvprof attach` sums them and, after a crash, names what was in flight."""
+        self._stats_written = self._stats_key()
         if not self.config.stats_dir:
             return
         doc = {
             "pid": os.getpid(), "exporter": self.config.exporter,
             "destination": self.destination, "exported": self.exported,
             "dropped": self.dropped, "role": engine_role(self.config, self.facts),
-            "connector": self.facts.connector,
+            "connector": self.facts.connector, "name": self._stats_written[3],
+            "service": self.config.service_name,
+            "inflight": list(self._stats_written[2]),
+            "open_at_exit": self._open_at_exit[:50], "clean_exit": self._clean_exit,
         }
         try:
             os.makedirs(self.config.stats_dir, exist_ok=True)

@@ -13,6 +13,7 @@ from kvprof.analysis.compare import comparison_tables, load_tree
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed_aiperf"
 NAMES = ("aggregated", "disaggregated")
+V013, V011 = FIXTURES / "aiperf_c2", FIXTURES / "aiperf_v0_1_1_run1"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,58 @@ def test_real_aiperf_run_as_a_tree(tmp_path):
     assert tree["tps_per_user"].iloc[0] == pytest.approx(227.56107843008516 / 2)
 
 
+def _copy(tmp_path, src, dst, *names):
+    dst = tmp_path / dst
+    dst.mkdir(parents=True)
+    for name in names or [p.name for p in src.iterdir()]:
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture
+def mixed_trees(tmp_path):
+    """The same two real runs (aiperf 0.13 at c2, 0.1.1 at c100) read two ways per side."""
+    _copy(tmp_path, V013, "a/c2")                               # schema 1.4 JSON
+    _copy(tmp_path, V011, "a/c100")                             # 0.1.1 "records" JSON
+    _copy(tmp_path, V013, "b/c2", "profile_export.jsonl")       # records only: recomputed
+    _copy(tmp_path, V011, "b/c100", "profile_export_aiperf.csv")  # CSV only
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_trees_of_every_schema_compare_alike(mixed_trees):
+    base, cand = load_tree(mixed_trees[0], 1), load_tree(mixed_trees[1], 1)
+    assert base["concurrency"].tolist() == cand["concurrency"].tolist() == [2, 100]
+    assert cand["recomputed"].tolist() == [True, False]
+    assert cand["summary_source"].tolist() == ["recomputed from profile_export.jsonl",
+                                               "profile_export_aiperf.csv"]
+    assert not base["recomputed"].any()
+    tables = {t["label"]: {r["concurrency"]: r for r in t["rows"]}
+              for t in comparison_tables(base, cand, NAMES)}
+    for label in ("TTFT avg (ms)", "TTFT p99 (ms)", "ITL avg (ms)", "Request latency p99 (ms)"):
+        assert tables[label][2]["winner"] == "tie"  # recomputed == aiperf, to float rounding
+        assert tables[label][100]["ratio"] == pytest.approx(1.0, abs=2e-4)  # CSV: 2 decimals
+    # Throughput: 0.13 divides by its phase window, the recomputation by first request to
+    # last response (said in the output); 0.1.1's CSV is its JSON rounded.
+    assert tables["Output tok/s total"][2]["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert tables["Output tok/s total"][100]["ratio"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_cli_says_which_runs_were_recomputed(mixed_trees, tmp_path):
+    r = run_kvprof("compare", "--baseline", mixed_trees[0], "--candidate", mixed_trees[1],
+                   "--baseline-name", "full", "--candidate-name", "partial",
+                   "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert ("partial: c2 had no aiperf summary: aggregates recomputed from "
+            "profile_export.jsonl as aiperf computes them.") in r.stdout
+    assert "partial: c100 read from profile_export_aiperf.csv" in r.stdout
+    assert "phase window" in r.stdout
+    assert "full: c" not in r.stdout
+    doc = json.loads((tmp_path / "o" / "compare.json").read_text())
+    runs = {r["concurrency"]: r for r in doc["candidate"]["runs"]}
+    assert runs[2]["recomputed"] and not runs[100]["recomputed"]
+    assert doc["baseline"]["runs"][1]["source"].startswith("profile_export_aiperf.json (aiperf")
+
+
 @pytest.mark.parametrize("extra, code, words", [
     (["--gpus", "10"], 2, "give --gpus twice"),
     (["--gpus", "0", "--gpus", "10"], 2, ">= 1"),
@@ -89,3 +142,15 @@ def test_cli_bad_trees(tmp_path):
     r = run_kvprof("compare", "--baseline", tmp_path / "bad", "--candidate", SEED / "disagg",
                    "--out", tmp_path / "o")
     assert r.returncode == 3 and "profile_export_aiperf.json" in r.stderr
+
+
+def test_cli_bad_runs_in_a_tree(tmp_path):
+    text = (V011 / "profile_export_aiperf.json").read_text()
+    (tmp_path / "cut" / "c1").mkdir(parents=True)
+    (tmp_path / "cut" / "c1" / "profile_export_aiperf.json").write_text(text[:4000])
+    (tmp_path / "junk" / "c1").mkdir(parents=True)
+    (tmp_path / "junk" / "c1" / "profile_export.jsonl").write_text("not json\n")
+    for tree, words in (("cut", "truncated"), ("junk", "is not JSON")):
+        r = run_kvprof("compare", "--baseline", tmp_path / tree, "--candidate",
+                       SEED / "disagg", "--out", tmp_path / "o")
+        assert r.returncode == 3 and words in r.stderr and "Hint:" in r.stderr

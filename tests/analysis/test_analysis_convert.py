@@ -28,7 +28,7 @@ def _same(a: list[dict], b: list[dict]) -> None:
 
 def test_otlp_jaeger_otlp_keeps_ids_names_times_attributes(golden):
     records, _ = load_records(golden.traces)
-    assert len(records) == 24 * 11
+    assert len(records) == 24 * 12
     jaeger = convert_records(records, "jaeger")
     back = list(jaeger_to_records(jaeger))
     _same(records, back)  # scenario times are whole microseconds, Jaeger's unit
@@ -87,7 +87,7 @@ def test_cli_convert_to_stdout_and_file(golden, tmp_path):
     assert sum(len(t["spans"]) for t in doc["data"]) == 12 * 5
     out = tmp_path / "t.perfetto.json"
     r = run_kvprof("traces", "convert", golden.traces, "--to", "perfetto", "--out", out)
-    assert r.returncode == 0 and "Converted 264 spans" in r.stderr
+    assert r.returncode == 0 and "Converted 288 spans" in r.stderr
     assert json.loads(out.read_text())["displayTimeUnit"] == "ms"
 
 

@@ -18,7 +18,7 @@ def report_json(golden, tmp_path_factory):
                    "--vllm-log", FIXTURES / "kv_transfer_log_lines.txt",
                    "--out", out, "--json")
     assert r.returncode == 0, r.stderr
-    assert "24 requests" in r.stderr and "top cause kv.transfer" in r.stderr
+    assert "24 requests" in r.stderr and "top cause prefill.compute" in r.stderr
     return json.loads(out.read_text())
 
 
@@ -26,12 +26,22 @@ def test_json_numbers(report_json):
     d = report_json
     assert d["summary"]["requests"] == 24 and d["summary"]["first_contact_requests"] == 4
     assert d["summary"]["unaccounted_mean_ms"] == pytest.approx(31.0)
-    assert d["skew"]["offsets_ms"]["gpu-node-1"] == pytest.approx(-49.75)
-    assert [c["cause"] for c in d["verdict"][:2]] == ["kv.transfer", "kv.handshake"]
+    assert d["summary"]["unaccounted_share"] == pytest.approx(
+        31.0 / d["summary"]["ttft_mean_ms"])
+    assert d["skew"]["offsets_ms"]["gpu-node-1"] == pytest.approx(-49.5)
+    assert [c["cause"] for c in d["verdict"][:3]] == ["prefill.compute", "kv.transfer",
+                                                      "kv.handshake"]
+    assert d["verdict"][-1]["cause"] == "unaccounted"
+    # Every request: its legs in path order, and legs + unaccounted = TTFT.
+    for row in d["requests"]:
+        assert sum(row["legs_ms"].values()) + row["unaccounted_ms"] == pytest.approx(
+            row["ttft_ms"], abs=1e-3)
+        assert list(row["legs_ms"])[:2] == ["prefill.scheduled", "prefill.first_token"]
     assert {b["path"] for b in d["links"]["by_path"]} == {"infiniband", "tcp"}
     assert d["should_cost"]["total_ms"] == pytest.approx(14.1)
     assert len(d["vllm_kv_transfer_log"]) == 2 and len(d["requests"]) == 24
-    assert any("estimate: microbench" in e for e in d["verdict"][0]["evidence"])
+    transfer = next(c for c in d["verdict"] if c["cause"] == "kv.transfer")
+    assert any("estimate: microbench" in e for e in transfer["evidence"])
 
 
 def test_markdown_has_the_same_numbers(golden, report_json, tmp_path):

@@ -44,7 +44,7 @@ def test_arrow_and_stdlib_paths_give_the_same_table(golden):
     key = ["span_id"]
     fast = fast.sort_values(key).reset_index(drop=True)
     slow = slow.sort_values(key).reset_index(drop=True)
-    assert len(fast) == len(slow) == 24 * 11
+    assert len(fast) == len(slow) == 24 * 12
     for col in fast.columns:
         if col == "source":
             continue
@@ -73,7 +73,7 @@ def test_directory_keeps_readable_files_and_lists_the_rest(golden, tmp_path):
     with (d / "decode-0.jsonl").open("a") as fh:  # a truncated last line
         fh.write('{"resourceSpans": [{"resource": {"attr')
     load = load_spans(d)
-    assert len(load.spans) == 24 * 11
+    assert len(load.spans) == 24 * 12
     skipped = {p.split("/")[-1]: why for p, why in load.skipped}
     assert set(skipped) == {"garbage.json", "other.json", "decode-0.jsonl"}
     assert "not JSON" in skipped["garbage.json"]
@@ -98,3 +98,30 @@ def test_missing_path_and_empty_directory(tmp_path):
         load_spans(tmp_path / "nope")
     with pytest.raises(BadInputError, match="no trace files"):
         load_spans(tmp_path)
+
+
+def test_status_and_aliased_attributes_on_both_paths(golden, tmp_path):
+    """Error statuses (number or STATUS_CODE_* name) and attributes several keys feed
+    (Dynamo's x_request_id, kvprof's own) read the same through Arrow and the stdlib."""
+    line = next(iter(trace_files(golden.traces))).read_text().splitlines()[0]
+    doc = json.loads(line)
+    spans = doc["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    spans[0]["status"] = {"code": 2, "message": "NIXL reported the KV receive as failed"}
+    spans[1]["status"] = {"code": "STATUS_CODE_ERROR"}
+    spans[2]["attributes"].append({"key": "x_request_id", "value": {"stringValue": "dyn-1"}})
+    spans[3]["attributes"].append({"key": sc.ATTR_X_REQUEST_ID,
+                                   "value": {"stringValue": "kv-1"}})
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(doc) + "\n")
+    fast = load_spans(path).spans.set_index("span_id")
+    cols = _Columns()
+    assert _load_file(path, cols, set()) == []
+    slow = finalize_spans(cols.frame()).set_index("span_id")
+    for table in (fast, slow):
+        ids = [s["spanId"] for s in spans[:4]]
+        assert table.loc[ids[0], "status_code"] == 2
+        assert table.loc[ids[0], "status_message"] == "NIXL reported the KV receive as failed"
+        assert table.loc[ids[1], "status_code"] == 2
+        assert table.loc[ids[2], "x_request_id"] == "dyn-1"
+        assert table.loc[ids[3], "x_request_id"] == "kv-1"
+        assert table["status_code"].isna().sum() == len(table) - 2

@@ -1,17 +1,28 @@
-"""Start and stop real vLLM API servers (under `kvprof attach` or not) on 127.0.0.1."""
+"""Start and stop real vLLM API servers (under `kvprof attach` or not) on 127.0.0.1.
+
+Every server leads its own session and dies with the test process (PR_SET_PDEATHSIG);
+requests made with ``watch=`` fail within a second when a watched engine dies, with its exit
+status and the fatal lines of its log, instead of waiting on an HTTP timeout.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+# float16 on every CPU: bf16 NIXL decode engines die with SIGILL on AMX (kvprof/cpu_quirks.py).
+from kvprof.cpu_quirks import PORTABLE_DTYPE
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 32
@@ -47,10 +58,11 @@ def engine_env(core: int, side_port: int | None = None,
     return env
 
 
-def server_command(model: Path, port: int, kv_config: dict | None) -> list[str]:
+def server_command(model: Path, port: int, kv_config: dict | None,
+                   dtype: str = PORTABLE_DTYPE) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--block-size", str(BLOCK_SIZE),
-           "--max-model-len", "1024", "--max-num-seqs", "8", "--dtype", "bfloat16",
+           "--max-model-len", "1024", "--max-num-seqs", "8", "--dtype", dtype,
            "--seed", "0", "--served-model-name", "tiny",
            # Start-up trims: no torch.compile, quiet frontend; the
            # baseline engine uses the same flags, so tokens stay comparable.
@@ -65,12 +77,73 @@ def start_server(model: Path, port: int, core: int, kv_config: dict | None, log_
                  attach: list[str] | None = None, side_port: int | None = None,
                  worker_in_core: bool = False) -> subprocess.Popen:
     """Start one API server; ``attach`` = kvprof attach options to run it under."""
-    cmd = server_command(model, port, kv_config)
+    return start_command(server_command(model, port, kv_config), core, log_path, attach,
+                         side_port, worker_in_core)
+
+
+def start_command(cmd: list[str], core: int, log_path: Path, attach: list[str] | None = None,
+                  side_port: int | None = None, worker_in_core: bool = False
+                  ) -> subprocess.Popen:
+    """Start a server command line (see server_command) pinned to ``core``."""
     if attach is not None:
         cmd = [sys.executable, "-m", "kvprof", "attach", *attach, "--", *cmd]
     log = open(log_path, "wb")
-    return subprocess.Popen(cmd, env=engine_env(core, side_port, worker_in_core), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=engine_env(core, side_port, worker_in_core), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                            preexec_fn=_die_with_parent)
+    proc.log_path = log_path  # type: ignore[attr-defined]  # for EngineDied messages
+    return proc
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class EngineDied(RuntimeError):
+    """A watched engine exited while a request waited on it."""
+
+
+def _death(proc: subprocess.Popen) -> str:
+    rc = proc.returncode
+    what = (f"died from {signal.Signals(-rc).name}" if rc is not None and rc < 0 else
+            f"died from {signal.Signals(rc - 128).name}" if rc is not None and rc > 128 else
+            f"exited with code {rc}")
+    log = getattr(proc, "log_path", None)
+    tail = ""
+    if log is not None:
+        lines = Path(log).read_text(errors="replace").splitlines()
+        fatal = [ln for ln in lines if "died from" in ln or "Error" in ln or "Fatal" in ln]
+        tail = "\n".join(fatal[-8:])
+    return f"engine (pid {proc.pid}) {what}" + (f"; from its log {log}:\n{tail}" if tail else "")
+
+
+def watched(call: Callable[[], dict], watch: Sequence[subprocess.Popen],
+            timeout: float = 300) -> dict:
+    """Run ``call`` (an HTTP request) while checking every watched engine twice a second."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive():
+        thread.join(0.5)
+        for proc in watch:
+            if proc.poll() is not None:
+                raise EngineDied(_death(proc))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer within {timeout:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 600) -> None:
@@ -126,18 +199,57 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 60) -> None:
 
 
 def complete(port: int, prompt: str, max_tokens: int, request_id: str,
-             stream: bool = False) -> dict:
+             stream: bool = False, watch: Sequence[subprocess.Popen] = ()) -> dict:
+    """One completion; with ``watch``, fails fast when one of those engines dies."""
+    if watch:
+        return watched(lambda: complete(port, prompt, max_tokens, request_id, stream), watch)
+    return _complete(port, prompt, max_tokens, request_id, stream)
+
+
+def _complete(port: int, prompt: str, max_tokens: int, request_id: str,
+              stream: bool = False) -> dict:
+    """POST /v1/completions like aiperf does (X-Request-Id), timing the client's view:
+    ``send_ns`` before the request goes out, ``first_ns`` when the first bytes of the
+    answer arrive (the first server-sent event when streaming)."""
+    import http.client
+
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": stream}
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "X-Request-Id": request_id})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        raw = r.read().decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        send_ns = time.time_ns()
+        conn.request("POST", "/v1/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+        resp = conn.getresponse()
+        first = resp.read1(65536)
+        first_ns = time.time_ns()
+        raw = (first + resp.read()).decode()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {raw[:500]}")
+    timing = {"send_ns": send_ns, "first_ns": first_ns, "x_request_id": request_id}
     if not stream:
-        return json.loads(raw)
+        return {**json.loads(raw), **timing}
     text = ""
     for line in raw.splitlines():
         if line.startswith("data: ") and line != "data: [DONE]":
-            text += json.loads(line[6:])["choices"][0]["text"]
-    return {"choices": [{"text": text}]}
+            event = json.loads(line[6:])
+            if "error" in event:  # a stream that said 200 reports failures as an event
+                raise RuntimeError(f"error event in the stream: {event['error']}")
+            text += event["choices"][0]["text"]
+    return {"choices": [{"text": text}], **timing}
+
+
+def aiperf_records(answers: list[dict], path: Path) -> Path:
+    """The client's timings as aiperf 0.13 per-request records (profile_export.jsonl)."""
+    path.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for a in answers:
+        ttft_ms = (a["first_ns"] - a["send_ns"]) / 1e6
+        lines.append(json.dumps({
+            "metadata": {"x_request_id": a["x_request_id"], "request_start_ns": a["send_ns"],
+                         "benchmark_phase": "profiling", "was_cancelled": False},
+            "metrics": {"time_to_first_token": {"value": ttft_ms, "unit": "ms"}}}))
+    (path / "profile_export.jsonl").write_text("\n".join(lines) + "\n")
+    return path

@@ -1,4 +1,9 @@
-"""Real vLLM P/D pairs on 127.0.0.1 under `kvprof attach --exporter file`, via demo/router.py."""
+"""Real vLLM P/D pairs on 127.0.0.1 under `kvprof attach --exporter file`, via demo/router.py.
+
+The client sends X-Request-Id and times its requests like aiperf; the router records its
+legs and forwards a traceparent (and, for one request, only X-Request-Id, as vLLM's example
+proxies do); the analysis then accounts for each request's TTFT leg by leg.
+"""
 
 from __future__ import annotations
 
@@ -78,18 +83,28 @@ class Pair:
         for proc, port, side in zip(self.procs, self.ports, "pd", strict=True):
             E.wait_ready(proc, port, self.log(side))
 
-    def exercise(self) -> list[str]:
-        """The prompts through demo/router.py, one after the other (the second streamed)."""
-        srv, _ = router.serve_in_thread(*(f"127.0.0.1:{p}" for p in self.ports))
+    def exercise(self, xid_only: bool = False) -> list[dict]:
+        """The prompts through demo/router.py, one after the other (the second streamed);
+        with ``xid_only`` one more through a router that forwards X-Request-Id only."""
+        upstreams = [f"127.0.0.1:{p}" for p in self.ports]
+        srv, _ = router.serve_in_thread(*upstreams, trace_dir=self.traces)
+        answers = []
         try:
-            texts = [E.complete(srv.server_address[1], prompt, MAX_TOKENS, f"{self.name}-{i}",
-                                stream=(i == 1))["choices"][0]["text"]
-                     for i, prompt in enumerate(PROMPTS)]
+            for i, prompt in enumerate(PROMPTS):
+                answers.append(E.complete(srv.server_address[1], prompt, MAX_TOKENS,
+                                          f"{self.name}-{i}", stream=(i == 1), watch=self.procs))
         finally:
-            srv.shutdown()
-            srv.server_close()
+            router.stop_router(srv)
+        if xid_only:
+            srv, _ = router.serve_in_thread(*upstreams, trace_dir=self.traces, propagate=False)
+            try:
+                answers.append(E.complete(srv.server_address[1], PROMPTS[0], MAX_TOKENS,
+                                          f"{self.name}-xid-only", stream=True,
+                                          watch=self.procs))
+            finally:
+                router.stop_router(srv)
         time.sleep(1.5)  # one export interval, so nothing waits for the exit flush alone
-        return texts
+        return answers
 
     def results(self) -> tuple[list[dict], list[str]]:
         """Spans and logs, once the servers have stopped (exit flush, summary line)."""
@@ -128,14 +143,18 @@ def engines(tmp_path_factory, tiny_model):
             pair.wait_ready()
         E.wait_ready(plain, plain_port, tmp / "plain.log")
         for name, pair in pairs.items():
-            out[name + "_texts"] = pair.exercise()
-        out["baseline"] = [E.complete(plain_port, p, MAX_TOKENS, f"plain-{i}")
+            answers = pair.exercise(xid_only=name == "nixl")
+            out[name + "_answers"] = answers
+            out[name + "_texts"] = [a["choices"][0]["text"] for a in answers[:len(PROMPTS)]]
+        out["baseline"] = [E.complete(plain_port, p, MAX_TOKENS, f"plain-{i}", watch=[plain])
                            ["choices"][0]["text"] for i, p in enumerate(PROMPTS)]
     finally:
         E.stop_all([p for pair in pairs.values() for p in pair.procs]
                    + ([plain] if plain is not None else []))
     for name, pair in pairs.items():
         out[name + "_spans"], out[name + "_logs"] = pair.results()
+        out[name + "_traces"] = pair.traces
+        out[name + "_aiperf"] = E.aiperf_records(out[name + "_answers"], tmp / f"{name}-aiperf")
     return out
 
 
@@ -166,29 +185,44 @@ def by_trace(spans):
 
 
 def geometry(model: Path, tokens: int) -> KvGeometry:
-    return KvGeometry(load_hf_config(model), "bf16", E.BLOCK_SIZE, tokens)
+    return KvGeometry(load_hf_config(model), "fp16", E.BLOCK_SIZE, tokens)
 
 
-def test_nixl_every_request_is_one_trace_with_all_phases(nixl_run, tiny_model):
+ENGINE_SPANS = {semconv.SPAN_PREFILL, semconv.SPAN_PREFILL_QUEUE, semconv.SPAN_PREFILL_COMPUTE,
+                semconv.SPAN_KV_HOLD, semconv.SPAN_DECODE, semconv.SPAN_KV_TRANSFER,
+                semconv.SPAN_DECODE_QUEUE, semconv.SPAN_DECODE_FIRST_TOKEN,
+                semconv.SPAN_DECODE_KV_WAIT}
+# Spans of the legs between the engines: the router's, and each API server's (both roles).
+LEG_SPANS = {*semconv.ROUTER_SPANS, *semconv.API_SPANS, semconv.SPAN_DECODE_KV_WAIT}
+
+
+def test_nixl_every_request_is_one_trace_from_the_router_to_the_first_token(nixl_run,
+                                                                            tiny_model):
     texts, spans, logs = nixl_run
     traces = by_trace(spans)
-    assert len(traces) == len(PROMPTS), sorted({s["attrs"].get("kvprof.request_id")
+    # The three requests through the traceparent-forwarding router: one trace each.
+    routed = [t for t in traces.values()
+              if any(s["name"] == semconv.SPAN_ROUTER_REQUEST for s in t)
+              and any(s["name"] == semconv.SPAN_PREFILL for s in t)]
+    assert len(routed) == len(PROMPTS), sorted({s["attrs"].get("kvprof.request_id")
                                                 for s in spans})
-    expected = {semconv.SPAN_PREFILL, semconv.SPAN_PREFILL_QUEUE, semconv.SPAN_PREFILL_COMPUTE,
-                semconv.SPAN_KV_HOLD, semconv.SPAN_DECODE, semconv.SPAN_KV_TRANSFER,
-                semconv.SPAN_DECODE_QUEUE, semconv.SPAN_DECODE_FIRST_TOKEN}
-    ordered = sorted(traces.values(), key=lambda t: min(s["start"] for s in t))
+    ordered = sorted(routed, key=lambda t: min(s["start"] for s in t))
     for i, trace in enumerate(ordered):
         names = [s["name"] for s in trace]
-        assert expected <= set(names), names
+        assert ENGINE_SPANS | set(semconv.ROUTER_SPANS) <= set(names), names
+        for role in ("prefill", "decode"):
+            api = {s["name"] for s in trace if s["attrs"].get(semconv.ATTR_ROLE) == role
+                   and s["name"] in semconv.API_SPANS}
+            assert api == set(semconv.API_SPANS), (role, api)
         assert (semconv.SPAN_KV_HANDSHAKE in names) == (i == 0), (i, names)
         ids = {s["span"] for s in trace}
-        top = next(s for s in trace if s["name"] == semconv.SPAN_PREFILL)
-        assert not top["parent"]
+        root = next(s for s in trace if s["name"] == semconv.SPAN_ROUTER_REQUEST)
+        assert not root["parent"]
         for s in trace:  # one tree: every parent is in the trace
             assert not s["parent"] or s["parent"] in ids, s["name"]
         assert {s["resource"]["service.name"] for s in trace} == {"vllm-prefill",
-                                                                  "vllm-decode"}
+                                                                  "vllm-decode", "pd-router"}
+        top = next(s for s in trace if s["name"] == semconv.SPAN_PREFILL)
         prompt_tokens = int(top["attrs"][semconv.ATTR_PROMPT_TOKENS])
         xfer = next(s for s in trace if s["name"] == semconv.SPAN_KV_TRANSFER)
         blocks = int(xfer["attrs"][semconv.ATTR_KV_BLOCKS])
@@ -200,6 +234,38 @@ def test_nixl_every_request_is_one_trace_with_all_phases(nixl_run, tiny_model):
         for s in trace:  # never prompt or output text
             assert not any(PROMPTS[0][:20] in str(v) for v in s["attrs"].values())
     assert "kvprof:" in logs[0] and "spans from" in logs[0]
+
+
+def test_every_leg_span_has_a_positive_duration(nixl_run):
+    _, spans, _ = nixl_run
+    legs = [s for s in spans if s["name"] in LEG_SPANS]
+    assert {s["name"] for s in legs} == LEG_SPANS
+    for s in legs:
+        assert s["end"] > s["start"], (s["name"], s["attrs"])
+
+
+def test_legs_add_up_to_the_client_ttft_per_request(engines):
+    """The client's TTFT (its own clock, as aiperf measures it) = the legs + unaccounted,
+    per request within 1 ms; with every leg traced nothing is left unaccounted, also for the
+    request whose router forwarded only X-Request-Id."""
+    from kvprof.analysis.aiperf import load_aiperf_records
+    from kvprof.analysis.breakdown import SOURCE_ID, build_breakdown
+    from kvprof.analysis.traces import load_spans as load_table
+
+    if "nixl_traces" not in engines:
+        pytest.skip("nixl is not installed")
+    bd = build_breakdown(load_table(engines["nixl_traces"]).spans,
+                         load_aiperf_records(engines["nixl_aiperf"]))
+    req = bd.requests.set_index("x_request_id")
+    assert sorted(req.index) == sorted(a["x_request_id"] for a in engines["nixl_answers"])
+    for xid, row in req.iterrows():
+        assert row["ttft_source"] == SOURCE_ID
+        assert row["chain"] == "disaggregated"
+        assert abs(row["stacked_ms"] + row["unaccounted_ms"] - row["ttft_ms"]) < 1.0
+        assert row["unaccounted_detail"] is None, (xid, row["unaccounted_detail"])
+        assert abs(row["unaccounted_ms"]) < 1.0, xid
+        assert row["leg:router.recv"] >= 0 and row["leg:kv.transfer.end"] > 0
+    assert req.loc["nixl-xid-only", "leg:decode.api.recv"] > 0
 
 
 def test_example_connector_serialize_is_a_file_write(example_run, tiny_model):

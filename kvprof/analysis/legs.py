@@ -1,0 +1,321 @@
+"""The legs of TTFT: milestones on a request's path, and the time between consecutive ones.
+
+A request's TTFT as the client measures it runs from "client sent" to "client got the first
+bytes". On the way it passes milestones, each the start or end of a span some process wrote
+(the router's, each engine's API server, EngineCore and worker, NVIDIA Dynamo's). A *chain*
+lists them in the order a request meets them; a *leg* is the time between two consecutive
+milestones and is named after what happens in between ("decode: waiting for a step boundary
+to start the KV load"). Consecutive differences add up exactly, so legs + unaccounted = TTFT
+by construction; what makes time *unaccounted* is a milestone that should be there and is not
+(no router spans, a hook missing in this vLLM) or that lies out of order: the legs around it
+merge into one unaccounted segment that says which milestones were missing.
+
+Milestones are *required* (their absence is a gap in the account), *optional* (a phase not
+every request has: the NIXL handshake on first contact only, staging copies) or part of a
+*group* that is required as soon as any member is present (the KV-pull milestones exist only
+for connectors that pull). An optional group is kept only where it fits in time between the
+milestones around it; the same span can sit at two places of a chain (a deserialize copy
+after the transfer on a GPU, inside the first step for a file connector) and lands where it
+fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvprof import semconv as sc
+
+if TYPE_CHECKING:
+    import numpy as np
+
+CLIENT = "@client"  # pseudo span of the aiperf record: edges "send" and "first"
+DYNAMO_FIRST = "@dynamo.first_token"  # http-request start + its ttft_ms attribute
+
+
+@dataclass(frozen=True)
+class Milestone:
+    """One point on a request's path: the first available of ``sources`` (slot, edge)."""
+
+    id: str
+    sources: tuple[tuple[str, str], ...]
+    event: str  # what happened here, in words ("prefill API server received the request")
+    leg: str  # the leg that ends here, from the previous milestone of the chain
+    stage: str  # the stage of the path the leg belongs to (see STAGES)
+    group: str | None = None  # milestones of a group are required once any is present
+    optional: bool = False  # may be absent or out of place without leaving a gap
+
+
+def _api(side: str, name: str) -> str:
+    return f"{name}@{side}"
+
+
+def _m(id_: str, sources, event: str, leg: str, stage: str, group: str | None = None,
+       optional: bool = False) -> Milestone:
+    return Milestone(id_, tuple(sources), event, leg, stage, group, optional)
+
+
+# Stages group legs in a serving engineer's terms; the verdict speaks in stages.
+STAGES = {
+    "client": "client <-> router/frontend",
+    "router": "router/frontend",
+    "prefill.intake": "prefill engine intake (HTTP, tokenize, hand-off to its EngineCore)",
+    "prefill.queue": "prefill scheduler queue",
+    "prefill.compute": "prefill compute",
+    "prefill.response": "prefill response back to the router",
+    "decode.intake": "decode engine intake (HTTP, tokenize, hand-off to its EngineCore)",
+    "kv.wait": "decode waits for a step boundary to start the KV load",
+    "kv.handshake": "NIXL handshake (first contact)",
+    "kv.transfer": "KV transfer",
+    "kv.copy": "KV staging copies (serialize / deserialize)",
+    "kv.ready": "KV loaded -> scheduled (step boundaries)",
+    "decode.compute": "decode first token",
+    "decode.response": "first token -> client",
+    "engine.intake": "engine intake (HTTP, tokenize, hand-off to its EngineCore)",
+    "engine.queue": "scheduler queue",
+    "engine.compute": "prefill compute (first token)",
+    "engine.response": "first token -> client",
+}
+UNACCOUNTED = "unaccounted"
+
+# -- milestones ------------------------------------------------------------------------------
+CLIENT_SEND = _m("client.send", [(CLIENT, "send")], "the client sent the request", "", "client")
+ROUTER_RECV = _m("router.recv", [(sc.SPAN_ROUTER_REQUEST, "start")],
+                 "the router received it", "client -> router (connect, upload)", "client")
+ROUTER_P_SEND = _m("router.prefill.send", [(sc.SPAN_ROUTER_PREFILL, "start")],
+                   "the router called the prefill engine", "router: before the prefill call",
+                   "router")
+
+
+def _engine_intake(side: str, stage: str, who: str) -> list[Milestone]:
+    return [
+        _m(f"{side}.api.recv", [(_api(side, sc.SPAN_API_REQUEST), "start")],
+           f"the {who} API server received it", f"router -> {who} API server (HTTP)", stage),
+        _m(f"{side}.api.input", [(_api(side, sc.SPAN_API_INPUT), "end"),
+                                 (_api(side, sc.SPAN_API_TO_CORE), "start")],
+           f"the {who} API server validated and tokenized it",
+           f"{who} API server: HTTP body, validation, tokenization", stage),
+        _m(f"{side}.api.handoff", [(_api(side, sc.SPAN_API_TO_CORE), "end")],
+           f"the {who} API server handed it to its EngineCore",
+           f"{who} API server: input processing, hand-off to the EngineCore", stage),
+    ]
+
+
+def _engine_output(side: str, stage: str, who: str, done_leg: str) -> list[Milestone]:
+    return [
+        _m(f"{side}.api.output", [(_api(side, sc.SPAN_API_WAIT), "end"),
+                                  (_api(side, sc.SPAN_API_RESPOND), "start")],
+           f"the {who} API server got the first output",
+           f"{who} EngineCore -> API server (output)", stage),
+        _m(f"{side}.api.answered", [(_api(side, sc.SPAN_API_RESPOND), "end")],
+           f"the {who} API server answered", done_leg, stage),
+    ]
+
+
+P, D, A = sc.ROLE_PREFILL, sc.ROLE_DECODE, sc.ROLE_AGGREGATED
+
+DISAGG_CHAIN: tuple[Milestone, ...] = (
+    CLIENT_SEND, ROUTER_RECV, ROUTER_P_SEND,
+    *_engine_intake(P, "prefill.intake", "prefill"),
+    _m("prefill.core.arrive", [(sc.SPAN_PREFILL_QUEUE, "start")],
+       "the prefill EngineCore got it",
+       "prefill API server -> EngineCore (IPC; the core finishes its current step)",
+       "prefill.intake"),
+    _m("prefill.scheduled", [(sc.SPAN_PREFILL_QUEUE, "end"), (sc.SPAN_PREFILL_COMPUTE, "start")],
+       "the prefill scheduler scheduled it", "prefill scheduler queue", "prefill.queue"),
+    _m("prefill.first_token", [(sc.SPAN_PREFILL_COMPUTE, "end")],
+       "the prefill engine computed the first token", "prefill compute (to the first token)",
+       "prefill.compute"),
+    _m("kv.serialize.start", [(sc.SPAN_KV_SERIALIZE, "start")], "KV serialize started",
+       "first token -> KV serialize starts", "kv.copy", group="serialize", optional=True),
+    _m("kv.serialize.end", [(sc.SPAN_KV_SERIALIZE, "end")], "KV serialize done",
+       "KV serialize (staging copy)", "kv.copy", group="serialize", optional=True),
+    *_engine_output(P, "prefill.response", "prefill", "prefill API server: response built "
+                    "and sent"),
+    _m("router.prefill.done", [(sc.SPAN_ROUTER_PREFILL, "end")],
+       "the router had the prefill response", "prefill engine -> router (response)",
+       "prefill.response"),
+    _m("router.decode.send", [(sc.SPAN_ROUTER_DECODE, "start")],
+       "the router called the decode engine",
+       "router: between the prefill answer and the decode call", "router"),
+    *_engine_intake(D, "decode.intake", "decode"),
+    _m("decode.core.arrive", [(sc.SPAN_DECODE_KV_WAIT, "start"), (sc.SPAN_DECODE_QUEUE, "start")],
+       "the decode EngineCore got it",
+       "decode API server -> EngineCore (IPC; the core finishes its current step)",
+       "decode.intake"),
+    _m("kv.load.start", [(sc.SPAN_KV_HANDSHAKE, "start"), (sc.SPAN_KV_TRANSFER, "start")],
+       "the decode worker started the KV load",
+       "decode: waiting for a step boundary to start the KV load", "kv.wait", group="pull"),
+    _m("kv.handshake.end", [(sc.SPAN_KV_HANDSHAKE, "end")], "the NIXL handshake finished",
+       "NIXL handshake (first contact with this prefill engine)", "kv.handshake",
+       group="handshake", optional=True),
+    _m("kv.transfer.end", [(sc.SPAN_KV_TRANSFER, "end")], "the KV transfer finished",
+       "KV transfer", "kv.transfer", group="pull"),
+    _m("kv.deserialize.start", [(sc.SPAN_KV_DESERIALIZE, "start")], "KV deserialize started",
+       "KV transfer -> deserialize starts", "kv.copy", group="deserialize", optional=True),
+    _m("kv.deserialize.end", [(sc.SPAN_KV_DESERIALIZE, "end")], "KV deserialize done",
+       "KV deserialize (staging copy)", "kv.copy", group="deserialize", optional=True),
+    _m("kv.ready", [(sc.SPAN_DECODE_KV_WAIT, "end")], "the decode scheduler saw the KV ready",
+       "KV loaded -> the decode scheduler sees it (next step boundary)", "kv.ready",
+       group="pull"),
+    _m("decode.scheduled", [(sc.SPAN_DECODE_QUEUE, "end"),
+                            (sc.SPAN_DECODE_FIRST_TOKEN, "start")],
+       "the decode scheduler scheduled it", "decode scheduler queue", "kv.ready"),
+    _m("kv.read.start", [(sc.SPAN_KV_DESERIALIZE, "start")], "the KV read started",
+       "step start -> KV read starts", "kv.copy", group="read", optional=True),
+    _m("kv.read.end", [(sc.SPAN_KV_DESERIALIZE, "end")], "the KV read finished",
+       "KV read and inject (file connector)", "kv.copy", group="read", optional=True),
+    _m("decode.first_token", [(sc.SPAN_DECODE_FIRST_TOKEN, "end")],
+       "the decode engine computed the first token", "decode: first token computed",
+       "decode.compute"),
+    *_engine_output(D, "decode.response", "decode",
+                    "decode API server: detokenize, first bytes written"),
+    _m("router.first.read", [(sc.SPAN_ROUTER_FIRST_BYTE, "start")],
+       "the router read the first bytes", "decode API server -> router (first bytes)",
+       "decode.response"),
+    _m("router.first.write", [(sc.SPAN_ROUTER_FIRST_BYTE, "end")],
+       "the router wrote the first bytes", "router: forwards the first bytes",
+       "decode.response"),
+    _m("client.first", [(CLIENT, "first")], "the client got the first bytes",
+       "router -> client (first bytes arrive)", "decode.response"),
+)
+
+AGGREGATED_CHAIN: tuple[Milestone, ...] = (
+    CLIENT_SEND,
+    _m("router.recv", [(sc.SPAN_ROUTER_REQUEST, "start")], "a router received it",
+       "client -> router", "client", group="router", optional=True),
+    *_engine_intake(A, "engine.intake", "engine"),
+    _m("engine.core.arrive", [(sc.SPAN_PREFILL_QUEUE, "start")], "the EngineCore got it",
+       "API server -> EngineCore (IPC; the core finishes its current step)", "engine.intake"),
+    _m("engine.scheduled", [(sc.SPAN_PREFILL_QUEUE, "end"), (sc.SPAN_PREFILL_COMPUTE, "start")],
+       "the scheduler scheduled it", "scheduler queue", "engine.queue"),
+    _m("engine.first_token", [(sc.SPAN_PREFILL_COMPUTE, "end")],
+       "the engine computed the first token", "prefill compute (to the first token)",
+       "engine.compute"),
+    *_engine_output(A, "engine.response", "engine",
+                    "API server: detokenize, first bytes written"),
+    _m("router.first.write", [(sc.SPAN_ROUTER_FIRST_BYTE, "end")],
+       "a router wrote the first bytes", "API server -> router -> client", "engine.response",
+       group="router", optional=True),
+    _m("client.first", [(CLIENT, "first")], "the client got the first bytes",
+       "first bytes reach the client", "engine.response"),
+)
+
+CHAINS = {"disaggregated": DISAGG_CHAIN, "aggregated": AGGREGATED_CHAIN}
+
+
+def chain_slots(chain: tuple[Milestone, ...]) -> set[str]:
+    """Every slot (span name, or name@role) a chain reads."""
+    return {slot for m in chain for slot, _ in m.sources}
+
+
+@dataclass
+class LegTable:
+    """Per request (rows) and leg (columns, in chain order): milliseconds, NaN = no leg."""
+
+    chain: tuple[Milestone, ...]
+    legs_ms: np.ndarray  # (n_requests, n_milestones): leg ending at milestone j
+    unaccounted_ms: np.ndarray  # (n_requests,)
+    gaps: list[list[str]]  # per request: the unaccounted segments, in words
+    first_ns: np.ndarray  # first kept milestone time (reference clock), NaN if none
+    last_ns: np.ndarray
+    kept: np.ndarray  # (n, m) bool: milestone kept
+
+
+def compute_legs(times: np.ndarray, chain: tuple[Milestone, ...],
+                 ttft_ms: np.ndarray | None = None) -> LegTable:
+    """Legs of each request from its milestone times (ns on one clock, NaN = absent).
+
+    ``ttft_ms``: the client's TTFT when known; unaccounted = TTFT - sum of named legs (the
+    span between the first and last milestone when the client's is not known).
+    """
+    import numpy as np
+
+    n, m = times.shape
+    present = ~np.isnan(times)
+    required = np.zeros((n, m), dtype=bool)
+    for j, ms in enumerate(chain):
+        if ms.optional:
+            continue
+        if ms.group is None:
+            required[:, j] = True
+        else:
+            members = [k for k, x in enumerate(chain) if x.group == ms.group]
+            required[:, j] = present[:, members].any(axis=1)
+    # Pass 1: required milestones in chain order; one earlier than the last kept is dropped.
+    kept = np.zeros((n, m), dtype=bool)
+    last = np.full(n, -np.inf)
+    for j in range(m):
+        ok = present[:, j] & required[:, j] & (times[:, j] >= last)
+        kept[:, j] = ok
+        last = np.where(ok, times[:, j], last)
+    # Pass 2: optional milestones, a group at a time (a lone one is its own group), kept
+    # only where every present member fits between the kept milestones around it.
+    optional_groups: dict[str, list[int]] = {}
+    for j, ms in enumerate(chain):
+        if ms.optional:
+            optional_groups.setdefault(ms.group or f"#{j}", []).append(j)
+    for idx in optional_groups.values():
+        cand = present[:, idx]
+        fits = cand.any(axis=1)
+        run = np.full(n, -np.inf)
+        for c, j in enumerate(idx):
+            col = np.where(cand[:, c], times[:, j], np.nan)
+            inside = (col >= _kept_before(times, kept, j)) & (col <= _kept_after(times, kept, j))
+            fits &= ~cand[:, c] | (inside & (col >= run))
+            run = np.where(cand[:, c], col, run)
+        for c, j in enumerate(idx):
+            kept[:, j] = fits & cand[:, c]
+    # Legs: kept milestone j minus the kept one before it.
+    legs = np.full((n, m), np.nan)
+    unacc = np.zeros(n)
+    gaps: list[list[str]] = [[] for _ in range(n)]
+    prev_t = np.full(n, np.nan)
+    prev_j = np.full(n, -1)
+    missing_req = np.zeros(n, dtype=np.int64)  # required milestones skipped since prev kept
+    first = np.full(n, np.nan)
+    for j in range(m):
+        k = kept[:, j]
+        delta = times[:, j] - prev_t
+        named = k & (prev_j >= 0) & (missing_req == 0)
+        coarse = k & (prev_j >= 0) & (missing_req > 0)
+        legs[named, j] = delta[named] / 1e6
+        unacc[coarse] += delta[coarse] / 1e6
+        for i in np.flatnonzero(coarse):
+            skipped = [chain[x].event for x in range(prev_j[i] + 1, j)
+                       if required[i, x] and not kept[i, x]]
+            gaps[i].append(f"{delta[i] / 1e6:.1f} ms between '{chain[prev_j[i]].event}' and "
+                           f"'{chain[j].event}' (missing: {'; '.join(skipped)})")
+        first = np.where(np.isnan(first) & k, times[:, j], first)
+        missing_req = np.where(k, 0, missing_req + (required[:, j] & ~k))
+        prev_t = np.where(k, times[:, j], prev_t)
+        prev_j = np.where(k, j, prev_j)
+    last_t = prev_t
+    if ttft_ms is not None:
+        named_sum = np.nansum(legs, axis=1)
+        has_ttft = ~np.isnan(ttft_ms)
+        unacc = np.where(has_ttft, ttft_ms - named_sum, unacc)
+        edge = has_ttft & ~(kept[:, 0] & kept[:, -1])
+        for i in np.flatnonzero(edge & (np.abs(unacc - 0.0) > 0)):
+            ends = [chain[x].event for x in (0, m - 1) if not kept[i, x]]
+            gaps[i].append("the client's TTFT spans more than the traced milestones (missing: "
+                           + "; ".join(ends) + ")")
+    return LegTable(chain, legs, unacc, gaps, first, last_t, kept)
+
+
+def _kept_before(times: np.ndarray, kept: np.ndarray, j: int) -> np.ndarray:
+    import numpy as np
+
+    if j == 0:
+        return np.full(times.shape[0], -np.inf)
+    sub = np.where(kept[:, :j], times[:, :j], -np.inf)
+    return sub.max(axis=1)
+
+
+def _kept_after(times: np.ndarray, kept: np.ndarray, j: int) -> np.ndarray:
+    import numpy as np
+
+    if j + 1 >= times.shape[1]:
+        return np.full(times.shape[0], np.inf)
+    sub = np.where(kept[:, j + 1:], times[:, j + 1:], np.inf)
+    return sub.min(axis=1)

@@ -1,0 +1,37 @@
+"""`kvprof check`: this machine's facts and the known crashes a command would hit."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def check(
+    ctx: typer.Context,
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print versions (vLLM, NIXL, Dynamo, py-spy), CPU features and known problems.
+
+    With a command after --, check that command line too, e.g.
+    `kvprof check -- python -m vllm.entrypoints.openai.api_server --model M --dtype bfloat16
+    --kv-transfer-config '{"kv_connector":"NixlConnector",...}'` warns on AMX CPUs.
+    """
+    from kvprof.setup_check import render, run_checks
+
+    args = list(ctx.args)
+    if args and args[0] == "--":
+        args = args[1:]
+    result = run_checks(args or None)
+    typer.echo(json.dumps(result.to_dict(), indent=1) if json_out else render(result))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `check`; it takes an optional command line verbatim after --."""
+    app.command(
+        "check",
+        options_metavar="[OPTIONS] [-- COMMAND [ARGS]...]",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                          "allow_interspersed_args": False,
+                          "help_option_names": ["-h", "--help"]},
+    )(check)
