@@ -19,9 +19,9 @@ from pathlib import Path
 
 
 def measure(traces: Path, aiperf: Path) -> dict:
-    from kvprof.analysis.aiperf import load_aiperf_records
     from kvprof.analysis.breakdown import build_breakdown
-    from kvprof.analysis.traces import load_spans
+    from kvprof.analysis.loaders.aiperf import load_aiperf_records
+    from kvprof.analysis.loaders.traces import load_spans
 
     t0, c0 = time.perf_counter(), time.process_time()
     load = load_spans(traces)

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvprof import semconv as sc
 from kvprof.analysis.placement import Node, Worker, load_live, load_offline
-from kvprof.analysis.render import esc, html_page, html_table, md_table
+from kvprof.analysis.views.render import esc, html_page, html_table, md_table
 from kvprof.errors import UsageError
 from kvprof.model import NOMINAL_LINKS, link_cost_ms, resolve_geometry
 
@@ -226,8 +226,8 @@ def run_audit_command(pods: Path | None, nodes: Path | None, kubeconfig: Path | 
     else:
         workers, node_list = load_live(kubeconfig, role_label, namespace)
     if placement:
+        from kvprof.analysis.loaders.samples import load_samples, placement_records
         from kvprof.analysis.placement import apply_placement_records
-        from kvprof.analysis.samples import load_samples, placement_records
 
         apply_placement_records(workers, placement_records(load_samples(placement).samples))
     a = audit(workers, node_list, tokens, model)

@@ -17,7 +17,8 @@ Request table schema (one row per request, ``RequestBreakdown.requests``):
   skew-corrected), ttft_ms and ttft_source ("aiperf request id" | "aiperf time window
   (estimate)" | "spans (estimate)"), client_error (aiperf recorded an error), dynamo_ttft_ms
   (NVIDIA Dynamo's frontend's own ttft_ms), transfer_status ("ok" | "failed: ..." |
-  "lease expired: ...", None without a transfer).
+  "lease expired: ...", None without a transfer), warmup (aiperf's warm-up phase: kept for
+  first contact, left out of the statistics).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ KNOWN_NAMES = {*sc.ALL_SPANS, *sc.FOREIGN_SPANS}
 ORDERED_NAMES = (sc.DYNAMO_HANDLE, sc.DYNAMO_ROUTE, sc.VLLM_LLM_REQUEST)
 SIDE_PREFILL, SIDE_DECODE, SIDE_AGGREGATED, SIDE_ROUTER, SIDE_OTHER = range(5)
 CLIENT_CLOCK = "client"
+ONE_CLOCK = "one clock"
 
 
 @dataclass
@@ -128,8 +130,16 @@ def _slots(spans: pd.DataFrame, names: pd.Series, key_codes, role) -> pd.Series:
     return pd.Series(slot, index=spans.index)
 
 
-def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> RequestBreakdown:
-    """Per-request legs, phases, skew-corrected TTFT and unaccounted time."""
+def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
+                    client_host: str | None = None, one_clock: bool = False
+                    ) -> RequestBreakdown:
+    """Per-request legs, phases, skew-corrected TTFT and unaccounted time.
+
+    ``client_host``: the host the load generator ran on, when known: its timestamps are then
+    on that host's clock (no skew to estimate); otherwise the client is a clock of its own.
+    ``one_clock``: every span and the client were timed by one clock (one machine): nothing
+    to estimate, whatever host or service names the spans carry.
+    """
     import numpy as np
     import pandas as pd
 
@@ -138,6 +148,9 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
     known = names_all.isin(KNOWN_NAMES).to_numpy()
     if not known.all():
         spans = spans[known]
+    if one_clock:
+        spans = spans.assign(clock=ONE_CLOCK)
+        client_host = ONE_CLOCK
     names = spans["name"].astype(str)
     side = _sides(spans, names)
     keys = assign_request_keys(spans, side == SIDE_DECODE)
@@ -164,9 +177,18 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
     _engine_attributes(req, spans, key, side, names, n_keys)
 
     # --- milestones, client leg, skew -----------------------------------------------------
-    chain_of = np.where(np.isin(np.arange(n_keys), np.unique(key[side == SIDE_DECODE])),
-                        "disaggregated", "aggregated")
+    disagg = np.isin(np.arange(n_keys), np.unique(key[side == SIDE_DECODE]))
+    dynamo = np.isin(np.arange(n_keys), np.unique(key[(names == sc.DYNAMO_HTTP_REQUEST
+                                                        ).to_numpy()]))
+    # Dynamo's frontend and workers (two handle_payload spans) or vLLM's own API servers.
+    n_handles = np.bincount(key[(names == sc.DYNAMO_HANDLE).to_numpy()], minlength=n_keys)
+    disagg |= dynamo & (n_handles >= 2)
+    chain_of = np.where(disagg, "disaggregated", "aggregated").astype(object)
+    chain_of[dynamo] = "dynamo " + chain_of[dynamo]
     req["chain"] = chain_of
+    req["dynamo_ttft_ms"] = _first_value(spans, key, (names == sc.DYNAMO_HTTP_REQUEST
+                                                      ).to_numpy(), "dynamo_ttft_ms", n_keys,
+                                         numeric=True)
     raw_first = np.nanmin(np.where(np.isnan(mat["start"]), np.inf, mat["start"]), axis=1)
     client = None
     if aiperf is not None and len(aiperf):
@@ -178,7 +200,10 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
     else:
         notes.append("No aiperf records given: TTFT is the traced path's own envelope (first "
                      "to last milestone), which misses the client's legs.")
-    clocks = list(map(str, clock_names)) + [CLIENT_CLOCK]
+    clocks = list(map(str, clock_names))
+    client_clock = clocks.index(client_host) if client_host in clocks else len(clocks)
+    if client_clock == len(clocks):
+        clocks.append(client_host or CLIENT_CLOCK)
     per_chain = {}
     cons = []
     for chain_name, chain in lg.CHAINS.items():
@@ -186,7 +211,7 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
         if not len(rows):
             continue
         t, c = _milestones(chain, rows, starts, ends, mat["clock"], slot_names, client, base,
-                           len(clocks) - 1)
+                           client_clock, req["dynamo_ttft_ms"].to_numpy())
         per_chain[chain_name] = (rows, t, c)
         cons.append(_path_constraints(chain, rows, t, c, clocks, keys.labels))
     cons.append(_hold_constraints(req, starts, ends, mat["clock"], slot_names, clocks))
@@ -224,19 +249,21 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None) -> 
     req["ttft_source"] = SOURCE_SPANS
     req["concurrency"] = np.nan
     req["client_error"] = False
+    req["warmup"] = False
     if client is not None:
         has = ~np.isnan(client.ttft_ms)
         req.loc[has, "ttft_ms"] = client.ttft_ms[has]
         req.loc[has, "ttft_source"] = client.source[has]
         req["concurrency"] = client.concurrency
         req["client_error"] = client.error
+        # aiperf's warm-up requests: traced like the rest (a first contact may be one), left
+        # out of the statistics as aiperf leaves them out of its own.
+        req["warmup"] = client.phase == "warmup"
     no_legs = req["stacked_ms"].isna() & req["ttft_ms"].notna()
     req.loc[no_legs, "unaccounted_ms"] = req.loc[no_legs, "ttft_ms"]
     x_ms = req[sc.SPAN_KV_TRANSFER]
     req["transfer_gbps"] = req["kv_bytes"] / (x_ms / 1e3) / 1e9
     req["transfer_status"] = _transfer_status(req, spans, key, names, n_keys)
-    req["dynamo_ttft_ms"] = _first_value(spans, key, names == sc.DYNAMO_HTTP_REQUEST,
-                                         "dynamo_ttft_ms", n_keys, numeric=True)
 
     # --- first contact per (prefill engine, decode engine) pair ---------------------------
     req = req.sort_values("start_ns", kind="stable")
@@ -272,7 +299,8 @@ def _slot_matrices(key, slot, n_slots, n_keys, start, end, clock) -> dict[str, n
     return out
 
 
-def _milestones(chain, rows, starts, ends, clock_mat, slot_names, client, base, client_clock):
+def _milestones(chain, rows, starts, ends, clock_mat, slot_names, client, base, client_clock,
+                dynamo_ttft_ms):
     """(times, clocks) of the chain's milestones for the given requests (NaN / -1 absent)."""
     import numpy as np
 
@@ -287,6 +315,13 @@ def _milestones(chain, rows, starts, ends, clock_mat, slot_names, client, base, 
                     continue
                 values = (client.send_ns if edge == "send" else client.first_ns)[rows] - base
                 clk = np.full(n, client_clock)
+            elif slot == lg.DYNAMO_FIRST:
+                # Dynamo's frontend saw the first token ttft_ms after it got the request.
+                if sc.DYNAMO_HTTP_REQUEST not in slot_index:
+                    continue
+                i = slot_index[sc.DYNAMO_HTTP_REQUEST]
+                values = starts.iloc[rows, i].to_numpy(dtype=float) + dynamo_ttft_ms[rows] * 1e6
+                clk = clock_mat[rows, i]
             elif slot in slot_index:
                 frame = starts if edge == "start" else ends
                 values = frame.iloc[rows, slot_index[slot]].to_numpy(dtype=float)

@@ -2,7 +2,7 @@
 
 A tree holds one folder per concurrency, each an aiperf run of any release: its summary JSON
 (schema 1.x or 0.1.x's "records"), else its summary CSV, else its profile_export.jsonl alone,
-whose aggregates are then recomputed as aiperf computes them (kvprof.analysis.aiperf); the
+whose aggregates are then recomputed as aiperf computes them (kvprof.analysis.loaders.aiperf); the
 tables say which runs were recomputed.
 """
 
@@ -13,14 +13,14 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvprof.analysis.aiperf import (
+from kvprof.analysis.loaders.aiperf import (
     RECORDS_FILE,
     SUMMARY_CSV,
     SUMMARY_JSON,
     concurrency_of,
     load_aiperf_summary,
 )
-from kvprof.analysis.render import fmt, md_table
+from kvprof.analysis.views.render import fmt, md_table
 from kvprof.errors import BadInputError, UsageError
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def render_markdown(tables: list[dict], names: tuple[str, str], gpus: tuple,
 def run_compare_command(baseline: Path, candidate: Path, gpus: list[int], baseline_name: str,
                         candidate_name: str, out: Path, fmt: str) -> tuple[str, str]:
     """The body of `kvprof compare`: writes compare.md/.json and pareto.png/.svg."""
-    from kvprof.analysis.plots import pareto
+    from kvprof.analysis.views.plots import pareto
 
     fmt_name = fmt.lower()
     if fmt_name not in ("md", "json"):

@@ -6,10 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-from kvprof.analysis.jaeger import records_to_jaeger
-from kvprof.analysis.otlp import records_to_otlp
-from kvprof.analysis.perfetto import records_to_perfetto
-from kvprof.analysis.traces import load_records
+from kvprof.analysis.loaders.jaeger import records_to_jaeger
+from kvprof.analysis.loaders.otlp import records_to_otlp
+from kvprof.analysis.loaders.perfetto import records_to_perfetto
+from kvprof.analysis.loaders.traces import load_records
 from kvprof.errors import UsageError
 
 log = logging.getLogger(__name__)

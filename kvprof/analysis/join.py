@@ -34,6 +34,7 @@ class ClientLeg:
     source: np.ndarray  # SOURCE_ID / SOURCE_WINDOW / None
     concurrency: np.ndarray  # float, NaN when unknown
     error: np.ndarray  # bool: aiperf recorded an error for this request
+    phase: np.ndarray  # aiperf's benchmark phase ("profiling", "warmup"; None: not joined)
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,6 +103,10 @@ def join_aiperf(ids: list[pd.Series], start_ns: pd.Series, aiperf: pd.DataFrame)
             out[ok] = np.asarray(values, dtype=out.dtype)
         return out
 
+    phase = np.full(n, None, dtype=object)
+    if "benchmark_phase" in take:
+        phase[ok] = take["benchmark_phase"].astype(object).to_numpy()
     return ClientLeg(ttft_ms=col("ttft_ms"), send_ns=col("request_start_ns"),
                      first_ns=col("first_response_ns"), source=source,
-                     concurrency=col("concurrency"), error=col("error", False), notes=notes)
+                     concurrency=col("concurrency"), error=col("error", False), phase=phase,
+                     notes=notes)

@@ -21,7 +21,7 @@ fits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kvprof import semconv as sc
@@ -70,11 +70,11 @@ STAGES = {
     "kv.copy": "KV staging copies (serialize / deserialize)",
     "kv.ready": "KV loaded -> scheduled (step boundaries)",
     "decode.compute": "decode first token",
-    "decode.response": "first token -> client",
+    "decode.response": "decode first token -> router/frontend",
     "engine.intake": "engine intake (HTTP, tokenize, hand-off to its EngineCore)",
     "engine.queue": "scheduler queue",
     "engine.compute": "prefill compute (first token)",
-    "engine.response": "first token -> client",
+    "engine.response": "first token -> first bytes out",
 }
 UNACCOUNTED = "unaccounted"
 
@@ -177,7 +177,7 @@ DISAGG_CHAIN: tuple[Milestone, ...] = (
        "the router wrote the first bytes", "router: forwards the first bytes",
        "decode.response"),
     _m("client.first", [(CLIENT, "first")], "the client got the first bytes",
-       "router -> client (first bytes arrive)", "decode.response"),
+       "router -> client (first bytes arrive; the client's own reading included)", "client"),
 )
 
 AGGREGATED_CHAIN: tuple[Milestone, ...] = (
@@ -198,10 +198,101 @@ AGGREGATED_CHAIN: tuple[Milestone, ...] = (
        "a router wrote the first bytes", "API server -> router -> client", "engine.response",
        group="router", optional=True),
     _m("client.first", [(CLIENT, "first")], "the client got the first bytes",
-       "first bytes reach the client", "engine.response"),
+       "first bytes reach the client (the client's own reading included)", "client"),
 )
 
-CHAINS = {"disaggregated": DISAGG_CHAIN, "aggregated": AGGREGATED_CHAIN}
+
+# NVIDIA Dynamo: its frontend (HTTP, tokenization, routing) replaces the router, and each
+# worker hosts AsyncLLM directly (no vLLM API server: the API spans start at add_request).
+# Dynamo's spans are numbered by start within a request: route_request #1 / handle_payload
+# #1 are the prefill worker's, #2 the decode worker's.
+_ROUTE1, _ROUTE2 = sc.DYNAMO_ROUTE + "#1", sc.DYNAMO_ROUTE + "#2"
+_HANDLE1, _HANDLE2 = sc.DYNAMO_HANDLE + "#1", sc.DYNAMO_HANDLE + "#2"
+
+
+def _worker_intake(side: str, stage: str, who: str) -> list[Milestone]:
+    return [
+        _m(f"{side}.api.input", [(_api(side, sc.SPAN_API_TO_CORE), "start")],
+           f"the {who} worker called AsyncLLM", f"{who} worker: Dynamo handler -> AsyncLLM",
+           stage),
+        _m(f"{side}.api.handoff", [(_api(side, sc.SPAN_API_TO_CORE), "end")],
+           f"the {who} worker handed it to its EngineCore",
+           f"{who} worker: input processing, hand-off to the EngineCore", stage),
+    ]
+
+
+def _worker_words(m: Milestone) -> Milestone:
+    """A vLLM-chain milestone as a Dynamo worker sees it (no API server there)."""
+    return replace(m, leg=m.leg.replace("API server", "worker"))
+
+
+def _engine_core(prefill: tuple[Milestone, ...]) -> tuple[Milestone, ...]:
+    """The prefill engine's own milestones, shared by the vLLM and Dynamo chains."""
+    return tuple(_worker_words(m) for m in prefill if m.id in (
+        "prefill.core.arrive", "prefill.scheduled", "prefill.first_token",
+        "kv.serialize.start", "kv.serialize.end"))
+
+
+def _decode_core() -> tuple[Milestone, ...]:
+    start = next(i for i, m in enumerate(DISAGG_CHAIN) if m.id == "decode.core.arrive")
+    stop = next(i for i, m in enumerate(DISAGG_CHAIN) if m.id == "decode.first_token")
+    return tuple(_worker_words(m) for m in DISAGG_CHAIN[start:stop + 1])
+
+
+DYNAMO_FRONTEND = _m("frontend.recv", [(sc.DYNAMO_HTTP_REQUEST, "start")],
+                     "the Dynamo frontend received it", "client -> Dynamo frontend "
+                     "(connect, upload)", "client")
+DYNAMO_FIRST_TOKEN = _m("frontend.first_token", [(DYNAMO_FIRST, "at")],
+                        "the Dynamo frontend had the first token",
+                        "worker -> Dynamo frontend (first token)", "decode.response")
+DYNAMO_CLIENT_FIRST = _m("client.first", [(CLIENT, "first")], "the client got the first bytes",
+                         "Dynamo frontend -> client (first bytes arrive; the client's own "
+                         "reading included)", "client")
+
+DYNAMO_DISAGG_CHAIN: tuple[Milestone, ...] = (
+    CLIENT_SEND, DYNAMO_FRONTEND,
+    _m("frontend.route.prefill", [(_ROUTE1, "start")], "the frontend routed it to prefill",
+       "frontend: preprocessing and tokenization before routing", "router"),
+    _m("prefill.worker.recv", [(_HANDLE1, "start")], "the prefill worker's handler got it",
+       "frontend -> prefill worker (request plane)", "prefill.intake"),
+    *_worker_intake(P, "prefill.intake", "prefill"),
+    *_engine_core(DISAGG_CHAIN),
+    _m("prefill.api.output", [(_api(P, sc.SPAN_API_WAIT), "end")],
+       "the prefill worker got the first output", "prefill EngineCore -> worker (output)",
+       "prefill.response"),
+    # Optional: the frontend may route to decode on the prefill answer's last message, a
+    # moment before the prefill worker's handler span closes.
+    _m("prefill.worker.done", [(_HANDLE1, "end")], "the prefill worker's handler returned",
+       "prefill worker: output back through Dynamo", "prefill.response", optional=True),
+    _m("frontend.route.decode", [(_ROUTE2, "start")], "the frontend routed it to decode",
+       "frontend: between the prefill answer and routing to decode", "router"),
+    _m("decode.worker.recv", [(_HANDLE2, "start")], "the decode worker's handler got it",
+       "frontend -> decode worker (request plane)", "decode.intake"),
+    *_worker_intake(D, "decode.intake", "decode"),
+    *_decode_core(),
+    _m("decode.api.output", [(_api(D, sc.SPAN_API_WAIT), "end")],
+       "the decode worker got the first output", "decode EngineCore -> worker (output)",
+       "decode.response"),
+    DYNAMO_FIRST_TOKEN, DYNAMO_CLIENT_FIRST,
+)
+
+DYNAMO_AGGREGATED_CHAIN: tuple[Milestone, ...] = (
+    CLIENT_SEND, DYNAMO_FRONTEND,
+    _m("frontend.route", [(_ROUTE1, "start")], "the frontend routed it to a worker",
+       "frontend: preprocessing and tokenization before routing", "router"),
+    _m("engine.worker.recv", [(_HANDLE1, "start")], "the worker's handler got it",
+       "frontend -> worker (request plane)", "engine.intake"),
+    *_worker_intake(A, "engine.intake", "engine"),
+    *(_worker_words(m) for m in AGGREGATED_CHAIN if m.id in (
+        "engine.core.arrive", "engine.scheduled", "engine.first_token")),
+    _m("engine.api.output", [(_api(A, sc.SPAN_API_WAIT), "end")],
+       "the worker got the first output", "EngineCore -> worker (output)", "engine.response"),
+    DYNAMO_FIRST_TOKEN, DYNAMO_CLIENT_FIRST,
+)
+
+CHAINS = {"disaggregated": DISAGG_CHAIN, "aggregated": AGGREGATED_CHAIN,
+          "dynamo disaggregated": DYNAMO_DISAGG_CHAIN,
+          "dynamo aggregated": DYNAMO_AGGREGATED_CHAIN}
 
 
 def chain_slots(chain: tuple[Milestone, ...]) -> set[str]:

@@ -29,18 +29,28 @@ def report(
     vllm_metrics: Path | None = typer.Option(
         None, "--vllm-metrics", help="Saved /metrics page with vllm:nixl_* samples."
     ),
+    client_host: str | None = typer.Option(
+        None, "--client-host",
+        help="Host aiperf ran on (its host.name / node): its timestamps are on that clock. "
+        "Unknown: the client's clock offset is estimated from the router's spans."),
+    one_clock: bool = typer.Option(
+        False, "--one-clock",
+        help="Every process ran on this one machine (like `make demo`): one clock, no skew "
+        "to estimate, whatever host or service names the spans carry."),
     out: Path = typer.Option(Path("out/report.html"), "--out", help="Output file."),
     fmt: str = typer.Option("html", "--format", help="html, md or json."),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
-    """Break each request's TTFT into prefill, serialize, handshake, transfer, deserialize,
-    queueing and unaccounted hand-over time, with link utilisation and a ranked verdict."""
-    from kvprof.analysis.report import run_report_command
+    """Break each request's TTFT into the legs of its path (client, router or Dynamo frontend,
+    each engine's API server and EngineCore, KV wait/transfer/ready, first token, the way back)
+    that add up to the client's TTFT, with link utilisation and a verdict per concurrency."""
+    from kvprof.analysis.views.report import run_report_command
 
     summary = run_report_command(
         traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
         placement=placement, service=service, lookback=lookback, out=out,
         fmt="json" if json_out else fmt, vllm_log=vllm_log or None, vllm_metrics=vllm_metrics,
+        client_host=client_host, one_clock=one_clock,
     )
     typer.echo(summary, err=True)
 

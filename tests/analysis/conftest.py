@@ -21,7 +21,7 @@ def golden(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def golden_spans(golden):
-    from kvprof.analysis.traces import load_spans
+    from kvprof.analysis.loaders.traces import load_spans
 
     return load_spans(golden.traces)
 

@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from conftest import FIXTURES, run_kvprof
 
-from kvprof.analysis.aiperf import (
+from kvprof.analysis.loaders.aiperf import (
     RECORDS_FILE,
     SUMMARY_CSV,
     SUMMARY_JSON,
@@ -127,7 +127,7 @@ def test_warmup_records_are_left_out_of_the_recomputed_summary(tmp_path):
      481414, 100000),
 ], ids=["0.13.0", "0.1.1", "0.8.0"])
 def test_summary_json_of_every_release(run, kind, ttft_p99, duration_ms, requests, conc):
-    from kvprof.analysis.aiperf import concurrency_of
+    from kvprof.analysis.loaders.aiperf import concurrency_of
 
     s = load_aiperf_summary(run)
     assert kind in s.kind

@@ -1,7 +1,7 @@
 """Malformed spans (bad ids or times) are skipped and counted, never fatal, on every loader.
 
 The traces are the demo's real probe output (tests/fixtures/demo/run/traces/disagg) with one
-span corrupted at a time; the rules are kvprof.analysis.otlp's module docstring.
+span corrupted at a time; the rules are kvprof.analysis.loaders.otlp's module docstring.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, run_kvprof
 
-from kvprof.analysis.jaeger import jaeger_to_records
-from kvprof.analysis.otlp import SpanProblems, otlp_to_records
-from kvprof.analysis.otlp_arrow import read_otlp_jsonl
-from kvprof.analysis.traces import _Columns, _load_file, _readable, load_records, load_spans
+from kvprof.analysis.loaders.jaeger import jaeger_to_records
+from kvprof.analysis.loaders.otlp import SpanProblems, otlp_to_records
+from kvprof.analysis.loaders.otlp_arrow import read_otlp_jsonl
+from kvprof.analysis.loaders.traces import _Columns, _load_file, _readable, load_records, load_spans
 from kvprof.errors import BadInputError
 
 DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "demo" / "run" / "traces" / "disagg"
-DECODE = "kvprof-vllm-decode-vm-24834-0000.jsonl"
+DECODE = sorted(p.name for p in DEMO.glob("kvprof-dynamo-decode-*.jsonl"))[0]
 ZERO_TRACE = "0" * 32
 
 
@@ -40,7 +40,7 @@ def _spans(doc: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def demo_total() -> int:
-    return sum(len(_spans(d)) for p in DEMO.iterdir() for d in _lines(p))
+    return sum(len(_spans(d)) for p in DEMO.rglob("*.jsonl") for d in _lines(p))
 
 
 def _corrupt(tmp_path: Path, mutate, index: int = 0) -> tuple[Path, dict]:
@@ -156,18 +156,21 @@ def test_arrow_and_stdlib_paths_keep_and_drop_the_same_spans(tmp_path):
     assert by_span.loc[spans[4]["spanId"], "parent_span_id"] == ""  # zeros -> root
 
 
+# The span the variants below rewrite: the first of the decode file's first line.
+_FIRST = json.loads((DEMO / DECODE).read_text().splitlines()[0])["resourceSpans"][0][
+    "scopeSpans"][0]["spans"][0]
+_TRACE, _SPAN, _START = _FIRST["traceId"], _FIRST["spanId"], int(_FIRST["startTimeUnixNano"])
+
+
 @pytest.mark.parametrize("case, mutate, check", [
-    ("ids in upper case", _set(traceId="495126F890B4BC9C74902C7EAF9DC021",
-                               spanId="2CBBE653686FC853"),
-     lambda row: row["trace_id"] == "495126f890b4bc9c74902c7eaf9dc021"),
-    ("times as JSON integers", _set(startTimeUnixNano=1795761471416046052,
-                                    endTimeUnixNano=1795761471418348579),
+    ("ids in upper case", _set(traceId=_TRACE.upper(), spanId=_SPAN.upper()),
+     lambda row: row["trace_id"] == _TRACE),
+    ("times as JSON integers", _set(startTimeUnixNano=_START, endTimeUnixNano=_START + 2302527),
      lambda row: row["end_ns"] - row["start_ns"] == 2302527),
-    ("base64 ids", _set(traceId=base64.b64encode(bytes.fromhex(
-        "495126f890b4bc9c74902c7eaf9dc021")).decode(),
-                        spanId=base64.b64encode(bytes.fromhex("2cbbe653686fc853")).decode()),
-     lambda row: row["trace_id"] == "495126f890b4bc9c74902c7eaf9dc021"),
-    ("zero-length span", _set(endTimeUnixNano="1795761471416046052"),
+    ("base64 ids", _set(traceId=base64.b64encode(bytes.fromhex(_TRACE)).decode(),
+                        spanId=base64.b64encode(bytes.fromhex(_SPAN)).decode()),
+     lambda row: row["trace_id"] == _TRACE),
+    ("zero-length span", _set(endTimeUnixNano=str(_START)),
      lambda row: row["end_ns"] == row["start_ns"]),
 ])
 def test_sound_variants_are_kept(tmp_path, demo_total, case, mutate, check):
@@ -355,7 +358,7 @@ def test_convert_cli_without_usable_span_exits_3(tmp_path):
 def test_vectorised_id_check_flags_exactly_the_bad_rows():
     import pyarrow as pa
 
-    from kvprof.analysis.otlp_arrow import _bad_ids
+    from kvprof.analysis.loaders.otlp_arrow import _bad_ids
 
     good = ["0123456789abcdef", "fedcba9876543210"]
     assert _bad_ids(pa.array(good), 16) is None

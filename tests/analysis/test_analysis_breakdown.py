@@ -18,7 +18,6 @@ import json
 import pytest
 
 from kvprof import semconv as sc
-from kvprof.analysis.aiperf import load_aiperf_records
 from kvprof.analysis.breakdown import (
     LEG,
     SOURCE_ID,
@@ -26,6 +25,8 @@ from kvprof.analysis.breakdown import (
     SOURCE_WINDOW,
     build_breakdown,
 )
+from kvprof.analysis.loaders.aiperf import load_aiperf_records
+from kvprof.analysis.loaders.traces import load_spans
 from kvprof.analysis.scenario import (
     AFTER_FIRST_TOKEN,
     BEFORE_PREFILL,
@@ -33,9 +34,8 @@ from kvprof.analysis.scenario import (
     ScenarioSpec,
     write_scenario,
 )
-from kvprof.analysis.traces import load_spans
-from kvprof.analysis.verdict import rank_by_level, rank_causes
-from kvprof.analysis.views import leg_stats, pair_view, percentile_view, phase_stats
+from kvprof.analysis.views.summaries import leg_stats, pair_view, percentile_view, phase_stats
+from kvprof.analysis.views.verdict import rank_by_level, rank_causes
 
 FIXED = 5 + 180 + 2 + 3 + 4 + 25
 
@@ -291,7 +291,7 @@ def test_without_aiperf_the_path_envelope_is_an_estimate(golden_spans):
 def test_aggregated_engine_requests(tmp_path):
     # What the probes write for an aggregated engine: vllm.request with queue, compute and
     # first-step children, all with kvprof.role=aggregated.
-    from kvprof.analysis.otlp import records_to_otlp
+    from kvprof.analysis.loaders.otlp import records_to_otlp
 
     t0, ms = 1_761_000_000_000_000_000, 1_000_000
     res = {"service.name": "vllm-agg", "k8s.node.name": "gpu-node-1",

@@ -8,10 +8,10 @@ import pytest
 from conftest import FIXTURES, run_kvprof
 
 from kvprof.analysis.convert import convert_records
-from kvprof.analysis.jaeger import jaeger_to_records
-from kvprof.analysis.otlp import otlp_to_records
-from kvprof.analysis.perfetto import perfetto_to_records
-from kvprof.analysis.traces import load_records
+from kvprof.analysis.loaders.jaeger import jaeger_to_records
+from kvprof.analysis.loaders.otlp import otlp_to_records
+from kvprof.analysis.loaders.perfetto import perfetto_to_records
+from kvprof.analysis.loaders.traces import load_records
 
 KEEP = ("trace_id", "span_id", "parent_span_id", "name", "kind", "start_ns", "end_ns",
         "attributes", "resource", "status")

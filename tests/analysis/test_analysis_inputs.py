@@ -11,10 +11,14 @@ import pytest
 from conftest import FIXTURES
 
 from kvprof import semconv as sc
-from kvprof.analysis.aiperf import load_aiperf_records, load_aiperf_summary
-from kvprof.analysis.microbench_results import load_microbench
-from kvprof.analysis.samples import SAMPLE_COLUMNS, load_samples, placement_records
-from kvprof.analysis.vllm_metrics import nixl_summary, parse_kv_transfer_log, parse_nixl_prometheus
+from kvprof.analysis.loaders.aiperf import load_aiperf_records, load_aiperf_summary
+from kvprof.analysis.loaders.microbench_results import load_microbench
+from kvprof.analysis.loaders.samples import SAMPLE_COLUMNS, load_samples, placement_records
+from kvprof.analysis.loaders.vllm_metrics import (
+    nixl_summary,
+    parse_kv_transfer_log,
+    parse_nixl_prometheus,
+)
 from kvprof.errors import BadInputError
 
 AIPERF = FIXTURES / "aiperf_c2"

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from conftest import FIXTURES
 
-from kvprof.analysis.traces import load_spans
+from kvprof.analysis.loaders.traces import load_spans
 from kvprof.errors import ResourceAbsentError, UsageError
 
 

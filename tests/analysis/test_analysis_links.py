@@ -6,7 +6,7 @@ import pytest
 
 from kvprof.analysis.breakdown import build_breakdown
 from kvprof.analysis.links import link_timeline, transfer_links
-from kvprof.analysis.samples import load_samples
+from kvprof.analysis.loaders.samples import load_samples
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def test_bad_format_and_bad_aiperf(golden, tmp_path):
 def test_report_lists_placement_records(golden, tmp_path):
     import pandas as pd
 
-    from kvprof.analysis.report import ReportInputs, build_report
+    from kvprof.analysis.views.report import ReportInputs, build_report
 
     pd.DataFrame([{"ts": 1.0, "node": "gpu-node-1", "collector": "placement",
                    "entity": "qwen32b-disagg-vllmdecodeworker-0",
@@ -118,7 +118,7 @@ def test_report_lists_placement_records(golden, tmp_path):
 
 def test_lease_expiries_from_a_real_prefill_log_become_a_note(golden, tmp_path):
     """A prefill log's NIXL lease expiries say which requests' KV was never pulled."""
-    from kvprof.analysis.vllm_metrics import parse_lease_expiries
+    from kvprof.analysis.loaders.vllm_metrics import parse_lease_expiries
 
     log = FIXTURES / "vllm_prefill_lease_expiry.log"
     leases = parse_lease_expiries(log)

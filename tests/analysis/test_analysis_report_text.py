@@ -13,8 +13,8 @@ import re
 import pytest
 from conftest import run_kvprof
 
-from kvprof.analysis.render import fmt_sig, html_table, md_table
 from kvprof.analysis.scenario import KV_BYTES, ScenarioSpec, write_scenario
+from kvprof.analysis.views.render import fmt_sig, html_table, md_table
 
 SMALL_KV = 131_072
 NAN_WORD = re.compile(r"\bnan\b", re.IGNORECASE)

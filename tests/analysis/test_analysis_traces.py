@@ -9,8 +9,8 @@ import pytest
 from conftest import FIXTURES
 
 from kvprof import semconv as sc
-from kvprof.analysis.span_schema import finalize_spans
-from kvprof.analysis.traces import _Columns, _load_file, load_spans, trace_files
+from kvprof.analysis.loaders.span_schema import finalize_spans
+from kvprof.analysis.loaders.traces import _Columns, _load_file, load_spans, trace_files
 from kvprof.errors import BadInputError
 
 

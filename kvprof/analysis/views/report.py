@@ -1,0 +1,574 @@
+"""`kvprof report`: load everything given, build the TTFT breakdown and render it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kvprof import semconv as sc
+from kvprof.analysis.breakdown import LEG, PHASES, UNACCOUNTED, build_breakdown, leg_order
+from kvprof.analysis.views.render import (
+    NO_DATA,
+    esc,
+    fmt,
+    html_img,
+    html_page,
+    html_table,
+    md_table,
+    sig,
+)
+from kvprof.analysis.views.summaries import (
+    leg_stats,
+    level_view,
+    pair_view,
+    percentile_view,
+    phase_stats,
+)
+from kvprof.errors import BadInputError, UsageError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("html", "md", "json")
+MAX_REQUEST_ROWS = 2000  # the JSON lists requests up to this many; counts cover all
+
+
+@dataclass
+class ReportInputs:
+    """Paths and options of one report."""
+
+    traces: str
+    samples: Path | None = None
+    aiperf: Path | None = None
+    microbench: Path | None = None
+    placement: Path | None = None
+    vllm_log: Path | list[Path] | None = None
+    vllm_metrics: Path | None = None
+    service: str | None = None
+    lookback: str = "1h"
+    client_host: str | None = None
+    one_clock: bool = False
+
+
+@dataclass
+class Report:
+    """The numbers (``data``, what the JSON holds) and the figures of one report."""
+
+    data: dict[str, Any]
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+
+def _records(frame, columns: list[str], limit: int | None = None) -> list[dict]:
+    out = []
+    for row in frame[columns].head(limit).itertuples(index=False):
+        rec = {}
+        for c, v in zip(columns, row, strict=True):
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float) and math.isnan(v):
+                v = None
+            rec[c] = v
+        out.append(rec)
+    return out
+
+
+def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
+    """Everything the report shows, as JSON-able data plus PNG figures."""
+    from kvprof.analysis.links import link_timeline, transfer_links
+    from kvprof.analysis.loaders.aiperf import load_aiperf_records
+    from kvprof.analysis.loaders.traces import load_spans, require_kvprof_spans
+    from kvprof.analysis.views import plots
+    from kvprof.analysis.views.verdict import (
+        rank_by_level,
+        rank_causes,
+        should_cost_line,
+        traced_transfer,
+    )
+
+    spans_load = load_spans(inputs.traces, inputs.service, inputs.lookback)
+    foreign_only = require_kvprof_spans(spans_load, inputs.traces)
+    aiperf = load_aiperf_records(inputs.aiperf) if inputs.aiperf else None
+    bd = build_breakdown(spans_load.spans, aiperf, inputs.client_host, inputs.one_clock)
+    req = bd.requests
+    data: dict[str, Any] = {
+        "title": "kvprof TTFT breakdown",
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {"traces": {"source": str(inputs.traces), "files": len(spans_load.files),
+                              "spans": int(len(spans_load.spans)),
+                              "formats": sorted(spans_load.formats),
+                              "skipped": [{"file": f, "why": w} for f, w in spans_load.skipped],
+                              "spans_skipped": spans_load.spans_skipped,
+                              "parents_dropped": spans_load.parents_dropped}},
+        "notes": [*foreign_only, *spans_load.notes,
+                  *(aiperf.attrs.get("notes", []) if aiperf is not None else []), *bd.notes],
+    }
+    if aiperf is not None:
+        data["inputs"]["aiperf"] = {"source": str(inputs.aiperf), "records": int(len(aiperf))}
+    samples_load = None
+    if inputs.samples:
+        from kvprof.analysis.loaders.samples import load_samples
+
+        samples_load = load_samples(inputs.samples)
+        data["inputs"]["samples"] = {
+            "source": str(inputs.samples), "files": len(samples_load.files),
+            "samples": int(len(samples_load.samples)),
+            "skipped": [{"file": f, "why": w} for f, w in samples_load.skipped]}
+    should = None
+    if inputs.microbench:
+        from kvprof.analysis.loaders.microbench_results import load_microbench
+
+        should = load_microbench(inputs.microbench)
+        data["should_cost"] = should.to_dict()
+    # aiperf's warm-up requests stay in the request list and the first-contact view (one may
+    # be a pair's first contact); every statistic is over the measured ones, as aiperf's.
+    all_req = req
+    req = req[~req["warmup"].astype(bool)]
+    done = req[req["ttft_ms"].notna()]
+    data["summary"] = {
+        "requests": int(len(req)),
+        "warmup_requests": int(len(all_req) - len(req)),
+        "requests_with_ttft": int(len(done)),
+        "pairs": int(req["pair"].nunique()),
+        "first_contact_requests": int(all_req["first_contact"].sum()),
+        "ttft_mean_ms": float(done["ttft_ms"].mean()) if len(done) else None,
+        "ttft_p50_ms": float(done["ttft_ms"].quantile(0.5)) if len(done) else None,
+        "ttft_p99_ms": float(done["ttft_ms"].quantile(0.99)) if len(done) else None,
+        "stacked_mean_ms": float(done["stacked_ms"].mean()) if len(done) else None,
+        "unaccounted_mean_ms": float(done["unaccounted_ms"].mean()) if len(done) else None,
+        "unaccounted_share": (float(done["unaccounted_ms"].mean() / done["ttft_ms"].mean())
+                              if len(done) and done["ttft_ms"].mean() else None),
+        "chains": {str(k): int(v) for k, v in req["chain"].value_counts().items()},
+        "failed_transfers": int(req["transfer_status"].astype(str).str.startswith(
+            ("failed", "lease")).sum()),
+        "ttft_sources": {str(k): int(v) for k, v in done["ttft_source"].value_counts().items()},
+        # NVIDIA Dynamo's frontend measures TTFT too (http-request's ttft_ms): beside the
+        # client's, the difference is the frontend -> client leg.
+        "dynamo_ttft_mean_ms": (float(done["dynamo_ttft_ms"].mean())
+                                if len(done) and done["dynamo_ttft_ms"].notna().any() else None),
+    }
+    data["skew"] = bd.skew.to_dict()
+    data["percentiles"] = percentile_view(req)
+    data["legs"] = leg_stats(req)
+    data["levels"] = level_view(req)
+    data["phase_stats"] = phase_stats(req)
+    data["pairs"] = pair_view(all_req)
+    links = None
+    if samples_load is not None:
+        links = transfer_links(bd, spans_load.spans, samples_load.samples)
+        timeline = link_timeline(samples_load.samples, bd.skew.offsets_ns)
+        data["links"] = _links_data(links)
+        if len(links):
+            data["links"]["rows"] = _records(links, list(links.columns), 200)
+            plots_ok = links.dropna(subset=["achieved_gbps"])
+            if len(plots_ok) and with_plots:
+                data.setdefault("_plots", {})["transfer_rates"] = plots.transfer_rates(plots_ok)
+        if len(timeline) and with_plots:
+            data.setdefault("_plots", {})["link_timeline"] = plots.link_timeline(timeline)
+    if inputs.placement:
+        from kvprof.analysis.loaders.samples import load_samples, placement_records
+
+        pl = placement_records(load_samples(inputs.placement).samples)
+        data["placement"] = _records(pl, list(pl.columns))
+    if inputs.vllm_log:
+        _add_vllm_logs(data, inputs.vllm_log)
+    if inputs.vllm_metrics:
+        from kvprof.analysis.loaders.vllm_metrics import nixl_summary, parse_nixl_prometheus
+
+        data["nixl_metrics"] = nixl_summary(parse_nixl_prometheus(inputs.vllm_metrics))
+    data["verdict"] = rank_causes(req, links, should)
+    data["verdict_by_level"] = rank_by_level(req)
+    if should is not None:
+        data["should_cost"]["against_traces"] = should.against(*traced_transfer(done))
+        data["should_cost"]["summary"] = should_cost_line(should, done)
+    legs = [c for c in leg_order() if c in all_req and all_req[c].notna().any()]
+    cols = ["key", "x_request_id", "trace_id", "chain", "concurrency", "pair", "first_contact",
+            "prefill_pod", "decode_pod", "prefill_node", "decode_node", "kv_path", "kv_bytes",
+            *[p for p in PHASES if p in req], sc.SPAN_DECODE_KV_WAIT, "stacked_ms", "ttft_ms",
+            "ttft_source", "unaccounted_ms", "unaccounted_detail", "transfer_gbps",
+            "transfer_status", "dynamo_ttft_ms", "client_error"]
+    data["requests"] = _records(all_req, [*cols, "warmup"], MAX_REQUEST_ROWS)
+    for row, (_, legs_row) in zip(data["requests"], all_req[legs].head(MAX_REQUEST_ROWS).iterrows(),
+                                  strict=False):
+        # Path order, one entry per leg the request has: legs + unaccounted = TTFT.
+        row["legs_ms"] = {c.removeprefix(LEG): float(v) for c, v in legs_row.items()
+                          if v == v}
+    if len(all_req) > MAX_REQUEST_ROWS:
+        data["notes"].append(f"requests lists the first {MAX_REQUEST_ROWS} of {len(req)} "
+                             "requests; every statistic covers all of them.")
+    figures = data.pop("_plots", {})
+    if data["percentiles"] and with_plots:
+        figures["stacked_percentiles"] = plots.stacked_percentiles(data["percentiles"])
+    if len(done) and with_plots:
+        figures["ttft_by_pair"] = plots.ttft_by_pair(all_req)
+    return Report(data=data, plots=figures)
+
+
+def _steady_handshake(pair: dict):
+    """Later requests without a handshake span paid none (the first one shows it is traced)."""
+    if pair["steady_handshake_ms"] is None and pair["first_handshake_ms"] is not None \
+            and pair["requests"] > 1:
+        return "none"
+    return pair["steady_handshake_ms"]
+
+
+def _size(n) -> str:
+    return "unknown bytes" if n is None else f"{int(n):,} bytes"
+
+
+def _links_data(links) -> dict:
+    if links is None or not len(links):
+        return {"transfers": 0, "by_path": []}
+    by_path = []
+    for path, grp in links.groupby("path"):
+        by_path.append({
+            "path": path, "transfers": int(len(grp)),
+            "entities": sorted(set(grp["entity"].dropna().astype(str))),
+            "median_transfer_ms": float(grp["transfer_ms"].median()),
+            "median_achieved_gbps": float(grp["achieved_gbps"].median()),
+            "median_link_gbps": float(grp["link_gbps"].median()),
+            "link_rate_gbps": float(grp["link_rate_gbps"].median()),
+            "rate_source": ", ".join(sorted(set(grp["rate_source"].dropna().astype(str)))),
+            "median_pct_of_link_rate": float(grp["pct_of_link_rate"].median()),
+            "path_mismatches": int(grp["path_mismatch"].sum()),
+        })
+    return {"transfers": int(len(links)), "by_path": by_path}
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+def _verdict_lines(data: dict) -> list[tuple[dict, str]]:
+    return [(c, f"{c['headline']} ({fmt(100 * c['share'], 0)}% of mean TTFT)"
+                + (" — estimate" if c["estimate"] else ""))
+            for c in data["verdict"]]
+
+
+def _level_lines(data: dict) -> list[str]:
+    """Per concurrency level: the top stages in words, and what is left unaccounted."""
+    out = []
+    for lv in data.get("verdict_by_level", []):
+        top = "; ".join(f"{t['headline']} ({100 * t['share']:.0f}%)" for t in lv["top"])
+        out.append(f"concurrency {lv['concurrency']} ({lv['requests']} requests, TTFT mean "
+                   f"{fmt(lv['ttft_mean_ms'])} ms): {top}; unaccounted "
+                   f"{fmt(lv['unaccounted_mean_ms'])} ms ({fmt(100 * lv['unaccounted_share'])}%)")
+    return out
+
+
+def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """Every table of the report, once, for both Markdown and HTML."""
+    t: dict[str, tuple[list[str], list[list]]] = {}
+    view = data["percentiles"]
+    stages = list(dict.fromkeys(k for v in view for k in v["stages_ms"] if k != UNACCOUNTED))
+    # Stages as rows, percentiles as columns: stays narrow however long the request ids are.
+    t["percentiles"] = (["", *[f"p{v['percentile']}" for v in view]],
+                        [["TTFT ms", *[v["ttft_ms"] for v in view]],
+                         *[[p, *[v["stages_ms"].get(p) for v in view]]
+                           for p in [*stages, UNACCOUNTED]],
+                         ["kv.hold ms (overlaps, not stacked)", *[v["kv_hold_ms"] for v in view]],
+                         ["pair", *[v["pair"] for v in view]],
+                         ["first contact", *[v["first_contact"] for v in view]],
+                         ["TTFT source", *[v["ttft_source"] for v in view]],
+                         ["request", *[v["key"] for v in view]]])
+    t["legs"] = (["leg (in path order)", "stage", "requests", "mean ms", "p50 ms", "p99 ms",
+                  "max ms", "% of mean TTFT"],
+                 [[x["label"], x["stage"], x["count"], x["mean_ms"], x["p50_ms"], x["p99_ms"],
+                   x["max_ms"], fmt(100 * x["share_of_ttft"]) if x["share_of_ttft"] is not None
+                   else None] for x in data["legs"]])
+    t["levels"] = (["concurrency", "requests", "TTFT mean ms", "TTFT p99 ms",
+                    "unaccounted mean ms", "unaccounted % of TTFT", "largest stage"],
+                   [[lv["concurrency"], lv["requests"], lv["ttft_mean_ms"], lv["ttft_p99_ms"],
+                     lv["unaccounted_mean_ms"],
+                     fmt(100 * lv["unaccounted_share"]) if lv["unaccounted_share"] is not None
+                     else None,
+                     next((f"{k} ({fmt(v)} ms)" for k, v in lv["stages_ms"].items()
+                           if k != UNACCOUNTED), None)] for lv in data["levels"]])
+    t["phases"] = (["phase", "requests", "mean ms", "p50 ms", "p99 ms", "max ms"],
+                   [[s["phase"], s["count"], s["mean_ms"], s["p50_ms"], s["p99_ms"],
+                     s["max_ms"]] for s in data["phase_stats"]])
+    t["pairs"] = (["pair", "requests", "path", "first TTFT ms", "first handshake ms",
+                   "steady TTFT ms (median)", "steady handshake ms", "steady transfer ms",
+                   "transfer GB/s"],
+                  [[p["pair"], p["requests"], p["path"], p["first_ttft_ms"],
+                    p["first_handshake_ms"], p["steady_ttft_ms"], _steady_handshake(p),
+                    p["steady_transfer_ms"], sig(p["median_transfer_gbps"])]
+                   for p in data["pairs"]])
+    skew = data["skew"]
+    t["skew"] = (["clock (node/host)", "offset applied ms"],
+                 [[k, v] for k, v in skew["offsets_ms"].items()])
+    t["skew_pairs"] = (["clocks (A -> B)", "offset(B) - offset(A): lower ms", "upper ms",
+                        "estimate ms", "constraints", "consistent"],
+                       [[" -> ".join(i["clocks"]), i["lower_ms"], i["upper_ms"],
+                         i["estimate_ms"], i["constraints"], i["consistent"]]
+                        for i in skew["pair_intervals"]])
+    if "links" in data:
+        t["links"] = (["path seen on counters", "transfers", "links", "median ms",
+                       "achieved GB/s (kv.bytes)", "link GB/s (counters)", "link rate GB/s",
+                       "% of rate", "rate from", "kv.path mismatches"],
+                      [[b["path"], b["transfers"], ", ".join(b["entities"]) or NO_DATA,
+                        b["median_transfer_ms"], sig(b["median_achieved_gbps"]),
+                        sig(b["median_link_gbps"]), sig(b["link_rate_gbps"]),
+                        sig(b["median_pct_of_link_rate"]), b["rate_source"] or NO_DATA,
+                        b["path_mismatches"]] for b in data["links"]["by_path"]])
+    if "should_cost" in data:
+        sc_ = data["should_cost"]
+        cmp = sc_.get("against_traces") or {}
+        differs = cmp.get("same_geometry") is False
+        rows = [[n, s.get("median_ms"), s.get("p10_ms"), s.get("p90_ms"), sig(s.get("gbps"))]
+                for n, s in sc_["steps"].items() if not (differs and n == "total")]
+        if differs:
+            total = sc_["steps"].get("total", {})
+            rows.append([f"total for the microbench's {_size(sc_['kv_bytes'])}",
+                         sc_["total_ms"], total.get("p10_ms"), total.get("p90_ms"),
+                         sig(sc_.get("steady_gbps"))])
+            if cmp.get("basis") == "scaled estimate":
+                rows.append([f"scaled estimate for the traced {_size(cmp['traced_bytes'])}",
+                             sig(cmp["expected_ms"]), None, None, sig(sc_.get("steady_gbps"))])
+        else:
+            rows.append(["total (what one transfer should cost)", sc_["total_ms"], None,
+                         None, sig(sc_.get("steady_gbps"))])
+        t["should_cost"] = (["microbench step", "median ms", "p10 ms", "p90 ms", "GB/s"], rows)
+    if data.get("vllm_kv_transfer_log"):
+        rows = data["vllm_kv_transfer_log"]
+        t["kv_log"] = (list(rows[0].keys()), [list(r.values()) for r in rows])
+    if data.get("nixl_metrics"):
+        t["nixl"] = (["vllm:nixl metric", "value"], [[k, v] for k, v in
+                                                     data["nixl_metrics"].items()])
+    if data.get("placement"):
+        rows = data["placement"]
+        t["placement"] = (list(rows[0].keys()), [list(r.values()) for r in rows])
+    inputs = data["inputs"]
+    skipped = inputs["traces"]["skipped"] + inputs.get("samples", {}).get("skipped", [])
+    t["skipped"] = (["skipped file", "why"], [[s["file"], s["why"]] for s in skipped])
+    return t
+
+
+def _empty_sentences(d: dict) -> dict[str, str]:
+    """What to say instead of a table with no rows."""
+    clocks = list(d["skew"].get("offsets_ms", {}))
+    return {
+        "skew": "No clock offsets: the spans carry no node or host to tell clocks apart.",
+        "skew_pairs": (f"Only one clock ({clocks[0]}): no pair of clocks to bound, "
+                       "nothing to correct." if len(clocks) == 1 else
+                       "No span crossed between clocks, so no offset between them is bounded."),
+        "links": "No transfer window matched the collector samples.",
+    }
+
+
+def _summary_sentence(d: dict) -> str:
+    s = d["summary"]
+    share = s.get("unaccounted_share")
+    return (f"{s['requests']} requests over {s['pairs']} prefill->decode pairs "
+            f"({s['first_contact_requests']} first contacts) from "
+            f"{d['inputs']['traces']['spans']} spans; TTFT mean {fmt(s['ttft_mean_ms'])} ms, "
+            f"p50 {fmt(s['ttft_p50_ms'])} ms, p99 {fmt(s['ttft_p99_ms'])} ms. The legs cover "
+            f"{fmt(s['stacked_mean_ms'])} ms on average; {fmt(s['unaccounted_mean_ms'])} ms"
+            + (f" ({fmt(100 * share)}% of TTFT)" if share is not None else "")
+            + " is unaccounted. TTFT sources: "
+            + ", ".join(f"{v} x {k}" for k, v in s["ttft_sources"].items()) + "."
+            + (f" NVIDIA Dynamo's frontend measured a mean TTFT of "
+               f"{fmt(s['dynamo_ttft_mean_ms'])} ms (its ttft_ms)."
+               if s.get("dynamo_ttft_mean_ms") is not None else ""))
+
+
+def render_markdown(report: Report) -> str:
+    """The report as Markdown (same numbers as the JSON)."""
+    d = report.data
+    t = _tables(d)
+    out = [f"# {d['title']}", "", _summary_sentence(d), "",
+           "## Verdict: where TTFT goes, stage by stage", ""]
+    for n, (c, line) in enumerate(_verdict_lines(d), start=1):
+        out.append(f"{n}. **{line}**")
+        out.extend(f"   - {e}" for e in c["evidence"])
+    levels = _level_lines(d)
+    if levels:
+        out += ["", "Per concurrency level:", ""] + [f"- {x}" for x in levels]
+    sections = [("TTFT per concurrency level", "levels"),
+                ("Percentile view (stages stacked, ms)", "percentiles"),
+                ("Every leg of TTFT, in path order", "legs"),
+                ("Each span on its own", "phases"),
+                ("First contact vs steady state per pair", "pairs"),
+                ("Clock skew (offsets added to each clock)", "skew"),
+                ("Skew bounds per pair of clocks", "skew_pairs"),
+                ("Links during transfer windows", "links"),
+                ("What this transfer should cost (microbench, an estimate for this path)",
+                 "should_cost"),
+                ("vLLM KV Transfer metrics log lines", "kv_log"),
+                ("vllm:nixl_* metrics", "nixl"), ("Placement records", "placement"),
+                ("Skipped inputs", "skipped")]
+    empty = _empty_sentences(d)
+    for title, key in sections:
+        if key in t and (t[key][1] or key in empty):
+            out += ["", f"## {title}", "", md_table(*t[key], empty=empty.get(key))]
+            if key == "should_cost" and d["should_cost"].get("summary"):
+                out += ["", d["should_cost"]["summary"]]
+    sk = d["skew"]
+    out += ["", f"Residual causal violations after skew correction: "
+            f"{sk['residual_violations']} (before: {sk['violations_before_correction']}); "
+            f"worst {fmt(sk['worst_residual_ms'])} ms."]
+    if d["notes"]:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in d["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page with its figures embedded."""
+    d = report.data
+    t = _tables(d)
+    p = report.plots
+    sections: list[tuple[str, str]] = []
+    summary = f"<p>{esc(_summary_sentence(d))}</p>"
+    items = "".join(
+        f"<li><b>{esc(line)}</b><ul>" + "".join(f"<li>{esc(e)}</li>" for e in c["evidence"])
+        + "</ul></li>" for c, line in _verdict_lines(d))
+    levels = "".join(f"<li>{esc(x)}</li>" for x in _level_lines(d))
+    sections.append(("Summary", summary))
+    sections.append(("Verdict: where TTFT goes, stage by stage",
+                     f"<ol class=\"verdict\">{items}</ol>"
+                     + (f"<p>Per concurrency level:</p><ul>{levels}</ul>" if levels else "")
+                     + "<p class=\"note\">Share = a stage's mean per request over the mean "
+                     "TTFT. Stages sum the legs between milestones of the request's path; "
+                     "unaccounted is what no leg covers. Lines marked estimate rest on "
+                     "something not measured in these traces.</p>"))
+    sections.append(("TTFT per concurrency level", html_table(*t["levels"])))
+    block = ""
+    if "stacked_percentiles" in p:
+        block += html_img(p["stacked_percentiles"], "stacked breakdown per percentile")
+    sections.append(("Percentile view", block + html_table(*t["percentiles"])))
+    sections.append(("Every leg of TTFT, in path order", html_table(*t["legs"])))
+    sections.append(("Each span on its own", html_table(*t["phases"])
+                     + "<p class=\"note\">Spans overlap (kv.hold runs beside the decode "
+                     "side's handshake and transfer); the legs above do not.</p>"))
+    block = html_img(p["ttft_by_pair"], "TTFT per pair") if "ttft_by_pair" in p else ""
+    sections.append(("First contact vs steady state per pair", block + html_table(*t["pairs"])))
+    sk = d["skew"]
+    empty = _empty_sentences(d)
+    sections.append(("Clock skew", html_table(*t["skew"], empty=empty["skew"])
+                     + html_table(*t["skew_pairs"], empty=empty["skew_pairs"])
+                     + f"<p>Residual causal violations after correction: "
+                     f"<b>{sk['residual_violations']}</b> (before: "
+                     f"{sk['violations_before_correction']}; worst "
+                     f"{esc(fmt(sk['worst_residual_ms']))} ms). Reference clock: "
+                     f"{esc(sk['reference_clock'])}.</p>"))
+    if "links" in t:
+        block = html_table(*t["links"], empty=empty["links"])
+        if "transfer_rates" in p:
+            block += html_img(p["transfer_rates"], "transfer GB/s vs link rate")
+        if "link_timeline" in p:
+            block += html_img(p["link_timeline"], "link utilisation timeline")
+        sections.append(("Links during transfer windows", block))
+    else:
+        sections.append(("Links during transfer windows",
+                         "<p class=\"note\">No collector samples given (--samples): link "
+                         "utilisation has no data.</p>"))
+    if "should_cost" in t:
+        sections.append(("What this transfer should cost",
+                         "<p class=\"estimate\">Estimate: measured by kvprof microbench, not "
+                         "in these traces.</p>" + html_table(*t["should_cost"])
+                         + (f"<p>{esc(d['should_cost']['summary'])}</p>"
+                            if d["should_cost"].get("summary") else "")))
+    for title, key in (("vLLM KV Transfer metrics log lines", "kv_log"),
+                       ("vllm:nixl_* metrics", "nixl"), ("Placement records", "placement")):
+        if key in t:
+            sections.append((title, html_table(*t[key])))
+    if t["skipped"][1]:
+        sections.append(("Skipped inputs", html_table(*t["skipped"])))
+    if d["notes"]:
+        sections.append(("Notes", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in d["notes"])
+                         + "</ul>"))
+    subtitle = (f"{d['inputs']['traces']['spans']} spans from {d['inputs']['traces']['source']}"
+                f" · generated {d['generated_at']}")
+    return html_page(d["title"], subtitle, sections)
+
+
+def write_report(report: Report, out: Path, fmt_name: str) -> Path:
+    """Write the report in one format; the parent folder is created."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt_name == "json":
+        # NaN is not JSON: a missing number is null, as everywhere else in the report.
+        text = json.dumps(_no_nan(report.data), indent=1, default=str, allow_nan=False)
+    elif fmt_name == "md":
+        text = render_markdown(report)
+    else:
+        text = render_html(report)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def _add_vllm_logs(data: dict[str, Any], logs: Path | list[Path]) -> None:
+    """Transfer-metrics lines (decode logs) and KV lease expiries (prefill logs) into the report."""
+    import pandas as pd
+
+    from kvprof.analysis.loaders.vllm_metrics import parse_kv_transfer_log, parse_lease_expiries
+
+    paths = [logs] if isinstance(logs, (str, Path)) else list(logs)
+    metrics = [parse_kv_transfer_log(p, required=False) for p in paths]
+    expiries = [parse_lease_expiries(p) for p in paths]
+    if not any(len(m) for m in metrics) and not any(len(e) for e in expiries):
+        raise BadInputError(
+            "no \"KV Transfer metrics\" or KV lease-expiry lines in "
+            + ", ".join(str(p) for p in paths),
+            hint="Pass the logs of vLLM workers using the NIXL connector (decode logs carry the "
+            "transfer metrics, prefill logs the lease expiries).",
+        )
+    kv_log = pd.concat([m for m in metrics if len(m)] or metrics[:1], ignore_index=True)
+    data["vllm_kv_transfer_log"] = _records(kv_log, list(kv_log.columns))
+    leases = pd.concat(expiries, ignore_index=True)
+    data["vllm_lease_expiries"] = _records(leases, list(leases.columns))
+    unretrieved = leases[leases["retrieved_by"] == 0]
+    if len(unretrieved):
+        ids = ", ".join(unretrieved["request_id"].head(5))
+        data["notes"].append(
+            f"vLLM log: the prefill side released the KV of {len(unretrieved)} request(s) when "
+            f"its NIXL send lease expired, retrieved by 0 decode workers ({ids}"
+            f"{', ...' if len(unretrieved) > 5 else ''}): their decode side never pulled that KV "
+            "in time, so their kv.hold ends at the lease and their transfer spans do not show "
+            "a completed pull."
+        )
+
+
+def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,
+                       microbench: Path | None, placement: Path | None, service: str | None,
+                       lookback: str, out: Path, fmt: str,
+                       vllm_log: Path | list[Path] | None = None,
+                       vllm_metrics: Path | None = None, client_host: str | None = None,
+                       one_clock: bool = False) -> str:
+    """The body of `kvprof report`; returns the one-line summary the CLI prints."""
+    fmt_name = fmt.lower()
+    if fmt_name == "markdown":
+        fmt_name = "md"
+    if fmt_name not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    report = build_report(ReportInputs(
+        traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
+        placement=placement, vllm_log=vllm_log, vllm_metrics=vllm_metrics, service=service,
+        lookback=lookback, client_host=client_host, one_clock=one_clock),
+        with_plots=fmt_name == "html")
+    path = write_report(report, out, fmt_name)
+    s = report.data["summary"]
+    top = report.data["verdict"][0] if report.data["verdict"] else None
+    skipped = len(report.data["inputs"]["traces"]["skipped"])
+    line = (f"Wrote {path}: {s['requests']} requests, TTFT p99 {_ms(s['ttft_p99_ms'])}"
+            + (f"; top cause {top['cause']} ({100 * top['share']:.0f}%)" if top else ""))
+    if skipped:
+        line += f"; skipped {skipped} trace file(s): " + ", ".join(
+            Path(x["file"]).name for x in report.data["inputs"]["traces"]["skipped"])
+    return line
+
+
+def _ms(v) -> str:
+    return NO_DATA if v is None else f"{v:.0f} ms"
