@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -10,7 +9,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -19,12 +17,12 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from kvprof import __version__
+from kvprof.otlp_json import dumps_line, encode_otlp_json
 from kvprof.probes.assembler import SpanRecord
 
 log = logging.getLogger(__name__)
 
 SCOPE = InstrumentationScope("kvprof.probes", __version__)
-_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
 def to_readable_spans(records: Sequence[SpanRecord], resource: Resource) -> list[ReadableSpan]:
@@ -45,28 +43,6 @@ def to_readable_spans(records: Sequence[SpanRecord], resource: Resource) -> list
             status=unset if r.error is None else Status(StatusCode.ERROR, r.error),
         ))
     return out
-
-
-def encode_otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
-    """One ExportTraceServiceRequest in OTLP/JSON: hex ids, int64 as strings, int enums."""
-    from google.protobuf.json_format import MessageToDict
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-    doc = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
-    # Protobuf's JSON mapping writes bytes as base64; OTLP/JSON requires lowercase hex ids.
-    import base64
-
-    for rs in doc.get("resourceSpans", []):
-        for ss in rs.get("scopeSpans", []):
-            for sp in ss.get("spans", []):
-                for k in _ID_FIELDS:
-                    if sp.get(k):
-                        sp[k] = base64.b64decode(sp[k]).hex()
-                for link in sp.get("links", []):
-                    for k in _ID_FIELDS:
-                        if link.get(k):
-                            link[k] = base64.b64decode(link[k]).hex()
-    return doc
 
 
 class OtlpJsonFileExporter(SpanExporter):
@@ -99,7 +75,7 @@ class OtlpJsonFileExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not spans:
             return SpanExportResult.SUCCESS
-        line = (json.dumps(encode_otlp_json(spans), separators=(",", ":")) + "\n").encode()
+        line = dumps_line(encode_otlp_json(spans))
         try:
             with self._lock:
                 if self._fd is None or (self._size and self._size + len(line) > self.max_bytes):

@@ -1,4 +1,4 @@
-"""OTLP/gRPC: TraceService/Export into the intake; logs and metrics answered UNIMPLEMENTED."""
+"""OTLP/gRPC: TraceService/Export into the intake; logs and metrics counted and dropped."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 
+from kvprof.receiver import other_signals
 from kvprof.receiver import payload as pl
 from kvprof.receiver.intake import Intake
 from kvprof.receiver.payload import Rejection
@@ -138,14 +139,16 @@ class OtlpGrpcServer:
         return response.SerializeToString()
 
     def ignore_logs(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._ignore("logs", context)
+        return self._drop(other_signals.LOGS, request, context)
 
     def ignore_metrics(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._ignore("metrics", context)
+        return self._drop(other_signals.METRICS, request, context)
 
-    def _ignore(self, signal: str, context: grpc.ServicerContext) -> bytes:
-        self.stats.ignored_signal(signal, f"gRPC {self.address}")
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      f"kvprof traces receive stores traces only; {signal} are not received "
-                      f"(turn their OTLP export off, or send them to a collector)")
-        return b""
+    def _drop(self, signal: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            count = other_signals.count_items(signal, request, json_body=False)
+        except Rejection as exc:
+            self.stats.refused(exc.reason, exc.message, f"gRPC {context.peer()}")
+            context.abort(_CODES[exc.reason], exc.message)
+        self.stats.dropped_signal(signal, count, f"gRPC {self.address}")
+        return other_signals.response_bytes(signal, count, json_body=False)

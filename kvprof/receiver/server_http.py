@@ -2,8 +2,9 @@
 
 Answers follow the OTLP/HTTP spec: 200 with an ExportTraceServiceResponse (partial_success when
 spans were dropped), 400 / 413 / 415 with a google.rpc.Status body, 503 with Retry-After when
-the queue is full, 404 for /v1/logs and /v1/metrics (counted, not logged each time). Bodies and
-responses are encoded as the request's Content-Type says.
+the queue is full. /v1/logs and /v1/metrics exports are read, counted and dropped, answered 200
+with every item counted as rejected in partial_success (see other_signals). Bodies and responses
+are encoded as the request's Content-Type says.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from kvprof.receiver import other_signals
 from kvprof.receiver import payload as pl
 from kvprof.receiver.intake import Intake
 from kvprof.receiver.payload import Rejection
@@ -23,7 +25,7 @@ from kvprof.receiver.stats import ReceiverStats
 log = logging.getLogger(__name__)
 
 TRACES_PATH = "/v1/traces"
-IGNORED_PATHS = {"/v1/logs": "logs", "/v1/metrics": "metrics"}
+DROPPED_PATHS = {"/v1/logs": other_signals.LOGS, "/v1/metrics": other_signals.METRICS}
 PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
 JSON_TYPE = "application/json"
 
@@ -147,21 +149,20 @@ class _Handler(BaseHTTPRequestHandler):
             if path == TRACES_PATH:
                 self._post_traces()
                 return
+            signal = DROPPED_PATHS.get(path)
+            if signal:
+                self._post_dropped(signal)
+                return
             json_body = self._media_type() == JSON_TYPE
             try:
                 n = self._body_length()
             except Rejection:
                 n = None
             self._discard(n)
-            signal = IGNORED_PATHS.get(path)
-            if signal:
-                self.server.stats.ignored_signal(signal, f"HTTP {path}")
-                message = (f"kvprof traces receive stores traces only; {signal} are not "
-                           "received (turn their OTLP export off, or send them to a collector)")
-            else:
-                self.server.stats.ignored_signal("other", f"HTTP {path}")
-                message = f"no such endpoint {path}; OTLP traces go to POST {TRACES_PATH}"
-            self._error(HTTPStatus.NOT_FOUND, 5, message, json_body)
+            self.server.stats.ignored_signal("other", f"HTTP {path}")
+            self._error(HTTPStatus.NOT_FOUND, 5,
+                        f"no such endpoint {path}; OTLP traces go to POST {TRACES_PATH}",
+                        json_body)
 
     def do_GET(self) -> None:  # noqa: N802
         with self.server.in_flight():
@@ -191,6 +192,52 @@ class _Handler(BaseHTTPRequestHandler):
     def _media_type(self) -> str:
         return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
 
+    def _usable_body(self, media: str, n: int | None) -> str:
+        """The body's Content-Encoding, once its type, encoding and size are acceptable;
+        otherwise the body is skipped and Rejection raised."""
+        if media not in PROTOBUF_TYPES and media != JSON_TYPE:
+            self._discard(n)
+            raise Rejection(pl.UNSUPPORTED, f"Content-Type {media or '(none)'!r} is not "
+                            f"{PROTOBUF_TYPES[0]} or {JSON_TYPE}")
+        encoding = self.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity", "gzip"):
+            self._discard(n)
+            raise Rejection(pl.UNSUPPORTED,
+                            f"Content-Encoding {encoding!r} is not gzip or identity")
+        limit = self.server.intake.max_payload_bytes
+        if n is not None and n > limit:
+            self._discard(n)
+            raise Rejection(pl.TOO_LARGE, f"body of {n} bytes is over the receiver's "
+                            f"limit of {limit} bytes")
+        return encoding
+
+    def _post_dropped(self, signal: str) -> None:
+        """A logs or metrics export: read within the payload limit, counted, dropped, and
+        answered with the count (never queued: it costs no trace memory)."""
+        media = self._media_type()
+        json_body = media == JSON_TYPE
+        limit = self.server.intake.max_payload_bytes
+        try:
+            n = self._body_length()
+            encoding = self._usable_body(media, n)
+            body = self._read_chunked(limit) if n is None else self.rfile.read(n)
+            if n is not None and len(body) < n:
+                self.close_connection = True
+                raise Rejection(pl.INVALID, f"body ended after {len(body)} of {n} bytes")
+            if encoding == "gzip":
+                body = pl.gunzip(body, limit)
+            count = other_signals.count_items(signal, body, json_body)
+        except Rejection as exc:
+            self._refuse(exc, json_body)
+            return
+        except (OSError, ValueError) as exc:
+            self.close_connection = True
+            log.debug("http %s: body not read: %s", self.address_string(), exc)
+            return
+        self.server.stats.dropped_signal(signal, count, f"HTTP {self.path.split('?', 1)[0]}")
+        self._reply(HTTPStatus.OK, other_signals.response_bytes(signal, count, json_body),
+                    JSON_TYPE if json_body else PROTOBUF_TYPES[0])
+
     def _post_traces(self) -> None:
         intake = self.server.intake
         media = self._media_type()
@@ -198,19 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         reserved = 0
         try:
             n = self._body_length()
-            if media not in PROTOBUF_TYPES and not json_body:
-                self._discard(n)
-                raise Rejection(pl.UNSUPPORTED, f"Content-Type {media or '(none)'!r} is not "
-                                f"{PROTOBUF_TYPES[0]} or {JSON_TYPE}")
-            encoding = self.headers.get("Content-Encoding", "").strip().lower()
-            if encoding not in ("", "identity", "gzip"):
-                self._discard(n)
-                raise Rejection(pl.UNSUPPORTED,
-                                f"Content-Encoding {encoding!r} is not gzip or identity")
-            if n is not None and n > intake.max_payload_bytes:
-                self._discard(n)
-                raise Rejection(pl.TOO_LARGE, f"body of {n} bytes is over the receiver's "
-                                f"limit of {intake.max_payload_bytes} bytes")
+            encoding = self._usable_body(media, n)
             want = intake.max_payload_bytes if n is None else n
             try:
                 intake.reserve(want)

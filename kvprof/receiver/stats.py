@@ -28,6 +28,7 @@ class ReceiverStats:
         self.rejected = dict.fromkeys(REASONS, 0)
         self.grpc_undelivered = 0
         self.ignored: dict[str, int] = {}  # "logs" / "metrics" / "other" -> requests
+        self.dropped: dict[str, int] = {}  # "logs" / "metrics" -> log records / data points
         self.spans_written = 0
         self.spans_lost = 0
         self.files = 0
@@ -48,11 +49,21 @@ class ReceiverStats:
                    f" from {peer}" if peer else "", reason.replace("_", " "), message)
 
     def ignored_signal(self, signal: str, where: str) -> None:
+        """A request for something that is not OTLP traces (an unknown path or method)."""
         with self._lock:
             self.ignored[signal] = self.ignored.get(signal, 0) + 1
         self._note(f"ignored:{signal}", LOGGED_PER_IGNORED,
                    "kvprof traces receive: %s export at %s answered 'not implemented' "
                    "(only traces are received)", signal, where)
+
+    def dropped_signal(self, signal: str, items: int, where: str) -> None:
+        """A logs or metrics export, taken and thrown away (the sender is told how many)."""
+        with self._lock:
+            self.ignored[signal] = self.ignored.get(signal, 0) + 1
+            self.dropped[signal] = self.dropped.get(signal, 0) + items
+        self._note(f"ignored:{signal}", LOGGED_PER_IGNORED,
+                   "kvprof traces receive: %s export at %s dropped (only traces are stored; "
+                   "the sender is told so in its partial_success answer)", signal, where)
 
     def written(self, spans: int, nbytes: int) -> None:
         with self._lock:
@@ -88,6 +99,7 @@ class ReceiverStats:
                        if self.grpc_undelivered else {}),
                 },
                 "ignored_requests": dict(self.ignored),
+                "dropped_items": dict(self.dropped),
                 "files_written": self.files,
                 "bytes_written": self.bytes_written,
             }
@@ -106,10 +118,16 @@ class ReceiverStats:
         if d["spans_lost"]:
             parts.append(f"{_n(d['spans_lost'], 'span')} lost to write errors")
         if d["ignored_requests"]:
-            parts.append(", ".join(f"{_n(v, k + ' request')} ignored"
-                                   for k, v in sorted(d["ignored_requests"].items())))
+            parts.append(", ".join(
+                f"{_n(v, k + ' request')} ignored" + (
+                    f" ({_n(d['dropped_items'][k], _ITEM[k])} dropped)"
+                    if k in d["dropped_items"] else "")
+                for k, v in sorted(d["ignored_requests"].items())))
         parts.append(f"{_n(d['files_written'], 'file')} written under {directory}")
         return f"kvprof traces receive: stopped ({why}): " + "; ".join(parts)
+
+
+_ITEM = {"logs": "log record", "metrics": "data point"}
 
 
 def _n(count: int, noun: str) -> str:

@@ -136,7 +136,7 @@ def sent_spans(provider_spans) -> dict[str, tuple[str, str, str]]:
 
 def loaded_spans(output: Path) -> dict[str, tuple[str, str, str]]:
     """The same mapping, read back through kvprof's analysis loader."""
-    from kvprof.analysis.traces import load_spans
+    from kvprof.analysis.loaders.traces import load_spans
 
     df = load_spans(output).spans
     return {r.span_id: (r.trace_id, r.parent_span_id, str(r.name))

@@ -1,5 +1,6 @@
 """Every kind of bad payload gets its OTLP status, is counted, and the receiver keeps serving;
-logs and metrics exports (Dynamo's Rust side sends its logs) are refused quietly."""
+logs and metrics exports (Dynamo's Rust side sends its logs) are counted and dropped, and the
+sender is told so in OTLP's partial_success."""
 
 from __future__ import annotations
 
@@ -86,8 +87,12 @@ HTTP_CASES = [
      413, "too_large"),
     ("gzip bomb", "POST", "/v1/traces", gzip.compress(b"\x00" * (50 << 20)),
      {"Content-Type": PB, "Content-Encoding": "gzip"}, 413, "too_large"),
-    ("logs export", "POST", "/v1/logs", b"\x0a\x00", {"Content-Type": PB}, 404, "logs"),
-    ("metrics export", "POST", "/v1/metrics", b"{}", {"Content-Type": JS}, 404, "metrics"),
+    ("garbage logs export", "POST", "/v1/logs", b"\xff\xff\xff\xff\x0f", {"Content-Type": PB},
+     400, "invalid"),
+    ("metrics export not JSON", "POST", "/v1/metrics", b"{", {"Content-Type": JS}, 400,
+     "invalid"),
+    ("oversized logs export", "POST", "/v1/logs", b"\x00" * (LIMIT + 1), {"Content-Type": PB},
+     413, "too_large"),
     ("unknown path", "POST", "/v2/spans", b"x", {"Content-Type": PB}, 404, "other"),
     ("GET on the traces path", "GET", "/v1/traces", None, {}, 405, "other"),
 ]
@@ -196,7 +201,7 @@ def test_bad_grpc_payloads_get_their_status_codes(receiver_factory):
     assert "Traceback" not in err
 
 
-def test_logs_and_metrics_exports_are_refused_once_logged_and_counted(receiver_factory):
+def test_logs_and_metrics_exports_are_dropped_counted_and_the_sender_told(receiver_factory):
     from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogs
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
         OTLPMetricExporter as GrpcMetrics,
@@ -204,6 +209,10 @@ def test_logs_and_metrics_exports_are_refused_once_logged_and_counted(receiver_f
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogs
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
         OTLPMetricExporter as HttpMetrics,
+    )
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+        ExportLogsServiceRequest,
+        ExportLogsServiceResponse,
     )
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
@@ -227,15 +236,35 @@ def test_logs_and_metrics_exports_are_refused_once_logged_and_counted(receiver_f
         meters.get_meter("dynamo").create_counter("requests").add(3)
         meters.force_flush()
         meters.shutdown()
+    # What a sender reads back: success, every record counted as rejected, and why.
+    request = ExportLogsServiceRequest()
+    records = request.resource_logs.add().scope_logs.add().log_records
+    for _ in range(3):
+        records.add().body.string_value = "x"
+    channel = grpc.insecure_channel(rec.grpc)
+    answer = ExportLogsServiceResponse.FromString(channel.unary_unary(
+        "/opentelemetry.proto.collector.logs.v1.LogsService/Export")(
+            request.SerializeToString(), timeout=30))
+    assert answer.partial_success.rejected_log_records == 3
+    assert "stores traces only: 3 log record(s) dropped" in answer.partial_success.error_message
+    doc = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": {"stringValue": "a"}},
+                                                           {"body": {"stringValue": "b"}}]}]}]}
+    status, body, hdrs = _request(rec.http, "POST", "/v1/logs",
+                                  gzip.compress(_json_body(doc)),
+                                  {"Content-Type": JS, "Content-Encoding": "gzip"})
+    assert status == 200 and hdrs["content-type"] == JS
+    assert json.loads(body)["partialSuccess"]["rejectedLogRecords"] == "2"  # int64: a string
     spans = make_spans(2)
     assert GrpcExporter(endpoint=rec.grpc, insecure=True).export(spans) \
         is SpanExportResult.SUCCESS
     rc, out, err = rec.stop()
     assert rc == 0, err
     summary = summary_of(out)
-    assert summary["ignored_requests"]["logs"] == 20
+    assert summary["ignored_requests"]["logs"] == 22
+    assert summary["dropped_items"]["logs"] == 10 + 10 + 3 + 2
     assert summary["ignored_requests"]["metrics"] >= 2  # shutdown may export once more
+    assert summary["dropped_items"]["metrics"] >= 2
     assert summary["payloads_rejected"] == 0
     assert err.count("logs export") == 1 and err.count("metrics export") == 1, err
-    assert "20 logs requests ignored" in err
+    assert "22 logs requests ignored (25 log records dropped)" in err
     assert loaded_spans(rec.output) == sent_spans(spans)

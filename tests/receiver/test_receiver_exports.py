@@ -26,7 +26,7 @@ from receiver_helpers import (
 )
 
 from kvprof import otlp_json
-from kvprof.analysis.traces import load_spans
+from kvprof.analysis.loaders.traces import load_spans
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -97,14 +97,18 @@ def test_fast_encoder_equals_protobuf_json_mapping():
         _reference(req))
 
 
-def test_same_lines_as_the_probes_file_exporter():
-    from kvprof.probes.export import encode_otlp_json as probe_encode
+def test_the_probes_file_exporter_writes_protobufs_own_mapping(tmp_path):
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from kvprof.probes.export import OtlpJsonFileExporter
 
     spans = make_spans(4, attrs_per_span=3)
-    ours, theirs = otlp_json.encode_otlp_json(spans), probe_encode(spans)
-    assert ours == theirs
-    assert otlp_json.dumps_line(ours) == (json.dumps(theirs, separators=(",", ":")) + "\n"
-                                          ).encode()
+    exporter = OtlpJsonFileExporter(tmp_path, "probe")
+    exporter.export(spans)
+    exporter.shutdown()
+    (written,) = tmp_path.glob("probe-*.jsonl")
+    assert written.read_bytes() == (json.dumps(_reference(encode_spans(spans)),
+                                               separators=(",", ":")) + "\n").encode()
 
 
 def test_json_round_trip_gives_the_same_request():
