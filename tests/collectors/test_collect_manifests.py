@@ -29,7 +29,8 @@ def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/monitoring", "overlays/dynamo-vllm"])
+@pytest.mark.parametrize("target", ["base", "overlays/monitoring", "overlays/dynamo-vllm",
+                                    "overlays/dynamo-vllm-receiver"])
 def test_renders_and_validates(target):
     import kubernetes_validate
 
@@ -99,9 +100,12 @@ def test_dynamo_overlay_injects_probes_into_seed_workers():
         spec = dgd["spec"]["services"][service]["extraPodSpec"]
         main = spec["mainContainer"]
         seed_main = seed["spec"]["services"][service]["extraPodSpec"]["mainContainer"]
-        # the worker itself is unmodified: same image, command and vLLM arguments
-        for key in ("image", "command", "args", "workingDir"):
+        # the worker itself is unmodified: same image, command and vLLM arguments, plus
+        # vLLM's own tracing flag (components/dynamo-tracing; tests/test_manifests_tracing.py)
+        for key in ("image", "command", "workingDir"):
             assert main[key] == seed_main[key]
+        assert main["args"] == [*seed_main["args"], "--otlp-traces-endpoint",
+                                "$(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"]
         (init,) = spec["initContainers"]
         assert {m["mountPath"] for m in init["volumeMounts"]} == {"/kvprof"}
         assert "/opt/kvprof/site" in " ".join(init["command"])
@@ -120,7 +124,11 @@ def test_dynamo_overlay_injects_probes_into_seed_workers():
                         "containers": [{**main, "name": "main"}],
                         "volumes": spec["volumes"]}}
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
-    assert dgd["spec"]["services"]["Frontend"] == seed["spec"]["services"]["Frontend"]
+    # the frontend gets only tracing env (components/dynamo-tracing), no probes
+    frontend = dgd["spec"]["services"]["Frontend"]
+    env_names = {e["name"] for e in frontend["extraPodSpec"]["mainContainer"].pop("env")}
+    assert "OTEL_EXPORT_ENABLED" in env_names and "KVPROF_ENABLED" not in env_names
+    assert frontend == seed["spec"]["services"]["Frontend"]
 
 
 def test_dockerfile_has_no_torch():

