@@ -21,13 +21,15 @@ class Share:
     whole_ms: float | None
     share: float | None
     requests: int
+    note: str = ""  # which requests these were, when that changes how to read the number
 
     def text(self, part_name: str) -> str:
         if self.share is None or self.part_ms is None or self.whole_ms is None:
             return NO_DATA
         plural = "" if self.requests == 1 else "s"
+        note = f"; {self.note}" if self.note else ""
         return (f"{100 * self.share:.1f}% of TTFT ({part_name} {self.part_ms:.1f} ms of "
-                f"{self.whole_ms:.1f} ms, median of {self.requests} request{plural})")
+                f"{self.whole_ms:.1f} ms, median of {self.requests} request{plural}{note})")
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,9 @@ class Headline:
     def lines(self) -> list[tuple[str, str]]:
         unacc = NO_DATA
         if self.unaccounted_mean_ms is not None:
-            unacc = f"{self.unaccounted_mean_ms:.1f} ms per request (mean"
+            unacc = f"{_plain(self.unaccounted_mean_ms)} ms per request (mean"
             if self.unaccounted_share is not None:
-                unacc += f"; {100 * self.unaccounted_share:.1f}% of TTFT"
+                unacc += f"; {_plain(100 * self.unaccounted_share)}% of TTFT"
             unacc += "; no leg covers it)"
         out = [(f"Largest stage #{i}", text) for i, text in enumerate(self.top_causes, 1)]
         return out + [
@@ -57,13 +59,18 @@ class Headline:
         ]
 
 
+def _plain(value: float) -> str:
+    """One decimal, and a remainder of -0.00002 reads 0.0, not -0.0."""
+    return f"{round(value, 1) or 0.0:.1f}"
+
+
 def _num(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return None if value != value else float(value)  # NaN check without math import
 
 
-def _share(rows: list[dict], phase: str) -> Share:
+def _share(rows: list[dict], phase: str, note: str = "") -> Share:
     parts, wholes, shares = [], [], []
     for row in rows:
         part, whole = _num(row.get(phase)), _num(row.get("ttft_ms"))
@@ -75,19 +82,22 @@ def _share(rows: list[dict], phase: str) -> Share:
     if not shares:
         return Share(None, None, None, 0)
     return Share(statistics.median(parts), statistics.median(wholes),
-                 statistics.median(shares), len(shares))
+                 statistics.median(shares), len(shares), note)
 
 
 def headline_from_report(report: dict) -> Headline:
     """First-contact requests' handshake share, later requests' transfer share, unaccounted."""
     rows = [r for r in report.get("requests") or [] if isinstance(r, dict)]
     first = [r for r in rows if r.get("first_contact") is True]
-    steady = [r for r in rows if r.get("first_contact") is False]
+    # Warm-ups stay out of the steady state, as out of every statistic of the report; the first
+    # contact usually is the warm-up (it exists to pay the one-time costs), which the line says.
+    steady = [r for r in rows if r.get("first_contact") is False and not r.get("warmup")]
+    first_note = "aiperf's warm-up" if first and all(r.get("warmup") for r in first) else ""
     summary = report.get("summary") or {}
     causes = [c for c in report.get("verdict") or [] if isinstance(c, dict)
               and c.get("cause") != "unaccounted" and c.get("headline")]
     return Headline(
-        first_handshake=_share(first, sc.SPAN_KV_HANDSHAKE),
+        first_handshake=_share(first, sc.SPAN_KV_HANDSHAKE, first_note),
         steady_transfer=_share(steady, sc.SPAN_KV_TRANSFER),
         unaccounted_mean_ms=_num(summary.get("unaccounted_mean_ms")),
         requests=int(summary.get("requests") or len(rows)),

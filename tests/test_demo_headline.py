@@ -23,7 +23,7 @@ def test_recorded_report_headline_matches_its_rows() -> None:
     report = json.loads((RECORDED / "report.json").read_text())
     hl = load_headline(RECORDED / "report.json")
     first = [r for r in report["requests"] if r["first_contact"]]
-    steady = [r for r in report["requests"] if not r["first_contact"]
+    steady = [r for r in report["requests"] if not r["first_contact"] and not r["warmup"]
               and r["kv.transfer"] is not None and r["ttft_ms"]]
     assert hl.first_handshake.requests == len(first) >= 1
     assert hl.first_handshake.share == pytest.approx(
@@ -74,6 +74,22 @@ def test_shares_are_medians_and_skip_rows_without_ttft() -> None:
     text = dict(hl.lines())
     assert text["First-request handshake share"].startswith("80.0% of TTFT (kv.handshake 400.0")
     assert text["Unaccounted time"].startswith("12.5 ms per request")
+
+
+def test_warm_ups_stay_out_of_the_steady_state_and_a_warm_first_contact_says_so() -> None:
+    rows = [
+        {"first_contact": True, "warmup": True, "kv.handshake": 70.0, "ttft_ms": 5000.0},
+        {"first_contact": False, "warmup": True, "kv.transfer": 200.0, "ttft_ms": 400.0},
+        {"first_contact": False, "warmup": False, "kv.transfer": 3.0, "ttft_ms": 300.0},
+    ]
+    text = dict(headline_from_report({"requests": rows, "summary": {}}).lines())
+    assert text["First-request handshake share"] == (
+        "1.4% of TTFT (kv.handshake 70.0 ms of 5000.0 ms, median of 1 request; aiperf's warm-up)")
+    assert text["Steady-state transfer share"] == (
+        "1.0% of TTFT (kv.transfer 3.0 ms of 300.0 ms, median of 1 request)")
+    rows[0]["warmup"] = False
+    text = dict(headline_from_report({"requests": rows, "summary": {}}).lines())
+    assert text["First-request handshake share"].endswith("median of 1 request)")
 
 
 def test_missing_phases_read_no_data_not_zero() -> None:

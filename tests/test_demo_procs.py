@@ -273,3 +273,22 @@ def test_exit_descriptions() -> None:
     assert exit_description(132) == "died from SIGILL"  # a launcher's 128 + n
     assert exit_description(1) == "exited with code 1"
     assert exit_description(0) == "exited with code 0"
+
+
+def test_fatal_lines_pick_what_says_why_not_every_warning(tmp_path: Path) -> None:
+    from demo.procs import fatal_lines
+
+    log = tmp_path / "x.log"
+    log.write_text("\n".join([
+        "WARNING Found ulimit ... This can cause fd limit errors like `OSError: ...`",
+        "WARNING Initializing KVConnectorBase_V1. This API is experimental ... the design.",
+        "ERROR [async_llm.py:906] AsyncLLM output_handler failed.",
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
+        "Fatal Python error: Illegal instruction",
+        "kvprof: VLLM::Worker (pid 9, vllm-decode, decode) died from SIGILL",
+    ]) + "\n")
+    lines = fatal_lines(log)
+    assert lines[0].startswith("kvprof: VLLM::Worker (pid 9")
+    assert not any("ulimit" in ln or "design" in ln for ln in lines)
+    assert any("EngineDeadError" in ln for ln in lines)
+    assert any("Fatal Python error" in ln for ln in lines)

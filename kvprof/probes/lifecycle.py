@@ -195,9 +195,12 @@ def death_report(stats_dir: str | Path, stopping_since: float | None = None) -> 
 
 def crash_reason(stats_dir: str | None) -> str | None:
     """What killed a sibling process, for the spans this process closes on its way out."""
-    if not stats_dir or not os.path.isdir(stats_dir):
+    if not stats_dir:
         return None
-    deaths, _ = death_report(stats_dir)
+    try:
+        deaths, _ = death_report(stats_dir)
+    except OSError:  # the launcher removed its folder first: nobody left to tell
+        return None
     deaths = [d for d in deaths if d.pid != os.getpid()]
     if not deaths:
         return None

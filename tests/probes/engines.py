@@ -59,8 +59,9 @@ def engine_env(core: int, side_port: int | None = None,
 
 
 def server_command(model: Path, port: int, kv_config: dict | None,
-                   dtype: str = PORTABLE_DTYPE) -> list[str]:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                   dtype: str = PORTABLE_DTYPE, python: str = sys.executable) -> list[str]:
+    """vLLM's OpenAI server; ``python`` picks the venv (and so the vLLM version)."""
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--block-size", str(BLOCK_SIZE),
            "--max-model-len", "1024", "--max-num-seqs", "8", "--dtype", dtype,
            "--seed", "0", "--served-model-name", "tiny",
@@ -86,7 +87,8 @@ def start_command(cmd: list[str], core: int, log_path: Path, attach: list[str] |
                   ) -> subprocess.Popen:
     """Start a server command line (see server_command) pinned to ``core``."""
     if attach is not None:
-        cmd = [sys.executable, "-m", "kvprof", "attach", *attach, "--", *cmd]
+        # kvprof attach from the venv of the server it wraps.
+        cmd = [cmd[0], "-m", "kvprof", "attach", *attach, "--", *cmd]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, env=engine_env(core, side_port, worker_in_core), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,

@@ -248,9 +248,9 @@ def test_legs_add_up_to_the_client_ttft_per_request(engines):
     """The client's TTFT (its own clock, as aiperf measures it) = the legs + unaccounted,
     per request within 1 ms; with every leg traced nothing is left unaccounted, also for the
     request whose router forwarded only X-Request-Id."""
-    from kvprof.analysis.aiperf import load_aiperf_records
     from kvprof.analysis.breakdown import SOURCE_ID, build_breakdown
-    from kvprof.analysis.traces import load_spans as load_table
+    from kvprof.analysis.loaders.aiperf import load_aiperf_records
+    from kvprof.analysis.loaders.traces import load_spans as load_table
 
     if "nixl_traces" not in engines:
         pytest.skip("nixl is not installed")
