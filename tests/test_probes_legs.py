@@ -4,13 +4,17 @@ app, trace adoption, the decode hand-over, failed and expired transfers, crash r
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
+import inspect
 import json
+from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
 
 from kvprof import semconv
-from kvprof.probes import api_hooks, hooks, lifecycle
+from kvprof.probes import api_hooks, hooks, lifecycle, method_probes
 from kvprof.probes import events as ev
 from kvprof.probes.assembler import ProcessFacts, SpanAssembler
 from kvprof.probes.ids import format_traceparent, parse_traceparent, span_id_for, trace_id_for
@@ -140,10 +144,11 @@ def test_api_server_legs_through_a_real_asgi_app(api_probes, role, params, strea
     assert req.start_ns == inp.start_ns and inp.end_ns == to_core.start_ns
     assert to_core.end_ns == wait.start_ns and wait.end_ns == respond.start_ns
     assert wait.end_ns - wait.start_ns >= 2 * MS  # the endpoint's wait for its first output
-    if stream:  # decode: first bytes, before the stream's end
-        assert respond.end_ns < req.end_ns
-    else:  # prefill: its whole answer
-        assert respond.end_ns == req.end_ns
+    # The answer's first bytes (for the prefill engine's one-message JSON, all of it) go to
+    # the server before the app returns: the request span ends at or after them.
+    assert respond.end_ns <= req.end_ns
+    if stream:
+        assert req.end_ns - respond.end_ns >= 2 * MS  # the rest of the stream came later
     assert req.attributes[semconv.ATTR_HTTP_STATUS] == 200 and req.error is None
 
 
@@ -183,6 +188,376 @@ def test_gets_and_health_checks_pass_untouched(api_probes):
     with TestClient(app) as tc:
         assert tc.get("/health").text == "ok"
     assert api_probes == []
+
+
+async def _serve_in_process(app, headers: list[tuple[bytes, bytes]]) -> None:
+    """One POST through the ASGI interface in a task of its own, as uvicorn runs it."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": "POST", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "query_string": b"", "headers": headers,
+             "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+             "root_path": ""}
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # until the response is done
+
+    async def send(message):
+        return None
+
+    await asyncio.get_running_loop().create_task(app(scope, receive, send))
+
+
+def _qualname(obj) -> str:
+    # Some objects (torch's op namespaces) answer any attribute, with something not a str.
+    try:
+        name = getattr(obj, "__qualname__", "")
+    except Exception:
+        return ""
+    return name if isinstance(name, str) else ""
+
+
+def test_api_records_are_freed_without_the_garbage_collector(api_probes):
+    """No reference cycle among the per-request records: refcounting frees them (and the
+    request's params) once the export thread lets go of the event, so the probes do not
+    make the collector run."""
+    app, _ = _app({"do_remote_decode": True}, stream=True)
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(_serve_in_process(app, [(b"x-request-id", b"xid-7")]))
+        assert [e[0] for e in api_probes] == [ev.API]
+        assert api_probes[0][api_hooks.T_END] is not None
+        api_probes.clear()  # the export thread is done with it
+        left = [o for o in gc.get_objects()
+                if type(o) is list and len(o) >= 17 and o[api_hooks.RID] == "cmpl-xid-7-0"
+                or _qualname(o).endswith("kvprof_asgi.<locals>.relay")]
+    finally:
+        gc.enable()
+    assert left == []
+    assert api_hooks._AWAIT == {}
+
+
+def test_a_call_after_an_ended_response_in_the_same_task_is_reported_on_its_own(api_probes):
+    """A server that reused a task would leave the last HTTP record in its context: a later
+    call outside any request is not filed under it (it would never be reported)."""
+    client, outputs = FakeCoreClient(), FakeOutputProcessor()
+    engine = FakeAsyncLLM(client)
+    app, _ = _app(None, stream=False)
+
+    async def main():
+        await app({"type": "http", "method": "POST", "path": "/v1/completions",
+                   "headers": [], "query_string": b""},
+                  _once({"type": "http.request", "body": b"{}", "more_body": False}),
+                  _ignore)
+        # vLLM calls add_request with keywords; the probe takes them as the original does.
+        sent = await engine.add_request(request_id="cmpl-late-0", prompt={"prompt": "p"},
+                                        params=NS(extra_args=None),
+                                        trace_headers={"traceparent": ROUTER_TP})
+        outputs.process_outputs([NS(request_id=sent.request_id, new_token_ids=[1],
+                                    finish_reason=None)])
+
+    asyncio.run(main())
+    late = [e for e in api_probes if e[0] == ev.API and e[api_hooks.RID] == "cmpl-late-0"]
+    assert len(late) == 1
+    # Its own trace, no HTTP part; out at its first output.
+    assert late[0][api_hooks.TRACEPARENT] == ROUTER_TP and late[0][api_hooks.T_RECV] is None
+    assert late[0][api_hooks.T_FIRST_OUTPUT] is not None
+    assert client.sent[-1].trace_headers == {"traceparent": ROUTER_TP}
+    # No HTTP request: the legs between AsyncLLM and the EngineCore only.
+    assert {s.name for s in SpanAssembler(ProcessFacts()).feed(late)} == {
+        semconv.SPAN_API_TO_CORE, semconv.SPAN_API_WAIT}
+
+
+def test_concurrent_requests_and_their_child_tasks_keep_their_own_calls(api_probes):
+    """Requests served at once, one of them fanning its prompts out to child tasks (as vLLM's
+    merge_async_iterators does), with awaits between each call and its hand-off: every call
+    ends up in its own request's record with its own hand-off (its EngineCore id)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    client, outputs = FakeCoreClient(), FakeOutputProcessor()
+
+    class SlowAsyncLLM(FakeAsyncLLM):
+        async def add_request(self, request_id, prompt, params, arrival_time=None,
+                              lora_request=None, tokenization_kwargs=None, trace_headers=None):
+            await asyncio.sleep(prompt["wait"])  # tokenizing: other tasks run meanwhile
+            request = NS(request_id=request_id + "-0000abcd", trace_headers=None)
+            await self.client.add_request_async(request)
+            return request
+
+    inst = VllmInstrumentor()
+    assert inst._wrap(SlowAsyncLLM, "add_request", api_hooks.async_llm_add_request, "x")
+    engine = SlowAsyncLLM(client)
+
+    async def completions(request):
+        xid = request.headers["x-request-id"]
+        waits = [0.004, 0.001, 0.002] if xid == "batch" else [0.001]
+
+        async def one(i, wait):
+            sent = await engine.add_request(f"cmpl-{xid}-{i}", {"wait": wait},
+                                            NS(extra_args=None))
+            await asyncio.sleep(0.001)
+            outputs.process_outputs([NS(request_id=sent.request_id, new_token_ids=[1],
+                                        finish_reason=None)])
+
+        await asyncio.gather(*(asyncio.get_running_loop().create_task(one(i, w))
+                               for i, w in enumerate(waits)))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+
+    async def main():
+        await asyncio.gather(*(_serve_in_process(app, [(b"x-request-id", xid)])
+                               for xid in (b"a", b"batch", b"b")))
+
+    try:
+        asyncio.run(main())
+    finally:
+        inst.uninstrument()
+    records = {e[api_hooks.XID]: e for e in api_probes if e[0] == ev.API}
+    assert set(records) == {b"a", b"batch", b"b"}
+    for xid, record in records.items():
+        calls = api_hooks.calls_of(record)
+        n = 3 if xid == b"batch" else 1
+        assert sorted(c[api_hooks.RID] for c in calls) == [
+            f"cmpl-{xid.decode()}-{i}" for i in range(n)]
+        for c in calls:
+            assert c[api_hooks.INTERNAL] == c[api_hooks.RID] + "-0000abcd"
+            assert c[api_hooks.T_INPUT] <= c[api_hooks.T_HANDOFF] <= c[api_hooks.T_FIRST_OUTPUT]
+    spans = SpanAssembler(ProcessFacts()).feed(list(records.values()))
+    assert sum(s.name == semconv.SPAN_API_REQUEST for s in spans) == 5  # one per call
+    assert api_hooks._AWAIT == {}
+
+
+def test_requests_are_in_flight_until_their_response_ends(api_probes):
+    """The record goes out when the request arrives; the export thread lists it as in flight
+    (crash reports) until the response's end time is written, then makes its spans."""
+    seen = {}
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    a = SpanAssembler(ProcessFacts())
+    client = FakeCoreClient()
+    engine = FakeAsyncLLM(client)
+
+    async def completions(request):
+        seen["before call"] = (a.feed(list(api_probes)), a.api_in_flight())
+        await engine.add_request("cmpl-live-0", {"prompt": "p"}, NS(extra_args=None))
+        seen["after call"] = (a.feed([]), a.api_in_flight())
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    asyncio.run(_serve_in_process(app, [(b"x-request-id", b"live")]))
+    assert seen["before call"] == ([], ["live"])  # the client's id until a call is made
+    assert seen["after call"] == ([], ["cmpl-live-0"])
+    spans = a.feed([])
+    assert {s.name for s in spans} == {semconv.SPAN_API_REQUEST, semconv.SPAN_API_INPUT,
+                                       semconv.SPAN_API_TO_CORE}  # no output came
+    assert a.api_in_flight() == []
+
+
+def test_only_responses_running_when_the_engine_dies_end_with_its_error(api_probes):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    engine = FakeAsyncLLM(FakeCoreClient())
+
+    async def completions(request):
+        xid = request.headers["x-request-id"]
+        await engine.add_request(f"cmpl-{xid}-0", {"prompt": "p"}, NS(extra_args=None))
+        if xid == "running":
+            FakeOutputProcessor().propagate_error(RuntimeError("EngineCore died"))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    FakeOutputProcessor().propagate_error(RuntimeError("an earlier death"))  # before all
+
+    async def main():
+        await _serve_in_process(app, [(b"x-request-id", b"before")])
+        await _serve_in_process(app, [(b"x-request-id", b"running")])
+        await _serve_in_process(app, [(b"x-request-id", b"after")])
+
+    asyncio.run(main())
+    spans = SpanAssembler(ProcessFacts()).feed(list(api_probes))
+    errors = {s.attributes[semconv.ATTR_X_REQUEST_ID]: s.error for s in spans
+              if s.name == semconv.SPAN_API_REQUEST}
+    assert errors["before"] is None and errors["after"] is None
+    assert "error event" in errors["running"]
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"x-request-id", b"xid-7"), (b"traceparent", ROUTER_TP.encode()), (b"host", b"h"),
+     (b"accept", b"*/*")],
+    [(b"host", b"h"), (b"traceparent", b"00-" + b"0" * 32 + b"-" + b"1" * 16 + b"-01"),
+     (b"x-request-id", b"xid-7"), (b"traceparent", ROUTER_TP.encode())],
+])
+def test_the_last_x_request_id_and_traceparent_count_wherever_they_are(api_probes, headers):
+    app, client = _app({"do_remote_decode": True}, stream=False)
+    asyncio.run(_serve_in_process(app, headers))
+    (record,) = api_probes
+    assert record[api_hooks.XID] == b"xid-7" and record[api_hooks.HTTP_TRACEPARENT] == ROUTER_TP
+    assert client.sent[0].trace_headers == {"traceparent": ROUTER_TP}
+
+
+def _once(message):
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(message)
+            return message
+        await asyncio.sleep(3600)
+    return receive
+
+
+async def _ignore(message):
+    return None
+
+
+_DEFAULT = ["shared default"]
+
+
+def test_method_probes_take_the_originals_own_parameters():
+    """The method probes mirror the original's parameters (every kind, the same default
+    objects), pass every argument on as it came and raise what the original raises."""
+    seen = []
+
+    def original(self, a, /, b, c=_DEFAULT, *args, d, e=5, **kw):
+        return a, b, c, args, d, e, kw
+
+    probe = method_probes.forwarding_probe(original, lambda *x: seen.append(x),
+                                        (("b", None), ("e", None), ("absent", 1)))
+    assert inspect.signature(probe) == inspect.signature(original)
+    assert probe("s", 0, 1, d=4) == original("s", 0, 1, d=4)
+    assert probe("s", 0, 1, d=4)[2] is _DEFAULT
+    assert probe("s", 0, 1, 2, 3, d=4, e=6, x=9) == (0, 1, 2, (3,), 4, 6, {"x": 9})
+    assert seen[0] == (1, 5, 0)  # by name, else by position (self is 0)
+    with pytest.raises(TypeError):
+        probe("s", 0, 1)  # d missing, as for the original
+    gated = method_probes.forwarding_probe(original, lambda *x: seen.append(x),
+                                        (("b", None),), only_if={})
+    seen.clear()
+    gated("s", 0, 1, d=4)
+    assert seen == []  # recorded only while the gate is true
+
+
+_SEEN: list = []
+
+
+def _note(a, c):
+    try:
+        _SEEN.append((a, c))
+    except Exception:
+        pass
+
+
+def _note_request(request):
+    _SEEN.append(request)
+
+
+def _sample(self, a, /, b, c=_DEFAULT, *args, d, e=5, **kw):
+    """The original's docstring."""
+    if a is None:
+        raise ValueError("no a")
+    return a, b, c, args, d, e, kw
+
+
+async def _sample_async(self, request, extra=None):
+    await asyncio.sleep(0)
+    return request, extra
+
+
+class _Base:
+    def greet(self, who):
+        return "hi " + who
+
+
+class _Sub(_Base):
+    def greet(self, who):
+        return super().greet(who)  # needs the class cell: cannot be copied
+
+
+def test_a_hooked_method_is_its_own_code_with_the_recording_first():
+    """The cheapest hook: vLLM's function compiled again from its source with the recording
+    statements first, the same in every other way (signature, default objects, docstring,
+    line numbers, what it returns and raises); recording only while the gate is open."""
+    gate: dict = {}
+    copy = method_probes.with_prologue(_sample, _note, (("a", 1), ("d", None)), only_if=gate)
+    assert copy is not None and copy.__code__ is not _sample.__code__
+    assert inspect.signature(copy) == inspect.signature(_sample)
+    assert copy.__doc__ == _sample.__doc__ and copy.__qualname__ == _sample.__qualname__
+    assert copy("s", 1, 2, d=4) == _sample("s", 1, 2, d=4)
+    assert copy("s", 1, 2, d=4)[2] is _DEFAULT  # the original's own default objects
+    assert copy("s", 1, 2, 3, 9, d=4, e=6, x=1) == _sample("s", 1, 2, 3, 9, d=4, e=6, x=1)
+    _SEEN.clear()
+    copy("s", 1, 2, d=4)
+    assert _SEEN == []  # gate closed
+    gate["waiting"] = True
+    copy("s", 1, 2, d=4)
+    assert _SEEN == [(1, 4)]
+    with pytest.raises(ValueError) as raised:
+        copy("s", None, 2, d=4)
+    frame = raised.traceback[-1]
+    assert frame.path == Path(__file__) and frame.lineno + 1 == _sample.__code__.co_firstlineno + 3
+    with pytest.raises(TypeError):
+        copy("s", 1, 2)  # d missing, as for the original
+
+    acopy = method_probes.with_prologue(_sample_async, _note_request, (("request", 1),))
+    assert inspect.iscoroutinefunction(acopy)
+    _SEEN.clear()
+    assert asyncio.run(acopy("s", "r", extra=2)) == ("r", 2) and _SEEN == ["r"]
+
+
+def test_what_cannot_be_copied_faithfully_gets_a_wrapper(tmp_path, monkeypatch):
+    assert method_probes.with_prologue(_Sub.greet, _note_request, (("who", 1),)) is None
+
+    # The source on disk is not what was loaded (upgraded in place, say).
+    import importlib
+    import linecache
+
+    (tmp_path / "kvprof_sample_mod.py").write_text(
+        "import os\n\n\ndef f(self, x):\n    return os.path.join(x, 'a')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("kvprof_sample_mod")
+    assert method_probes.with_prologue(mod.f, _note_request, (("x", 1),)) is not None
+    (tmp_path / "kvprof_sample_mod.py").write_text(
+        "import os\n\n\ndef f(self, x):\n    return os.path.join(x, 'b')\n")
+    linecache.clearcache()
+    assert method_probes.with_prologue(mod.f, _note_request, (("x", 1),)) is None
+
+    @functools.wraps(_sample)
+    def decorated(*args, **kwargs):
+        return _sample(*args, **kwargs)
+
+    assert method_probes.with_prologue(decorated, _note, (("a", 1), ("d", None))) is None
+    # The installer's choice: a probe with the same parameters, recording inlined.
+    _SEEN.clear()
+    probe = method_probes.method_probe(_Sub.greet, _note_request, (("who", 1),))
+    assert probe(_Sub(), "you") == "hi you" and _SEEN == ["you"]
+    assert inspect.signature(probe) == inspect.signature(_Sub.greet)
+
+
+def test_vllms_own_api_server_methods_get_the_cheapest_hook():
+    pytest.importorskip("vllm")
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.core_client import AsyncMPClient
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    for method, factory in ((AsyncLLM.add_request, api_hooks.async_llm_add_request),
+                            (AsyncMPClient.add_request_async,
+                             api_hooks.core_client_add_request_async),
+                            (OutputProcessor.process_outputs,
+                             api_hooks.output_processor_process_outputs)):
+        hooked = factory(method)
+        assert hooked.__code__.co_filename == method.__code__.co_filename, method
+        assert hooked.__code__.co_firstlineno == method.__code__.co_firstlineno
+        assert inspect.signature(hooked) == inspect.signature(method)
 
 
 def test_engine_core_joins_the_callers_trace_and_hands_it_to_the_decode_side():
@@ -295,3 +670,18 @@ def test_death_report_reads_fault_files_and_reaped_exit_codes(tmp_path):
     # A SIGKILL after kvprof attach began stopping its command is part of the stop.
     later = json.loads((tmp_path / "exit-200.json").read_text())["t"] - 1
     assert [d.pid for d in lifecycle.death_report(tmp_path, stopping_since=later)[0]] == [100]
+
+
+def test_a_kv_both_engine_takes_its_role_from_what_its_requests_do():
+    from kvprof.probes.config import ProbeConfig
+    from kvprof.probes.recorder import engine_role, resource_attributes
+
+    cfg = ProbeConfig(enabled=True)
+    a = SpanAssembler(ProcessFacts(kv_role="kv_both"))
+    assert engine_role(cfg, a.facts) == "kv_both"  # nothing seen yet
+    a.feed([(ev.ARRIVE, "p-1-0000aaaa", 10 * MS, 10 * MS, 5, {"do_remote_decode": True})])
+    assert engine_role(cfg, a.facts) == semconv.ROLE_PREFILL
+    assert resource_attributes(cfg, a.facts)[semconv.RES_SERVICE_NAME] == "vllm-prefill"
+    d = SpanAssembler(ProcessFacts(kv_role="kv_both"))  # a decode worker's process
+    d.feed([(ev.LOAD_START, "d-1-0000bbbb", 10 * MS, 1, "p-1-0000aaaa", "e", "h", False)])
+    assert engine_role(cfg, d.facts) == semconv.ROLE_DECODE

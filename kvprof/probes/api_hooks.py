@@ -2,7 +2,7 @@
 
 Where a request spends its time before the EngineCore sees it and after its first token
 leaves it: vLLM's OpenAI server (ASGI app, AsyncLLM) or a Dynamo worker hosting AsyncLLM
-directly (no HTTP: only the AsyncLLM part). Four hook points, each a few attribute writes:
+directly (no HTTP: only the AsyncLLM part). Four hook points:
 
 * the ASGI app (outermost, wrapped when Starlette builds its middleware stack): request
   received (before the body is read), first response bytes written, response complete;
@@ -10,16 +10,45 @@ directly (no HTTP: only the AsyncLLM part). Four hook points, each a few attribu
 * ``AsyncMPClient.add_request_async``: the request is handed to the EngineCore;
 * ``OutputProcessor.process_outputs``: the first output is back from the EngineCore.
 
-One event per engine request leaves through ``hooks._EMIT`` when its HTTP response is
-complete (or at its first output when there is no HTTP server around it). A contextvar
-carries the HTTP record from the ASGI layer down to AsyncLLM: the endpoint runs in the same
-task (or a child task, which copies the context).
+This runs on the frontend's event loop for every request, so it is written for cost
+(bench/api_overhead.py measures it). On the request path the hooks take timestamps and
+references to objects that exist anyway, into one flat list per HTTP request, the record.
+The record is the event: emitted when the request arrives and filled in afterwards, it is
+kept by the export thread until the response's end time is in it (the last write), so it
+is also the list of requests in flight (for crash reports) and nothing is done on the path
+when the response ends. Decoding the X-Request-Id, the status and error handling, ids, roles
+and attributes happen in the export thread (assembler.SpanAssembler._on_api_event).
+
+What a record keeps alive until the export thread has read it (up to a flush interval) is
+kept small on purpose: memory a request frees is what the next one allocates, still in the
+CPU's caches, and every object held back makes later allocations land on cold memory. So a
+record holds the request's kv_transfer_params, not its params, and the X-Request-Id's
+bytes, not the headers. The one header decoded on the path is the traceparent: the
+EngineCore request must carry it when it leaves.
+
+The record (a list; the position constants below name its fields):
+
+    [API, t_recv, t_first_bytes, t_end, status, x_request_id (bytes), traceparent, path,
+     engine_errors,   request_id, t_input, kv_params, call_traceparent, t_handoff,
+     internal_id, t_first_output, ok,   extra call, extra call, ...]
+
+``t_end`` is None while the response runs. ``engine_errors``: how often AsyncLLM's output
+handler failed (the EngineCore died) while the response ran; such a stream, which already
+said 200, ends with an error event. The HTTP request's first engine call (AsyncLLM
+.add_request; an n > 1 fan-out is one call) is written into the record itself. A further
+call of the same HTTP request gets a list of its own, of the same length and positions, with
+no HTTP part and None for the kind, appended to the record. A call with no HTTP response
+around it (Dynamo, LLM) gets such a list with the kind set, emitted at its first output.
+
+A contextvar carries the record from the ASGI layer down to AsyncLLM (the endpoint runs in
+the same task, or in a child task, which starts with a copy of the context). Only a call
+with a list of its own sets a second one, for the hand-off probe of the task that made it
+(between the two hooks are awaits, where other tasks run, some of the same HTTP request).
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from time import time_ns
@@ -28,151 +57,120 @@ from typing import Any
 from kvprof import semconv
 from kvprof.probes import hooks
 from kvprof.probes.events import API
+from kvprof.probes.method_probes import method_probe
+
+log = logging.getLogger(__name__)
 
 _TRACEPARENT = semconv.TRACEPARENT_KEY
+# Positions in the record (the hot path writes the numbers: a global name costs a lookup).
+T_RECV, T_FIRST_BYTES, T_END, STATUS, XID, HTTP_TRACEPARENT, PATH, ENGINE_ERRORS = range(1, 9)
+RID, T_INPUT, KV_PARAMS, TRACEPARENT, T_HANDOFF, INTERNAL, T_FIRST_OUTPUT, OK = range(9, 17)
+EXTRA_CALLS = 17
+
 # Requests waiting for their first output, by the EngineCore's request id.
-_AWAIT: dict[str, _Call] = {}
+_AWAIT: dict[str, list] = {}
 _AWAIT_LIMIT = 4096  # calls whose output never comes (aborted) must not pile up
-
-
-class _Http:
-    """One HTTP request seen at the ASGI layer."""
-
-    __slots__ = ("t_recv", "t_first_bytes", "t_end", "status", "xid", "traceparent", "path",
-                 "calls", "stream_error")
-
-    def __init__(self, t_recv: int, path: str) -> None:
-        self.t_recv = t_recv
-        self.path = path
-        self.t_first_bytes: int | None = None
-        self.t_end: int | None = None
-        self.status: int | None = None
-        self.xid: str | None = None
-        self.traceparent: str | None = None
-        self.calls: list[_Call] = []
-        self.stream_error = False
-
-
-def _timed_send(h: _Http, send: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``send`` the app gets: notes the status and when the first body bytes go out;
-    after that one flag test per message (a stream sends one per token). Not a coroutine:
-    it returns the server's own awaitable, so no frame of ours is awaited."""
-    seen = False
-
-    def timed(message):
-        nonlocal seen
-        if not seen:
-            if message["type"] == "http.response.start":
-                h.status = message.get("status")
-            elif message.get("body"):
-                h.t_first_bytes = time_ns()
-                seen = True
-        return send(message)
-
-    return timed
-
-
-class _Call:
-    """One engine request (AsyncLLM.add_request) and its hand-off / first-output times."""
-
-    __slots__ = ("rid", "t_input", "t_handoff", "t_first_output", "ok", "internal", "params",
-                 "traceparent", "http")
-
-    def __init__(self, rid: str, t_input: int, params: Any, traceparent: str | None,
-                 http: _Http | None) -> None:
-        self.rid = rid
-        self.t_input = t_input
-        self.params = params
-        self.traceparent = traceparent
-        self.http = http
-        self.t_handoff: int | None = None
-        self.t_first_output: int | None = None
-        self.ok = True
-        self.internal: str | None = None
-
-
-_HTTP: ContextVar[_Http | None] = ContextVar("kvprof_http", default=None)
-# HTTP requests being served, for crash reports (what was in flight when a process died).
-_LIVE: dict[int, _Http] = {}
-_CALL: ContextVar[_Call | None] = ContextVar("kvprof_call", default=None)
+_HTTP: ContextVar[list | None] = ContextVar("kvprof_http", default=None)
+_CALL: ContextVar[list | None] = ContextVar("kvprof_call", default=None)
+_ENGINE_ERRORS = [0]  # AsyncLLM output handler failures so far
 
 
 def reset_state() -> None:
     """Forget calls in flight (instrumentation removed)."""
     _AWAIT.clear()
-    _LIVE.clear()
+
+
+def calls_of(record: list) -> list[list]:
+    """The engine calls in an HTTP record (the record itself holds the first)."""
+    return ([record] if record[RID] is not None else []) + record[EXTRA_CALLS:]
 
 
 def output_processor_propagate_error(wrapped: Callable[..., Any]) -> hooks.Probe:
     # AsyncLLM's output handler failed (the EngineCore died): every request being served
-    # gets the error; their streams, which already said 200, end with an error event.
+    # gets the error. Counted: a response that sees the count change while it runs is one
+    # of them (no list of live requests to walk, none to keep on the request path).
     def propagate_error(self, *args, **kwargs):
-        try:
-            for h in list(_LIVE.values()):
-                h.stream_error = True
-        except Exception:
-            hooks._hook_failed("OutputProcessor.propagate_error")
+        _ENGINE_ERRORS[0] += 1
         return wrapped(self, *args, **kwargs)
     return propagate_error
-
-
-def in_flight() -> list[str]:
-    """Request ids (or client ids) of the HTTP requests this process is serving now."""
-    out = []
-    for h in list(_LIVE.values()):
-        out.extend(c.rid for c in h.calls)
-        if not h.calls and h.xid:
-            out.append(h.xid)
-    return out
-
-
-def _kv_params(params: Any) -> dict | None:
-    extra = getattr(params, "extra_args", None)
-    kvp = extra.get("kv_transfer_params") if extra else None
-    # The request's own dict: the API server does not change it after add_request.
-    return kvp if isinstance(kvp, dict) else None
-
-
-def _emit_call(c: _Call) -> None:
-    h = c.http
-    http = None if h is None else (h.t_recv, h.t_first_bytes, h.t_end,
-                                   599 if h.stream_error else h.status, h.xid, h.path)
-    hooks._EMIT((API, c.rid, c.t_input, c.t_handoff, c.t_first_output, c.ok, c.internal,
-                 _kv_params(c.params), c.traceparent or (h.traceparent if h else None), http))
 
 
 # -- ASGI --------------------------------------------------------------------------------------
 def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
     """The ASGI app with kvprof's timing outermost; GETs and non-HTTP scopes pass straight on."""
+    # Read on the request path as closure cells, made together here, rather than as the
+    # module's globals, whose entries lie apart (about 0.15 us a request in the bench).
+    # ``emitter`` is the hooks module: its _EMIT is looked up on each use (set_emit).
+    clock, kind, errors, http, emitter, waiting, rev = (
+        time_ns, API, _ENGINE_ERRORS, _HTTP, hooks, _AWAIT, reversed)
 
     async def kvprof_asgi(scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST":
+        # Only HTTP scopes have a method (websocket and lifespan ones have none).
+        if scope.get("method") != "POST":
             return await app(scope, receive, send)
-        h = _Http(time_ns(), scope.get("path", ""))
+        h = [kind, clock(), None, None, None, None, None, scope.get("path", ""),
+             errors[0], None, None, None, None, None, None, None, True]
         try:
-            for k, v in scope.get("headers") or ():
-                if k == b"x-request-id":
-                    h.xid = v.decode("latin-1")
-                elif k == b"traceparent":
-                    h.traceparent = v.decode("latin-1")
+            # The one pass over the headers: from the last (a header sent twice counts with
+            # its last value) until both are found, which is soon when the router or caller
+            # added them after the client library's own headers, and all of them otherwise.
+            # A Python loop: cheaper than dict(headers), which hashes every (new) name. The
+            # traceparent is decoded now (the EngineCore request takes a str), the
+            # X-Request-Id later, off the path.
+            xid = tp = None
+            for k, v in rev(scope["headers"]):
+                if k == b"traceparent":
+                    if tp is None:
+                        tp = v
+                        if xid is not None:
+                            break
+                elif k == b"x-request-id" and xid is None:
+                    xid = v
+                    if tp is not None:
+                        break
+            if tp is not None:
+                h[6] = tp.decode("latin-1")
+            h[5] = xid
         except Exception:
             hooks._hook_failed("ASGI request headers")
-        token = _HTTP.set(h)
-        _LIVE[id(h)] = h
+        first = True
+
+        def relay(message):
+            # The ``send`` the app gets: notes the status and when the first body bytes go
+            # out; after that one test of a closure cell per message (a stream sends one per
+            # token). Not a coroutine: it returns the server's own awaitable, so no frame of
+            # ours is awaited. A closure: the interpreter calls it inline.
+            nonlocal first
+            if first:
+                try:
+                    if h[4] is None:  # the first message is http.response.start
+                        h[4] = message.get("status")
+                    elif message.get("body"):
+                        h[2] = clock()
+                        first = False
+                except Exception:
+                    hooks._hook_failed("ASGI send")
+            return send(message)
+
+        # Set and not reset: the server runs each request in a task of its own, whose
+        # context goes with it; should one reuse a task, add_request sees the record ended.
+        http.set(h)
+        emitter._EMIT(h)
         try:
-            return await app(scope, receive, _timed_send(h, send))
+            return await app(scope, receive, relay)
         finally:
             # The app returns once its last message is with the server.
-            h.t_end = time_ns()
-            _HTTP.reset(token)
-            _LIVE.pop(id(h), None)
-            try:
-                for c in h.calls:
-                    if c.internal is not None:
-                        _AWAIT.pop(c.internal, None)
-                    _emit_call(c)
-            except Exception:
-                hooks._hook_failed("ASGI response")
+            t_end = clock()
+            if waiting:
+                try:  # calls whose first output never came stop waiting for it
+                    for c in calls_of(h):
+                        if c[15] is None and c[14] is not None:
+                            _AWAIT.pop(c[14], None)
+                except Exception:
+                    hooks._hook_failed("ASGI response")
+            h[8] = errors[0] - h[8]
+            # Last: once the export thread sees the end time, the record is complete.
+            h[3] = t_end
 
     kvprof_asgi.__kvprof_asgi__ = True  # type: ignore[attr-defined]
     return kvprof_asgi
@@ -191,92 +189,102 @@ def starlette_build_middleware_stack(wrapped: Callable[..., Any]) -> hooks.Probe
 
 
 # -- AsyncLLM ----------------------------------------------------------------------------------
-def _arg_index(func: Callable[..., Any], name: str) -> int | None:
-    """Position of parameter ``name`` in func's call (self excluded), None if absent."""
+def _on_add_request(request_id: str, params: Any, trace_headers: Any) -> None:
     try:
-        params = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index(name) - 1 if name in params else None
+        t = time_ns()
+        try:
+            kvp = params.extra_args  # SamplingParams; PoolingParams have none
+        except AttributeError:
+            kvp = None
+        if kvp:
+            # The request's own dict, read by the export thread once the record is out:
+            # the API server does not change it after add_request.
+            kvp = kvp.get("kv_transfer_params")
+        tp = None
+        if trace_headers and isinstance(trace_headers, dict):
+            tp = trace_headers.get(_TRACEPARENT)
+        h = _HTTP.get()
+        if h is None or h[3] is not None:  # no HTTP request around it, or one that ended
+            c = [API, None, None, None, None, None, None, None, 0,
+                 request_id, t, kvp, tp, None, None, None, True]
+            _CALL.set(c)
+        elif h[9] is None:  # the HTTP request's first call: into its record
+            h[9], h[10], h[11] = request_id, t, kvp
+            h[12] = h[6] if tp is None else tp
+        else:
+            c = [None, None, None, None, None, None, None, None, 0,
+                 request_id, t, kvp, h[6] if tp is None else tp, None, None, None, True]
+            h.append(c)
+            _CALL.set(c)
+    except Exception:
+        hooks._hook_failed("AsyncLLM.add_request")
 
 
 def async_llm_add_request(wrapped: Callable[..., Any]) -> hooks.Probe:
-    # Resolved once: vLLM versions differ in the positions of these parameters.
-    i_params = _arg_index(wrapped, "params")
-    i_trace = _arg_index(wrapped, "trace_headers")
-
-    # A plain function returning AsyncLLM's own coroutine (awaited by the caller): no
-    # coroutine frame of ours per request. It runs in the caller's task, so the contextvar
-    # it sets is the one add_request_async sees.
-    def add_request(self, request_id, *args, **kwargs):
-        try:
-            t = time_ns()
-            params = kwargs.get("params")
-            if params is None and i_params is not None and len(args) >= i_params:
-                params = args[i_params - 1]
-            headers = kwargs.get("trace_headers")
-            if headers is None and i_trace is not None and len(args) >= i_trace:
-                headers = args[i_trace - 1]
-            h = _HTTP.get()
-            c = _Call(request_id, t, params,
-                      headers.get(_TRACEPARENT) if isinstance(headers, dict) else None, h)
-            if h is not None:
-                h.calls.append(c)
-            _CALL.set(c)
-        except Exception:
-            hooks._hook_failed("AsyncLLM.add_request")
-        return wrapped(self, request_id, *args, **kwargs)
-    return _as_coroutine_function(add_request)
+    # The recording runs in the task that awaits add_request (first thing in the copy's
+    # coroutine; in a probe, before it returns AsyncLLM's coroutine), so the contextvar it
+    # sets is the one add_request_async sees.
+    return method_probe(
+        wrapped, _on_add_request, (("request_id", 1), ("params", 3), ("trace_headers", None)))
 
 
-def _as_coroutine_function(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep ``inspect.iscoroutinefunction`` true for a probe that returns the original's
-    coroutine (code that checks it before awaiting sees what it saw before)."""
-    mark = getattr(inspect, "markcoroutinefunction", None)  # Python >= 3.12
-    if mark is not None:
-        return mark(func)
-    func._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
-    return func
+def _on_handoff(request: Any) -> None:
+    try:
+        # The call is the HTTP record's own while the record holds no other (this task
+        # made it: a call comes before its hand-off). Else the one this task made: a call
+        # with a list of its own set _CALL in its task, while the record's own call sets
+        # nothing, so the task that made that one sees _CALL unset (a task starts with a
+        # copy of its parent's context).
+        h = _HTTP.get()
+        if h is not None and h[3] is None and len(h) == 17:
+            c = h
+        else:
+            c = _CALL.get()
+            if c is None and h is not None and h[3] is None:
+                c = h
+        if c is not None and c[9] is not None and c[13] is None:
+            # the first hand-off of the call (n > 1 makes several)
+            c[13] = time_ns()
+            c[14] = rid = request.request_id
+            aw = _AWAIT
+            aw[rid] = c
+            if len(aw) > _AWAIT_LIMIT:
+                for old in list(aw)[: _AWAIT_LIMIT // 2]:
+                    del aw[old]
+            tp = c[12]
+            if tp and not getattr(request, "trace_headers", None):
+                # AsyncLLM drops trace headers unless vLLM's own tracing is on; the
+                # EngineCore needs them so its spans join the caller's trace.
+                request.trace_headers = {_TRACEPARENT: tp}
+    except Exception:
+        hooks._hook_failed("EngineCoreClient.add_request_async")
 
 
 def core_client_add_request_async(wrapped: Callable[..., Any]) -> hooks.Probe:
-    def add_request_async(self, request, *args, **kwargs):
-        try:
-            c = _CALL.get()
-            if c is not None and c.t_handoff is None:
-                c.t_handoff = time_ns()
-                c.internal = request.request_id
-                aw = _AWAIT
-                aw[c.internal] = c
-                if len(aw) > _AWAIT_LIMIT:
-                    for rid in list(aw)[: _AWAIT_LIMIT // 2]:
-                        del aw[rid]
-                tp = c.traceparent or (c.http.traceparent if c.http else None)
-                if tp and not getattr(request, "trace_headers", None):
-                    # AsyncLLM drops trace headers unless vLLM's own tracing is on; the
-                    # EngineCore needs them so its spans join the caller's trace.
-                    request.trace_headers = {_TRACEPARENT: tp}
-        except Exception:
-            hooks._hook_failed("EngineCoreClient.add_request_async")
-        return wrapped(self, request, *args, **kwargs)
-    return _as_coroutine_function(add_request_async)
+    return method_probe(wrapped, _on_handoff, (("request", 1),))
+
+
+def _on_outputs(engine_core_outputs: Any) -> None:
+    try:
+        aw = _AWAIT
+        t = time_ns()
+        for o in engine_core_outputs:
+            c = aw.pop(o.request_id, None)
+            if c is not None:
+                tokens = o.new_token_ids
+                if not tokens and o.finish_reason is None:
+                    aw[o.request_id] = c  # not an output yet (no token, not finished)
+                    continue
+                c[15] = t
+                c[16] = True if tokens else False
+                if c[1] is None and c[0] is not None:
+                    # No HTTP response around it to wait for (Dynamo, LLM): out now.
+                    hooks._EMIT(c)
+    except Exception:
+        hooks._hook_failed("OutputProcessor.process_outputs")
 
 
 def output_processor_process_outputs(wrapped: Callable[..., Any]) -> hooks.Probe:
-    def process_outputs(self, engine_core_outputs, *args, **kwargs):
-        aw = _AWAIT
-        if aw:  # only while some request waits for its first output
-            try:
-                t = time_ns()
-                for o in engine_core_outputs:
-                    c = aw.get(o.request_id)
-                    if c is not None and (o.new_token_ids or o.finish_reason is not None):
-                        del aw[o.request_id]
-                        c.t_first_output = t
-                        c.ok = bool(o.new_token_ids)
-                        if c.http is None:  # no HTTP response to wait for (Dynamo, LLM)
-                            _emit_call(c)
-            except Exception:
-                hooks._hook_failed("OutputProcessor.process_outputs")
-        return wrapped(self, engine_core_outputs, *args, **kwargs)
-    return process_outputs
+    # Called every engine step: the outputs are looked at only while some request waits
+    # for its first one (the truth of _AWAIT, the first test in the hooked function).
+    return method_probe(wrapped, _on_outputs, (("engine_core_outputs", 1),), only_if=_AWAIT)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvprof import semconv
+from kvprof.probes import api_hooks as A
 from kvprof.probes import events as ev
 from kvprof.probes.ids import effective_trace, external_request_id, span_id_for
 
@@ -86,6 +87,9 @@ class ProcessFacts:
     layers: int | None = None
     forced_role: str = "auto"
     static_attrs: dict[str, Any] = field(default_factory=dict)
+    # Roles this engine's requests played (from their kv_transfer_params): what an engine
+    # configured kv_both (NVIDIA Dynamo starts every worker so) really is.
+    observed_roles: set[str] = field(default_factory=set)
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -109,6 +113,8 @@ class SpanAssembler:
         self._handshakes: dict[str, tuple[int, int, bool]] = {}
         self._done_loads: list[_Load] = []
         self._traces: dict[str, str] = {}  # worker: request id -> traceparent to join
+        # API server: HTTP records (api_hooks) emitted on arrival, until their response ends.
+        self._api_open: list[list] = []
         self._out: list[SpanRecord] = []
 
     # -- public -----------------------------------------------------------------------------
@@ -122,6 +128,8 @@ class SpanAssembler:
         if self._done_loads and events:
             self._release_loads(max(e[2] if len(e) > 2 and isinstance(e[2], int) else 0
                                     for e in events))
+        if self._api_open:
+            self._close_api_records()
         return self._take()
 
     def _release_loads(self, now_ns: int, final: bool = False) -> None:
@@ -240,6 +248,7 @@ class SpanAssembler:
             r.core_arrive = t
             r.prompt_tokens = prompt
             r.params = params
+            self._observe(params)
             r.traceparent = e[6] if len(e) > 6 else None
             if r.traceparent:
                 # A model runner in this same process (one-GPU topology) joins it too.
@@ -279,6 +288,7 @@ class SpanAssembler:
             if rid not in self._loads:
                 self._loads[rid] = _Load(rid, t, blocks, remote_req, remote_engine,
                                          remote_host, handshake)
+                self.facts.observed_roles.add(semconv.ROLE_DECODE)
         elif kind == ev.LOAD_DONE:
             load = self._loads.pop(e[1], None)
             if load is not None:
@@ -290,7 +300,7 @@ class SpanAssembler:
         elif kind == ev.LEASE_EXPIRED:
             self._on_lease_expired(*e[1:])
         elif kind == ev.API:
-            self._on_api(*e[1:])
+            self._on_api_event(e)
         elif kind == ev.HANDSHAKE:
             self._handshakes[e[1]] = (e[2], e[3], e[4])
         elif kind == ev.XFER_STATS:
@@ -474,11 +484,58 @@ class SpanAssembler:
                           "worker(s) read it")
 
     # -- API-server spans ---------------------------------------------------------------------
+    def _on_api_event(self, e: list) -> None:
+        """A record of api_hooks: an HTTP request, kept until its response has ended (its end
+        time is the hooks' last write to it), or a call with no HTTP response around it,
+        complete when it comes."""
+        if e[A.T_RECV] is not None:
+            self._api_open.append(e)
+        else:
+            self._api_calls(e, None)
+
+    def _close_api_records(self) -> None:
+        """Spans of the HTTP requests whose responses have ended since the last look."""
+        still = []
+        for h in self._api_open:
+            if h[A.T_END] is None:
+                still.append(h)
+                continue
+            try:
+                xid = h[A.XID]
+                http = (h[A.T_RECV], h[A.T_FIRST_BYTES], h[A.T_END],
+                        599 if h[A.ENGINE_ERRORS] else h[A.STATUS],
+                        xid.decode("latin-1") if isinstance(xid, bytes) else xid, h[A.PATH])
+                self._api_calls(h, http)
+            except Exception:  # a malformed record must not stop the others
+                log.debug("kvprof: could not apply API record %r", h[:4], exc_info=True)
+        self._api_open = still
+
+    def _api_calls(self, record: list, http: tuple | None) -> None:
+        for c in A.calls_of(record):
+            kvp = c[A.KV_PARAMS]
+            self._on_api(c[A.RID], c[A.T_INPUT], c[A.T_HANDOFF], c[A.T_FIRST_OUTPUT], c[A.OK],
+                         c[A.INTERNAL], kvp if isinstance(kvp, dict) else None,
+                         c[A.TRACEPARENT], http)
+
+    def api_in_flight(self) -> list[str]:
+        """Request ids (or client ids) of the HTTP requests the API server was serving when
+        its events were last fed (for crash reports)."""
+        out = []
+        for h in self._api_open:
+            if h[A.T_END] is None:
+                calls = A.calls_of(h)
+                out.extend(c[A.RID] for c in calls)
+                xid = h[A.XID]
+                if not calls and xid:
+                    out.append(xid.decode("latin-1") if isinstance(xid, bytes) else xid)
+        return out
+
     def _on_api(self, rid: str, t_input: int, t_handoff: int | None, t_first: int | None,
                 ok: bool, internal: str | None, params: dict | None, traceparent: str | None,
                 http: tuple | None) -> None:
         """The frontend's legs of one request, children of the engine's request span."""
         p = params or {}
+        self._observe(p)
         role = self._api_role(p)
         key, trace_id, top, _ = _request_ids(rid, role, p, traceparent)
         a = self._base_attrs(role, internal or rid)
@@ -495,9 +552,10 @@ class SpanAssembler:
         error = ("the response stream ended with an error event" if status == 599 else
                  f"HTTP {status}" if status is not None and int(status) >= 400 else
                  "no output from the EngineCore" if not ok else None)
-        # The prefill engine's answer to the router is its whole response; everywhere else
-        # the first bytes are what the client is waiting for.
-        answered = t_end if role == semconv.ROLE_PREFILL else (t_bytes or t_end)
+        # When the answer's first bytes went to the server: for the prefill engine's one-message
+        # JSON answer that is the whole response (the app returns a moment later, possibly
+        # after the router has read it), for a stream the first token's event.
+        answered = t_bytes or t_end
         child = [(semconv.SPAN_API_INPUT, t_recv, t_input),
                  (semconv.SPAN_API_TO_CORE, t_input, t_handoff),
                  (semconv.SPAN_API_WAIT, t_handoff, t_first),
@@ -507,6 +565,11 @@ class SpanAssembler:
         if t_recv is not None:
             self._child(semconv.SPAN_API_REQUEST, trace_id, top, t_recv, t_end, dict(a), key,
                         error=error if failed else None)
+
+    def _observe(self, params: dict | None) -> None:
+        if params and (params.get("do_remote_decode") or params.get("do_remote_prefill")):
+            self.facts.observed_roles.add(semconv.ROLE_PREFILL if params.get("do_remote_decode")
+                                          else semconv.ROLE_DECODE)
 
     def _api_role(self, params: dict) -> str:
         if self.facts.forced_role in (semconv.ROLE_PREFILL, semconv.ROLE_DECODE):

@@ -27,9 +27,8 @@ DESERIALIZE = 25  # (DESERIALIZE, req, t0, t1, nbytes, tokens)
 LEASE_EXPIRED = 26  # (LEASE_EXPIRED, req, t, retrieved_by): prefill released unpulled KV
 REQ_TRACE = 27  # (REQ_TRACE, req, traceparent): the trace a request's worker-side spans join
 # API-server process (vLLM's OpenAI frontend, or a Dynamo worker hosting AsyncLLM)
-# (API, request_id, t_input, t_handoff, t_first_output, ok, internal_id, kv_params,
-#  traceparent, http): http is None outside an HTTP server, else (t_recv, t_first_bytes,
-#  t_end, status, x_request_id, path).
+# One list per HTTP request (or per engine call outside one), emitted when it starts and
+# filled in place until its end time is set; positions and meaning in api_hooks' docstring.
 API = 30
 # Process facts (rare)
 CONNECTOR = 40  # (CONNECTOR, class_name, profile, kv_role, engine_id)

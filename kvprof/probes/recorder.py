@@ -53,9 +53,12 @@ def k8s_attributes() -> dict[str, str]:
 
 
 def engine_role(config: ProbeConfig, facts: ProcessFacts) -> str:
-    """prefill / decode from the CLI, else from the connector's kv_role, else aggregated."""
+    """prefill / decode from the CLI, else from what the engine's requests did (kv_both
+    engines, as NVIDIA Dynamo starts them), else the connector's kv_role, else aggregated."""
     if config.role in semconv.ROLES:
         return config.role
+    if len(facts.observed_roles) == 1:
+        return next(iter(facts.observed_roles))
     if facts.kv_role == "kv_producer":
         return semconv.ROLE_PREFILL
     if facts.kv_role == "kv_consumer":
@@ -105,6 +108,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._stats_written: tuple = (-1, -1, (), "")
         self._open_at_exit: list[str] = []
+        self._resource: tuple | None = None  # (attributes key, Resource), rebuilt on change
         self._clean_exit = False
         self._pid = os.getpid()  # a forked child inherits this object (and its atexit entry)
         self._closed = False
@@ -206,8 +210,13 @@ class Recorder:
 
         try:
             exporter = self._ensure_exporter()
-            resource = Resource.create(resource_attributes(self.config, self.facts))
-            result = exporter.export(to_readable_spans(records, resource))
+            attrs = resource_attributes(self.config, self.facts)
+            key = tuple(sorted(attrs.items()))
+            if self._resource is None or self._resource[0] != key:
+                # Resource(...), not Resource.create(): no detectors, whose thread pool
+                # cannot start at interpreter exit, when the final flush runs.
+                self._resource = (key, Resource(attrs))
+            result = exporter.export(to_readable_spans(records, self._resource[1]))
             ok = result == SpanExportResult.SUCCESS
         except Exception as exc:  # an exporter must never take the engine down
             ok = False
@@ -227,9 +236,8 @@ class Recorder:
     def _stats_key(self) -> tuple:
         # vLLM renames its processes (VLLM::Worker) after the probes start: the name is
         # part of the key so a crash report names the process as ps would.
-        from kvprof.probes.api_hooks import in_flight
-
-        open_now = sorted({*self.assembler.open_requests(), *in_flight()})[:50]
+        open_now = sorted({*self.assembler.open_requests(),
+                           *self.assembler.api_in_flight()})[:50]
         return self.exported, self.dropped, tuple(open_now), lifecycle.process_name()
 
     def write_stats(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
 import pytest
 
@@ -25,6 +26,8 @@ sys.path.insert(0, str(E.REPO / "demo"))
 import router  # noqa: E402
 
 NIXL = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu"}
+BF16_PROMPTS = ("The prefill engine computes the KV cache of the prompt. " * 4,
+                "The decode engine pulls the KV cache over NIXL and generates tokens. " * 3)
 
 
 def test_the_quirk_is_recognised_on_the_command_line_we_would_run(tiny_model):
@@ -55,9 +58,15 @@ def test_bf16_nixl_pair_serves_and_transfers(tmp_path, tiny_model):
             E.wait_ready(proc, port, tmp_path / f"{side}.log")
         srv, _ = router.serve_in_thread(*(f"127.0.0.1:{p}" for p in ports))
         try:
-            answers = [E.complete(srv.server_address[1], "The prefill engine computes the KV "
-                                  "cache of the prompt. " * 4, 8, f"bf16-{i}", stream=i == 1,
-                                  watch=procs) for i in range(2)]
+            # Two different prompts: a repeated one would hit the decode engine's own
+            # prefix cache, and its KV would (rightly) not be pulled a second time.
+            answers = [E.complete(srv.server_address[1], prompt, 8, f"bf16-{i}",
+                                  stream=i == 1, watch=procs)
+                       for i, prompt in enumerate(BF16_PROMPTS)]
+            # A finished transfer waits up to 1 s for NIXL's stats before its span goes out
+            # (assembler.STATS_WAIT_NS), then the next 0.5 s flush: past both, so the spans
+            # do not depend on the exit flush alone (as in test_pd_vllm).
+            time.sleep(2.5)
         finally:
             router.stop_router(srv)
     finally:
@@ -66,4 +75,4 @@ def test_bf16_nixl_pair_serves_and_transfers(tmp_path, tiny_model):
     from .test_pd_vllm import load_spans
 
     names = [s["name"] for s in load_spans(traces)]
-    assert names.count(semconv.SPAN_KV_TRANSFER) == 2
+    assert names.count(semconv.SPAN_KV_TRANSFER) == 2, sorted(set(names))
