@@ -231,10 +231,12 @@ class RouterHandler(BaseHTTPRequestHandler):
                 first = True
                 while chunk := resp.read1(65536):
                     t_read = time_ns()
-                    self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+                    t_write = time_ns()
+                    self.wfile.write(framed)
                     self.wfile.flush()
                     if first:
-                        self._first_byte(ctx, t_read, attrs)
+                        self._first_byte(ctx, t_read, t_write, attrs)
                         first = False
                 self.wfile.write(b"0\r\n\r\n")
             else:
@@ -243,9 +245,10 @@ class RouterHandler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 sent_headers = True
+                t_write = time_ns()
                 self.wfile.write(data)
                 self.wfile.flush()
-                self._first_byte(ctx, t_read, attrs)
+                self._first_byte(ctx, t_read, t_write, attrs)
             return resp.status
         except OSError as exc:
             log.warning("decode server failed: %s", exc)
@@ -260,11 +263,14 @@ class RouterHandler(BaseHTTPRequestHandler):
             d_span.end(end_time=time_ns())
             conn.close()
 
-    def _first_byte(self, ctx: Any, t_read: int, attrs: dict) -> None:
-        """first decode bytes read -> written to the client: the router's last leg."""
+    def _first_byte(self, ctx: Any, t_read: int, t_write: int, attrs: dict) -> None:
+        """first decode bytes read -> handed to the socket for the client: the router's last
+        leg. It ends when the write starts, not when it returns: the client, on another core,
+        can read the bytes before ``write`` returns here, and the client's first byte must
+        never come before the router's."""
         self.telemetry.tracer.start_span(semconv.SPAN_ROUTER_FIRST_BYTE, context=ctx,
                                          start_time=t_read, attributes=attrs).end(
-            end_time=time_ns())
+            end_time=t_write)
 
 
 def make_router(prefill_url: str, decode_url: str, host: str = "127.0.0.1", port: int = 0,
