@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -273,15 +274,49 @@ class RouterHandler(BaseHTTPRequestHandler):
             end_time=t_write)
 
 
+class RouterServer(ThreadingHTTPServer):
+    """A threading HTTP server whose close waits, bounded, for the requests in flight.
+
+    The client has its answer before the handler ends its spans (the decode call and the
+    request span end after the last write), so closing at once and then shutting the tracer
+    down would drop the spans of the last request. Handler threads stay daemons so that a
+    hung upstream never keeps the process alive; ``drain_s`` bounds the wait.
+    """
+
+    daemon_threads = True
+    drain_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handlers: set[threading.Thread] = set()
+        self._handlers_lock = threading.Lock()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        me = threading.current_thread()
+        with self._handlers_lock:
+            self._handlers.add(me)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._handlers_lock:
+                self._handlers.discard(me)
+
+    def server_close(self) -> None:
+        super().server_close()
+        deadline = time.monotonic() + self.drain_s
+        with self._handlers_lock:
+            running = list(self._handlers)
+        for t in running:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 def make_router(prefill_url: str, decode_url: str, host: str = "127.0.0.1", port: int = 0,
                 telemetry: RouterTelemetry | None = None) -> ThreadingHTTPServer:
     """A router server bound to host:port (0 = any free port); call serve_forever() on it."""
     handler = type("BoundRouterHandler", (RouterHandler,),
                    {"prefill": Upstream(prefill_url), "decode": Upstream(decode_url),
                     "telemetry": telemetry or RouterTelemetry()})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return RouterServer((host, port), handler)
 
 
 def serve_in_thread(prefill_url: str, decode_url: str, port: int = 0,

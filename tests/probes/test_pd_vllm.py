@@ -204,8 +204,8 @@ def test_nixl_every_request_is_one_trace_from_the_router_to_the_first_token(nixl
     routed = [t for t in traces.values()
               if any(s["name"] == semconv.SPAN_ROUTER_REQUEST for s in t)
               and any(s["name"] == semconv.SPAN_PREFILL for s in t)]
-    assert len(routed) == len(PROMPTS), sorted({s["attrs"].get("kvprof.request_id")
-                                                for s in spans})
+    assert len(routed) == len(PROMPTS), sorted(
+        {(s["name"], str(s["attrs"].get(semconv.ATTR_REQUEST_ID))) for s in spans})
     ordered = sorted(routed, key=lambda t: min(s["start"] for s in t))
     for i, trace in enumerate(ordered):
         names = [s["name"] for s in trace]
