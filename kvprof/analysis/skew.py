@@ -10,11 +10,22 @@ offset is added to its raw timestamps to put them on the reference clock:
   router -> client) happen in that order; a request that goes to another host and comes
   back bounds the pair from both sides.
 
-Per pair of hosts the estimate is the middle of the feasible interval [max lower, min upper]
-(NTP's symmetric-slack assumption); with only lower bounds, the smallest shift that satisfies
-them (0 when none is violated). Offsets spread from the reference host (the first prefill
-host, by name) along a maximum spanning tree: two-sided pairs first, then the pairs with the
-most constraints.
+Per pair of hosts, from the feasible interval [max lower, min upper]:
+
+* 0 when 0 lies inside it: the raw clocks break no causal rule of the pair, so nothing proves
+  them apart, and clusters keep their clocks in sync (NTP, PTP). The slack of a pair is rarely
+  symmetric (a frontend's way back includes its own processing), so a midpoint here would
+  invent a skew of half that difference (2.4 ms on one machine in the demo's Dynamo run);
+* the middle of the interval when 0 lies outside it (NTP's symmetric-slack assumption: the
+  clocks are proven apart, by how much is unknown); with bounds on one side only, the
+  smallest shift that satisfies them;
+* when the bounds contradict each other (lower > upper: a timestamp that is not what its
+  rule assumes, say a frontend's TTFT taken from a later start on its first request), the
+  shift that breaks the bounds by the least in total, nearest 0: one odd constraint then
+  moves nothing, where the middle of a contradictory interval would move everything.
+
+Offsets spread from the reference host (the first prefill host, by name) along a maximum
+spanning tree: two-sided pairs first, then the pairs with the most constraints.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 CONSTRAINT_COLUMNS = ("rule", "key", "a", "b", "lo_ns", "hi_ns")
@@ -86,6 +98,47 @@ def _violations(cons: pd.DataFrame, offsets: dict[str, float]) -> pd.DataFrame:
     return cons[mask].assign(by_ms=by[mask] / 1e6).sort_values("by_ms", ascending=False)
 
 
+NO_SKEW = "0 is feasible: no correction"
+MIDPOINT = "middle of the interval"
+ONE_SIDED = "smallest shift that satisfies the bounds"
+LEAST_BROKEN = "bounds contradict: least total violation"
+
+
+def pair_estimate(low: float, high: float, lows: np.ndarray, highs: np.ndarray
+                  ) -> tuple[float, str]:
+    """offset(y) - offset(x) for one pair of clocks, and how it was chosen (module
+    docstring). ``low``/``high``: the interval; ``lows``/``highs``: every bound (+-inf where a
+    constraint has none)."""
+    if math.isfinite(low) and math.isfinite(high) and low > high:
+        return _least_violation(lows, highs), LEAST_BROKEN
+    if low <= 0.0 <= high:
+        return 0.0, NO_SKEW
+    if math.isfinite(low) and math.isfinite(high):
+        return (low + high) / 2, MIDPOINT
+    return (low if math.isfinite(low) else high), ONE_SIDED
+
+
+def _least_violation(lows: np.ndarray, highs: np.ndarray) -> float:
+    """The shift d minimising sum(max(0, lo - d)) + sum(max(0, d - hi)), nearest 0 among
+    the minimisers. The sum is convex and piecewise linear with its corners at the bounds,
+    so its minimisers form an interval whose ends are bounds: evaluating it at every bound
+    and at 0 finds the one nearest 0."""
+    import numpy as np
+
+    lo = np.sort(lows[np.isfinite(lows)])
+    hi = np.sort(highs[np.isfinite(highs)])
+    cand = np.unique(np.concatenate([lo, hi, [0.0]]))
+    # sum over lo > d of (lo - d), and over hi < d of (d - hi), for every candidate at once.
+    lo_suffix = np.concatenate([np.cumsum(lo[::-1])[::-1], [0.0]])
+    hi_prefix = np.concatenate([[0.0], np.cumsum(hi)])
+    above = np.searchsorted(lo, cand, side="right")  # first lo > d
+    below = np.searchsorted(hi, cand, side="left")  # hi < d: hi[:below]
+    cost = ((lo_suffix[above] - cand * (len(lo) - above))
+            + (cand * below - hi_prefix[below]))
+    best = cost <= cost.min() + 1e-6 * max(1.0, abs(cost.min()))  # ns-scale rounding
+    return float(cand[best][np.argmin(np.abs(cand[best]))])
+
+
 def estimate_skew(cons: pd.DataFrame, reference: str | None) -> SkewResult:
     """Estimate per-clock offsets from a constraint table (columns CONSTRAINT_COLUMNS)."""
     result = SkewResult(reference=reference, constraints=int(len(cons)))
@@ -113,26 +166,22 @@ def estimate_skew(cons: pd.DataFrame, reference: str | None) -> SkewResult:
     table = pd.DataFrame({"x": np.where(flip, b, a), "y": np.where(flip, a, b),
                           "lo": np.where(flip, -hi_raw, lo_raw),
                           "hi": np.where(flip, -lo_raw, hi_raw)})
-    pairs = table.groupby(["x", "y"]).agg(lo=("lo", "max"), hi=("hi", "min"), n=("lo", "size"))
+    groups = table.groupby(["x", "y"])
+    pairs = groups.agg(lo=("lo", "max"), hi=("hi", "min"), n=("lo", "size"))
+    bounds = {(names[x], names[y]): (g["lo"].to_numpy(), g["hi"].to_numpy())
+              for (x, y), g in groups}
     pairs.index = pd.MultiIndex.from_tuples([(names[x], names[y]) for x, y in pairs.index],
                                             names=["x", "y"])
     delta: dict[tuple[str, str], float] = {}
     for (x, y), row in pairs.iterrows():
         low, high = float(row["lo"]), float(row["hi"])
-        if math.isfinite(high) and math.isfinite(low):
-            d = (low + high) / 2
-        elif math.isfinite(low):
-            d = max(low, 0.0)
-        elif math.isfinite(high):
-            d = min(high, 0.0)
-        else:
-            d = 0.0
+        d, method = pair_estimate(low, high, *bounds[(x, y)])
         delta[(x, y)] = d
         result.intervals.append({
             "clocks": [x, y], "lower_ms": low / 1e6 if math.isfinite(low) else None,
             "upper_ms": high / 1e6 if math.isfinite(high) else None,
             "estimate_ms": d / 1e6, "constraints": int(row["n"]),
-            "consistent": not (math.isfinite(high) and low > high),
+            "consistent": not (math.isfinite(high) and low > high), "method": method,
         })
     # Offsets spread from the reference along a maximum spanning tree: a pair bounded on both
     # sides (a request went there and came back) beats any one-sided pair, then the pair

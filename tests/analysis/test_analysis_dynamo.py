@@ -104,13 +104,18 @@ def test_dynamos_rust_spans_take_their_workers_clock():
     handles = spans[spans["name"] == sc.DYNAMO_HANDLE]
     assert set(handles["clock"].astype(str)) == set(
         spans.loc[spans["name"] == sc.SPAN_PREFILL, "clock"].astype(str))
-    # Without --one-clock only the frontend's offset is estimated (NTP midpoint of its calls
-    # to the workers and back): a fraction of a millisecond off, which can put a sub-ms leg
-    # out of order; what that leaves unaccounted stays small.
+    # Without --one-clock the frontend's offset is estimated from its calls to the workers
+    # and back. On one machine those bounds contradict each other by a fraction of a
+    # millisecond (the frontend's ttft_ms is not taken from its span's start), so the
+    # estimate breaks them least, not their midpoint (which put the frontend 2.4 ms off in a
+    # demo run and broke 46 constraints instead of 1); the client is not moved at all.
     bd = build_breakdown(spans, load_aiperf_records(RUN / "aiperf"))
     req = bd.requests[~bd.requests["warmup"]]
-    assert set(bd.skew.offsets_ms if hasattr(bd.skew, "offsets_ms") else
-               bd.skew.offsets_ns) >= {"dynamo-frontend"}
-    assert abs(bd.skew.offsets_ns["dynamo-frontend"]) < 2e6
-    assert req["unaccounted_ms"].mean() < 0.05 * req["ttft_ms"].mean()
+    skew = bd.skew.to_dict()
+    assert set(skew["offsets_ms"]) == {"vm", "dynamo-frontend", "client"}
+    assert abs(skew["offsets_ms"]["dynamo-frontend"]) < 0.5
+    assert abs(skew["offsets_ms"]["client"] - skew["offsets_ms"]["dynamo-frontend"]) < 1e-9
+    assert skew["worst_residual_ms"] < 0.5
     assert (req[LEG + "kv.transfer.end"].notna()).all()
+    for _, level in req.groupby("concurrency"):
+        assert abs(level["unaccounted_ms"].mean()) <= 0.05 * level["ttft_ms"].mean()
