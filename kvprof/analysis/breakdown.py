@@ -32,6 +32,7 @@ from kvprof.analysis import legs as lg
 from kvprof.analysis.arrowops import fast_isin
 from kvprof.analysis.join import SOURCE_ID, SOURCE_SPANS, SOURCE_WINDOW, join_aiperf
 from kvprof.analysis.keys import assign_request_keys
+from kvprof.analysis.propagation import client_hop, hop_table
 from kvprof.analysis.skew import CONSTRAINT_COLUMNS, SkewResult, estimate_skew
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ class RequestBreakdown:
     requests: pd.DataFrame
     skew: SkewResult
     notes: list[str] = field(default_factory=list)
+    # Per hop (client -> router -> engines): how the request's trace and ids crossed it
+    # (kvprof.analysis.propagation).
+    propagation: list[dict] = field(default_factory=list)
 
     def leg_columns(self) -> list[str]:
         """The leg columns present, in path order (disaggregated chain first)."""
@@ -157,6 +161,12 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     notes.extend(keys.notes)
     key = keys.codes
     n_keys = len(keys.labels)
+    router_label = ("Dynamo frontend" if (names == sc.DYNAMO_HTTP_REQUEST).any() else "router")
+    hops, hop_notes = hop_table(
+        pd.factorize(spans["trace_id"])[0], key,
+        {"router": side == SIDE_ROUTER, "prefill": side == SIDE_PREFILL,
+         "decode": side == SIDE_DECODE, "aggregated": side == SIDE_AGGREGATED}, router_label)
+    notes.extend(hop_notes)
     role = spans["role"].astype(object).to_numpy() if "role" in spans else np.full(
         len(spans), None, dtype=object)
     slot_codes, slot_names = pd.factorize(_slots(spans, names, key, role))
@@ -197,6 +207,7 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
         client = join_aiperf(ids, pd.Series(np.where(np.isfinite(raw_first), raw_first + base,
                                                      np.nan)), aiperf)
         notes.extend(client.notes)
+        hops.insert(0, client_hop(client.source, SOURCE_ID, SOURCE_WINDOW, router_label))
     else:
         notes.append("No aiperf records given: TTFT is the traced path's own envelope (first "
                      "to last milestone), which misses the client's legs.")
@@ -275,7 +286,8 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     if skipped:
         notes.append(f"{skipped} requests have neither an aiperf TTFT nor two milestones; "
                      "they are left out of the percentiles.")
-    return RequestBreakdown(requests=req.reset_index(), skew=skew, notes=notes)
+    return RequestBreakdown(requests=req.reset_index(), skew=skew, notes=notes,
+                            propagation=hops)
 
 
 def _slot_matrices(key, slot, n_slots, n_keys, start, end, clock) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_kvprof
 
 from kvprof import semconv as sc
 from kvprof.analysis.breakdown import (
@@ -131,6 +132,33 @@ def test_clock_skew_estimate_and_residuals(bd):
     assert skew["residual_violations"] == 0
 
 
+def test_pair_estimate_moves_a_clock_only_as_far_as_causality_proves():
+    import numpy as np
+
+    from kvprof.analysis import skew as sk
+
+    ms = 1e6
+    # 0 inside the interval: the raw clocks break nothing, however lopsided the slack
+    # (0.2 ms out, 5 ms back): no shift, where a midpoint would invent 2.4 ms.
+    lows, highs = np.array([-0.2 * ms, -np.inf]), np.array([np.inf, 5 * ms])
+    assert sk.pair_estimate(-0.2 * ms, 5 * ms, lows, highs) == (0.0, sk.NO_SKEW)
+    # Proven apart (40 ms skew, 21 ms of slack): the middle of what is feasible.
+    assert sk.pair_estimate(-60 * ms, -39 * ms, np.array([-60 * ms]), np.array([-39 * ms])
+                            ) == (-49.5 * ms, sk.MIDPOINT)
+    assert sk.pair_estimate(3 * ms, np.inf, np.array([3 * ms]), np.array([np.inf])
+                            ) == (3 * ms, sk.ONE_SIDED)
+    # Contradictory: one odd lower bound of 4.7 ms against 50 upper bounds near 0.1 ms. The
+    # shift breaking the bounds least stays at the majority's edge.
+    lows = np.r_[4.7 * ms, np.full(50, -0.5 * ms)]
+    highs = np.r_[np.inf, np.linspace(0.1, 3, 50) * ms]
+    d, how = sk.pair_estimate(lows.max(), highs.min(), lows, highs)
+    assert how == sk.LEAST_BROKEN and d == pytest.approx(0.1 * ms)
+    # Contradiction spread evenly: nearest 0 among the equally good shifts.
+    d, _ = sk.pair_estimate(1 * ms, -1 * ms, np.array([1 * ms, -np.inf]),
+                            np.array([np.inf, -1 * ms]))
+    assert d == 0.0
+
+
 def test_full_path_every_leg_is_traced_and_nothing_is_unaccounted(full):
     req = full.requests.set_index("key")
     assert len(req) == 24
@@ -173,10 +201,106 @@ def test_proxy_forwarding_only_x_request_id_still_joins(tmp_path):
     router_traces = set(spans.loc[spans["name"] == sc.SPAN_ROUTER_REQUEST, "trace_id"])
     engine_traces = set(spans.loc[spans["name"] == sc.SPAN_PREFILL, "trace_id"])
     assert not router_traces & engine_traces  # no traceparent reached the engines
-    req = build_breakdown(spans, load_aiperf_records(sc_.aiperf)).requests
+    bd_ = build_breakdown(spans, load_aiperf_records(sc_.aiperf))
+    req = bd_.requests
     assert len(req) == 24
     assert req[LEG + "router.recv"].notna().all()
     assert req["unaccounted_ms"].abs().max() < 0.01
+    # The report says where the trace was lost: both router hops, by id only, every request.
+    hops = {h["hop"]: h for h in bd_.propagation}
+    for hop in ("router -> prefill engine", "router -> decode engine"):
+        assert (hops[hop]["same_trace"], hops[hop]["joined_by_id_only"]) == (0, 24)
+    assert hops["prefill engine -> decode engine"]["same_trace"] == 22  # 2 broken on purpose
+    assert any(n.startswith("router -> prefill engine: 24 of 24 request(s) kept their ids "
+                            "but not their trace") for n in bd_.notes)
+    assert not any("Propagation broke" in n for n in bd_.notes)
+
+
+def _drop_context_to_decode(traces, rename):
+    """Rewrite the decode engines' spans as a proxy that forwarded nothing would leave them:
+    a trace of their own, vLLM's own request id, no X-Request-Id, no remote request id."""
+    for path in traces.glob("decode-*.jsonl"):
+        docs = [json.loads(line) for line in path.read_text().splitlines()]
+        for doc in docs:
+            for rs in doc["resourceSpans"]:
+                for ss in rs["scopeSpans"]:
+                    for span in ss["spans"]:
+                        span["traceId"] = rename(span["traceId"])
+                        if span["name"] == sc.SPAN_DECODE:  # its parent was the caller's
+                            span.pop("parentSpanId", None)
+                        attrs = []
+                        for a in span.get("attributes", []):
+                            if a["key"] in (sc.ATTR_REMOTE_REQUEST_ID, *sc.X_REQUEST_ID_KEYS):
+                                continue
+                            if a["key"] == sc.ATTR_REQUEST_ID:
+                                a = {"key": a["key"], "value": {"stringValue": "cmpl-own-"
+                                     + rename(a["value"]["stringValue"])[:12]}}
+                            attrs.append(a)
+                        span["attributes"] = attrs
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+def test_the_report_names_the_hop_that_dropped_every_id(tmp_path):
+    import hashlib
+
+    sc_ = write_scenario(tmp_path, ScenarioSpec(full_path=True), samples=False)
+    _drop_context_to_decode(sc_.traces, lambda v: hashlib.md5(v.encode()).hexdigest())
+    bd_ = build_breakdown(load_spans(sc_.traces).spans, load_aiperf_records(sc_.aiperf))
+    hops = {h["hop"]: h for h in bd_.propagation}
+    pd_hop = hops["prefill engine -> decode engine"]
+    assert (pd_hop["same_trace"], pd_hop["joined_by_id_only"]) == (0, 0)
+    assert (pd_hop["upstream_without_downstream"], pd_hop["downstream_without_upstream"]) == (
+        24, 24)
+    assert hops["router -> prefill engine"]["same_trace"] == 24  # the first hop was fine
+    broke = [n for n in bd_.notes if n.startswith("Propagation broke at ")]
+    assert any(n.startswith("Propagation broke at prefill engine -> decode engine: 24 "
+                            "prefill engine request(s) found no decode engine request; 24 "
+                            "decode engine request(s) found no prefill engine request") and
+               "kv_transfer_params" in n for n in broke)
+    assert any(n.startswith("Propagation broke at router -> decode engine") for n in broke)
+    # The decode side's rows stand alone: 24 joined requests plus 24 orphans.
+    assert len(bd_.requests) == 48
+    assert hops["client -> router"]["joined_by_id_only"] == 24
+    assert hops["client -> router"]["downstream_without_upstream"] == 24
+
+
+def test_propagation_in_the_report(tmp_path, golden):
+    out = tmp_path / "r.md"
+    r = run_kvprof("report", "--traces", golden.traces, "--aiperf", golden.aiperf,
+                   "--format", "md", "--out", out)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "## Trace propagation, hop by hop" in text
+    assert ("| prefill engine -> decode engine | kv_transfer_params (traceparent, "
+            "remote_request_id) | 24 | 22 | 2 | 0 | 0 |") in text
+
+
+def test_a_transfer_whose_lease_expired_is_reported_failed(tmp_path):
+    """The prefill worker's kv.lease_expired span (its NIXL send lease ran out before the
+    decode side read the KV) turns that request's transfer into a failure, with the reason,
+    even though the decode side's kv.transfer span ended normally."""
+    sc_ = write_scenario(tmp_path, ScenarioSpec(), samples=False)
+    spans = load_spans(sc_.traces).spans
+    victim = spans[(spans["name"] == sc.SPAN_PREFILL)].iloc[5]
+    t = int(victim["end_ns"])
+    doc = {"resourceSpans": [{"resource": {"attributes": [
+        {"key": sc.RES_SERVICE_NAME, "value": {"stringValue": "vllm-prefill"}},
+        {"key": sc.RES_HOST_NAME, "value": {"stringValue": "gpu-node-2"}}]},
+        "scopeSpans": [{"spans": [{
+            "traceId": victim["trace_id"], "spanId": "00000000000fee01",
+            "parentSpanId": victim["span_id"], "name": sc.SPAN_KV_LEASE_EXPIRED,
+            "startTimeUnixNano": str(t), "endTimeUnixNano": str(t),
+            "status": {"code": 2, "message": "NIXL send lease expired"},
+            "attributes": [
+                {"key": sc.ATTR_REQUEST_ID, "value": {"stringValue": victim["request_id"]}},
+                {"key": sc.ATTR_ROLE, "value": {"stringValue": sc.ROLE_PREFILL}},
+                {"key": sc.ATTR_FAILURE, "value": {"stringValue": "lease_expired"}}]}]}]}]}
+    (sc_.traces / "prefill-worker.jsonl").write_text(json.dumps(doc) + "\n")
+    req = build_breakdown(load_spans(sc_.traces).spans,
+                          load_aiperf_records(sc_.aiperf)).requests.set_index("key")
+    status = req["transfer_status"]
+    assert status[victim["request_id"]].startswith("lease expired: ")
+    assert (status.drop(victim["request_id"]) == "ok").all()
 
 
 def test_percentile_view_uses_nearest_rank(bd):

@@ -297,7 +297,7 @@ EXPECTED = ("an OTLP/JSON ExportTraceServiceRequest ({\"resourceSpans\": [...]},
 
 SPAN_HINT = ("Each span needs a traceId of 32 hex digits, a spanId of 16, and "
              "startTimeUnixNano <= endTimeUnixNano in nanoseconds since the epoch (the rules "
-             "are in kvprof/analysis/otlp.py).")
+             "are in kvprof/analysis/loaders/otlp.py).")
 
 
 def _load_file(path: Path, cols: _Columns, formats: set[str],

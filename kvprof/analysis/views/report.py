@@ -12,6 +12,7 @@ from typing import Any
 
 from kvprof import semconv as sc
 from kvprof.analysis.breakdown import LEG, PHASES, UNACCOUNTED, build_breakdown, leg_order
+from kvprof.analysis.legs import STAGES
 from kvprof.analysis.views.render import (
     NO_DATA,
     esc,
@@ -151,6 +152,7 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
                                 if len(done) and done["dynamo_ttft_ms"].notna().any() else None),
     }
     data["skew"] = bd.skew.to_dict()
+    data["propagation"] = bd.propagation
     data["percentiles"] = percentile_view(req)
     data["legs"] = leg_stats(req)
     data["levels"] = level_view(req)
@@ -263,8 +265,11 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
     view = data["percentiles"]
     stages = list(dict.fromkeys(k for v in view for k in v["stages_ms"] if k != UNACCOUNTED))
     # Stages as rows, percentiles as columns: stays narrow however long the request ids are.
+    dynamo = any(v.get("dynamo_ttft_ms") is not None for v in view)
     t["percentiles"] = (["", *[f"p{v['percentile']}" for v in view]],
                         [["TTFT ms", *[v["ttft_ms"] for v in view]],
+                         *([["Dynamo frontend's ttft_ms (not stacked)",
+                             *[v.get("dynamo_ttft_ms") for v in view]]] if dynamo else []),
                          *[[p, *[v["stages_ms"].get(p) for v in view]]
                            for p in [*stages, UNACCOUNTED]],
                          ["kv.hold ms (overlaps, not stacked)", *[v["kv_hold_ms"] for v in view]],
@@ -277,13 +282,16 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
                  [[x["label"], x["stage"], x["count"], x["mean_ms"], x["p50_ms"], x["p99_ms"],
                    x["max_ms"], fmt(100 * x["share_of_ttft"]) if x["share_of_ttft"] is not None
                    else None] for x in data["legs"]])
+    dyn_levels = any(lv.get("dynamo_ttft_mean_ms") is not None for lv in data["levels"])
     t["levels"] = (["concurrency", "requests", "TTFT mean ms", "TTFT p99 ms",
+                    *(["Dynamo ttft_ms mean"] if dyn_levels else []),
                     "unaccounted mean ms", "unaccounted % of TTFT", "largest stage"],
                    [[lv["concurrency"], lv["requests"], lv["ttft_mean_ms"], lv["ttft_p99_ms"],
+                     *([lv.get("dynamo_ttft_mean_ms")] if dyn_levels else []),
                      lv["unaccounted_mean_ms"],
                      fmt(100 * lv["unaccounted_share"]) if lv["unaccounted_share"] is not None
                      else None,
-                     next((f"{k} ({fmt(v)} ms)" for k, v in lv["stages_ms"].items()
+                     next((f"{STAGES.get(k, k)} ({fmt(v)} ms)" for k, v in lv["stages_ms"].items()
                            if k != UNACCOUNTED), None)] for lv in data["levels"]])
     t["phases"] = (["phase", "requests", "mean ms", "p50 ms", "p99 ms", "max ms"],
                    [[s["phase"], s["count"], s["mean_ms"], s["p50_ms"], s["p99_ms"],
@@ -295,13 +303,22 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
                     p["first_handshake_ms"], p["steady_ttft_ms"], _steady_handshake(p),
                     p["steady_transfer_ms"], sig(p["median_transfer_gbps"])]
                    for p in data["pairs"]])
+    t["propagation"] = (
+        ["hop", "should carry", "requests", "same trace", "joined by id only",
+         "upstream found no partner", "downstream found no partner"],
+        [[h["hop"], h["carries"], h["requests"],
+          "n/a" if h["same_trace"] is None else h["same_trace"],
+          h["joined_by_id_only"] + h.get("joined_by_time_window", 0),
+          "n/a" if h["upstream_without_downstream"] is None else h["upstream_without_downstream"],
+          h["downstream_without_upstream"]] for h in data.get("propagation", [])])
     skew = data["skew"]
     t["skew"] = (["clock (node/host)", "offset applied ms"],
                  [[k, v] for k, v in skew["offsets_ms"].items()])
     t["skew_pairs"] = (["clocks (A -> B)", "offset(B) - offset(A): lower ms", "upper ms",
-                        "estimate ms", "constraints", "consistent"],
+                        "estimate ms", "constraints", "consistent", "estimate from"],
                        [[" -> ".join(i["clocks"]), i["lower_ms"], i["upper_ms"],
-                         i["estimate_ms"], i["constraints"], i["consistent"]]
+                         i["estimate_ms"], i["constraints"], i["consistent"],
+                         i.get("method")]
                         for i in skew["pair_intervals"]])
     if "links" in data:
         t["links"] = (["path seen on counters", "transfers", "links", "median ms",
@@ -390,6 +407,7 @@ def render_markdown(report: Report) -> str:
                 ("Every leg of TTFT, in path order", "legs"),
                 ("Each span on its own", "phases"),
                 ("First contact vs steady state per pair", "pairs"),
+                ("Trace propagation, hop by hop", "propagation"),
                 ("Clock skew (offsets added to each clock)", "skew"),
                 ("Skew bounds per pair of clocks", "skew_pairs"),
                 ("Links during transfer windows", "links"),
@@ -443,6 +461,13 @@ def render_html(report: Report) -> str:
                      "side's handshake and transfer); the legs above do not.</p>"))
     block = html_img(p["ttft_by_pair"], "TTFT per pair") if "ttft_by_pair" in p else ""
     sections.append(("First contact vs steady state per pair", block + html_table(*t["pairs"])))
+    if t["propagation"][1]:
+        sections.append(("Trace propagation, hop by hop", html_table(*t["propagation"])
+                         + "<p class=\"note\">Per hop: requests whose two sides share a "
+                         "trace (traceparent forwarded), those joined by a request id only, "
+                         "and sides that found no partner (that hop dropped both; the "
+                         "notes name it). For the client, joined by id counts aiperf records "
+                         "matched by X-Request-Id (or by time window).</p>"))
     sk = d["skew"]
     empty = _empty_sentences(d)
     sections.append(("Clock skew", html_table(*t["skew"], empty=empty["skew"])

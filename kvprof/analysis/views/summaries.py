@@ -53,6 +53,7 @@ def percentile_view(req: pd.DataFrame, pcts: tuple[int, ...] = (50, 90, 99)) -> 
         row = done.iloc[nearest_rank(done["ttft_ms"], p)]
         out.append({"percentile": p, "key": row["key"], "pair": row["pair"],
                     "ttft_ms": float(row["ttft_ms"]), "ttft_source": row["ttft_source"],
+                    "dynamo_ttft_ms": _num(row.get("dynamo_ttft_ms")),
                     "first_contact": bool(row["first_contact"]), "legs_ms": legs_of(row),
                     "stages_ms": stages_of(row),
                     "unaccounted_detail": row.get("unaccounted_detail"),
@@ -150,8 +151,11 @@ def level_view(req: pd.DataFrame) -> list[dict]:
             continue
         ttft = float(grp["ttft_ms"].mean())
         unacc = float(grp["unaccounted_ms"].fillna(0).mean())
+        dyn = grp["dynamo_ttft_ms"].dropna() if "dynamo_ttft_ms" in grp else grp["ttft_ms"][:0]
         out.append({"concurrency": name, "requests": int(len(grp)), "ttft_mean_ms": ttft,
                     "ttft_p99_ms": float(grp["ttft_ms"].quantile(0.99)),
+                    # NVIDIA Dynamo's frontend's own TTFT (its ttft_ms), beside the client's
+                    "dynamo_ttft_mean_ms": float(dyn.mean()) if len(dyn) else None,
                     "unaccounted_mean_ms": unacc,
                     "unaccounted_share": unacc / ttft if ttft else None,
                     "stages_ms": stage_means(grp)})
