@@ -31,12 +31,16 @@ log = logging.getLogger("kvprof.demo.procs")
 # vLLM's API server forwards SIGTERM to its engine core and worker; 30 s covers a slow flush of
 # the probes' trace files on two busy cores before we stop asking politely.
 STOP_GRACE_S = 30.0
-# After a failure everything must be down within 30 s of it: a shorter, shared grace.
-FAILURE_GRACE_S = 10.0
+# After a failure everything must be down within 30 s of it. A hang is the slowest case:
+# HEALTH_GRACE_S without a 200, one last HEALTH_TIMEOUT_S probe, WATCH_INTERVAL_S until the
+# watchdog looks again, then FAILURE_GRACE_S (shared by every process) before SIGKILL:
+# 16 + 3 + 1 + 8 = 28 s. A death is seen within WATCH_INTERVAL_S: down within 9 s.
+FAILURE_GRACE_S = 8.0
 WATCH_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 3.0
 # A 2-core machine under load has starved an engine's API server for over 15 s without
 # anything being wrong; this long without a 200 (and still running) is a hang.
-HEALTH_GRACE_S = 20.0
+HEALTH_GRACE_S = 16.0
 # Lines of a log that say why a process died (kvprof attach's crash report first).
 _FATAL = re.compile(r"kvprof: .*died from|Fatal Python error|died unexpectedly|"
                     r"\b[A-Z][A-Za-z]*Error\b|ERROR|Traceback|Killed|Segmentation fault|"
@@ -111,15 +115,10 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def describe_death(self) -> str:
-        tail = log_tail(self.log_path)
-        return f"{self.name} exited with code {self.popen.returncode}" + (
-            f"; last lines of {self.log_path}:\n{tail}" if tail else ""
-        )
-
     def failure(self, stage: str, what: str) -> DemoProcessError:
-        """The one-line error (and its fatal log lines) for this process failing a stage."""
-        lines = fatal_lines(self.log_path)
+        """The one-line error (and its fatal log lines) for this process failing a stage;
+        without fatal lines, the last lines of its log."""
+        lines = fatal_lines(self.log_path) or log_tail(self.log_path, 8).splitlines()
         crash = next((ln.removeprefix("kvprof: ") for ln in lines if "died from" in ln), None)
         head = f"{self.name} (pid {self.pid}) {what} during '{stage}'" + (
             f"; {crash}" if crash else "")
@@ -338,6 +337,22 @@ class ProcessManager:
         if self.failure_error is not None:
             raise self.failure_error
 
+    def fail(self, proc: ManagedProcess, what: str) -> DemoProcessError:
+        """Record proc's failure (the first one wins) and return it: stop_all then gives every
+        process the short FAILURE_GRACE_S."""
+        with self._watch_lock:
+            if self.failure_error is None:
+                self.failure_error = proc.failure(self.stage, what)
+                self._failed.set()
+        return self.failure_error
+
+    def dead(self, procs: Sequence[ManagedProcess], what: str = "") -> None:
+        """Raise for the first of procs that has exited (its exit status or signal, and
+        ``what`` it was doing, e.g. " before it was ready")."""
+        for proc in procs:
+            if not proc.alive():
+                raise self.fail(proc, exit_description(proc.popen.returncode) + what)
+
     def _watch_loop(self) -> None:
         while not self._failed.is_set():
             with self._watch_lock:
@@ -347,14 +362,12 @@ class ProcessManager:
                 if not proc.alive():
                     what = exit_description(proc.popen.returncode)
                 elif url is not None:
-                    if http_ok(url, timeout_s=3.0):
+                    if http_ok(url, timeout_s=HEALTH_TIMEOUT_S):
                         self._last_ok[proc] = time.monotonic()
                     elif time.monotonic() - self._last_ok[proc] > HEALTH_GRACE_S:
                         what = f"stopped answering {url} for {HEALTH_GRACE_S:.0f} s"
                 if what is not None and proc in self._watched:
-                    self.failure_error = proc.failure(self.stage, what)
-                    self._failed.set()
-                    log.error("%s", self.failure_error.message.splitlines()[0])
+                    log.error("%s", self.fail(proc, what).message.splitlines()[0])
                     return
             self._failed.wait(WATCH_INTERVAL_S)
 
@@ -370,12 +383,7 @@ class ProcessManager:
         start = time.monotonic()
         while True:
             self.check()
-            if not proc.alive():
-                raise DemoProcessError(
-                    proc.describe_death(),
-                    hint=f"See {proc.log_path}; a second engine on the same cores or too little "
-                         "free memory are the usual causes here.",
-                )
+            self.dead([proc], " before it was ready")
             if http_ok(url):
                 return time.monotonic() - start
             waited = time.monotonic() - start

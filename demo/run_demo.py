@@ -333,6 +333,10 @@ class Demo:
 
     def _wait_ready(self, procs: list[tuple[ManagedProcess, str]], what: str) -> float:
         start = time.monotonic()
+        for proc, _ in procs:
+            # Each exit is noticed while any of them is still starting (the decode engine
+            # may die while the wait is on the prefill one).
+            self.pm.watch(proc)
         with self.console.waiting(f"starting {what}") as status:
             for proc, url in procs:
                 self.pm.wait_http_ok(
@@ -381,9 +385,9 @@ class Demo:
         deadline = time.monotonic() + 60
         while not ready.exists():
             self.pm.check()
-            if not proc.alive() or time.monotonic() > deadline:
-                raise DemoStepError(proc.describe_death() if not proc.alive() else
-                                    "the OTLP receiver did not start within 60 s",
+            self.pm.dead([proc], " before it was ready")
+            if time.monotonic() > deadline:
+                raise DemoStepError("the OTLP receiver did not start within 60 s",
                                     hint=f"See {proc.log_path}.")
             time.sleep(0.2)
         self.pm.watch(proc)

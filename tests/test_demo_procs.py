@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -252,18 +253,66 @@ def test_watchdog_fails_the_stage_when_a_watched_process_dies(tmp_path: Path) ->
     assert pm.running() == []
 
 
-def test_watchdog_fails_on_a_process_that_stops_answering_health(tmp_path: Path,
-                                                                 monkeypatch) -> None:
+def test_a_hung_server_stops_everything_within_30_s(tmp_path: Path) -> None:
+    """A real HTTP server that answers /health, then hangs (SIGSTOP: alive, silent, deaf to
+    SIGTERM): with the demo's own limits the stage fails and every process is gone within
+    30 s of the hang, the hung one by SIGKILL after the short failure grace."""
     import demo.procs as procs
 
-    monkeypatch.setattr(procs, "HEALTH_GRACE_S", 1.5)
+    port = free_port()
     pm = ProcessManager(tmp_path)
     pm.stage = "Aggregated deployment under load"
-    hung = pm.start("vllm-agg", [sys.executable, "-c", "import time; time.sleep(600)"])
-    pm.watch(hung, f"http://127.0.0.1:{free_port()}/health")  # nobody answers there
-    with pytest.raises(DemoProcessError, match=r"vllm-agg \(pid \d+\) stopped answering"):
-        pm.wait_exit(hung, timeout_s=60)
-    pm.stop_all()
+    code = ("import http.server; http.server.ThreadingHTTPServer(('127.0.0.1', "
+            f"{port}), http.server.SimpleHTTPRequestHandler).serve_forever()")
+    server = pm.start("vllm-agg", [sys.executable, "-c", code], cwd=tmp_path)
+    load = pm.start("aiperf-c1", [sys.executable, "-c", "import time; time.sleep(600)"])
+    url = f"http://127.0.0.1:{port}/"
+    pm.wait_http_ok(server, url, timeout_s=30)
+    pm.watch(server, url)
+    pm.watch(load)
+    time.sleep(2 * procs.WATCH_INTERVAL_S)  # answered at least once while watched
+    hung_at = time.monotonic()
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DemoProcessError) as err:
+            pm.wait_exit(load, timeout_s=120)
+        detected = time.monotonic() - hung_at
+        pm.stop_all()
+        down = time.monotonic() - hung_at
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGKILL)
+    head = err.value.message.splitlines()[0]
+    assert head.startswith(f"vllm-agg (pid {server.pid}) stopped answering {url} for 16 s "
+                           "during 'Aggregated deployment under load'"), head
+    # Counted from the last answer, which came up to one watch interval before the hang.
+    grace, interval = procs.HEALTH_GRACE_S, procs.WATCH_INTERVAL_S
+    assert grace - 2 * interval <= detected <= grace + procs.HEALTH_TIMEOUT_S + 2 * interval
+    assert down < 30, f"everything down {down:.1f} s after the hang"
+    assert pm.running() == [] and server.popen.returncode == -signal.SIGKILL
+
+
+def test_a_death_while_another_process_starts_fails_the_wait_at_once(tmp_path: Path) -> None:
+    """Two engines starting: the second dies (SIGILL) while the wait is on the first, which
+    never answers. The wait ends within seconds naming the dead one, not after a timeout."""
+    pm = ProcessManager(tmp_path)
+    pm.stage = "Disaggregated deployment under the same load"
+    slow = pm.start("vllm-prefill", [sys.executable, "-c", "import time; time.sleep(600)"])
+    dies = pm.start("vllm-decode", [sys.executable, "-c",
+                                    "import os, signal, time; time.sleep(1); "
+                                    "os.kill(os.getpid(), signal.SIGILL)"])
+    pm.watch(slow)
+    pm.watch(dies)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DemoProcessError) as err:
+            pm.wait_http_ok(slow, f"http://127.0.0.1:{free_port()}/health", timeout_s=300)
+    finally:
+        pm.stop_all()
+    assert time.monotonic() - started < 10
+    assert err.value.message.startswith(f"vllm-decode (pid {dies.pid}) died from SIGILL during "
+                                        "'Disaggregated deployment under the same load'")
+    assert pm.running() == []
 
 
 def test_exit_descriptions() -> None:

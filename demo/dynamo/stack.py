@@ -142,11 +142,14 @@ def worker_argv(cfg: StackConfig, spec: WorkerSpec) -> list[str]:
     return argv
 
 
-def attach_argv(cfg: StackConfig, inner: Sequence[str], service_name: str) -> list[str]:
-    """`kvprof attach --exporter file` around a worker, from the same venv as the worker."""
+def attach_argv(cfg: StackConfig, inner: Sequence[str], service_name: str,
+                role: str | None = None) -> list[str]:
+    """`kvprof attach --exporter file` around a process of the stack, from its venv. The
+    frontend (Rust, no vLLM) gets no probe spans from it, but what attach reports of any
+    process it runs: a death by a signal, with the Python stack where it happened."""
     return [str(cfg.python), "-m", "kvprof", "attach", "--exporter", "file",
             "--output", str(cfg.trace_dir), "--service-name", service_name,
-            "--role", cfg.attach_role, "--", *inner]
+            "--role", role or cfg.attach_role, "--", *inner]
 
 
 # -- environments --------------------------------------------------------------------------------
@@ -223,9 +226,7 @@ class Stack:
         return [self.frontend, *self.workers.values()]
 
     def check_alive(self) -> None:
-        for proc in self.processes():
-            if not proc.alive():
-                raise DemoProcessError(proc.describe_death(), hint=f"See {proc.log_path}.")
+        self.manager.dead(self.processes())
 
     def stop(self) -> None:
         self.manager.stop_all()
@@ -247,16 +248,14 @@ def _log_has(path: Path, needle: str) -> bool:
         return False
 
 
-def _wait(procs: Iterable[ManagedProcess], ready, what: str, timeout_s: float) -> float:
-    """Poll ready() until true; fail fast with the log tail when any process exits."""
+def _wait(manager: ProcessManager, procs: Iterable[ManagedProcess], ready, what: str,
+          timeout_s: float) -> float:
+    """Poll ready() until true; fail fast, naming the process, its exit status or signal and
+    its fatal log lines, when any process exits."""
     procs = list(procs)
     start = time.monotonic()
     while True:
-        for proc in procs:
-            if not proc.alive():
-                raise DemoProcessError(
-                    f"while waiting for {what}: " + proc.describe_death(),
-                    hint=f"See {proc.log_path}.")
+        manager.dead(procs, f" while waiting for {what}")
         if ready():
             return time.monotonic() - start
         if time.monotonic() - start > timeout_s:
@@ -285,7 +284,10 @@ def start_stack(cfg: StackConfig, manager: ProcessManager | None = None,
     http_port = cfg.http_port or free_port()
     t0 = time.monotonic()
     try:
-        frontend = manager.start("dynamo-frontend", frontend_argv(cfg, http_port),
+        argv = frontend_argv(cfg, http_port)
+        if cfg.attach:
+            argv = attach_argv(cfg, argv, "dynamo-frontend", role="auto")
+        frontend = manager.start("dynamo-frontend", argv,
                                  env=common_env(cfg, "dynamo-frontend"), cwd=REPO)
         workers: dict[str, ManagedProcess] = {}
         for spec in worker_specs(cfg.mode):
@@ -297,11 +299,11 @@ def start_stack(cfg: StackConfig, manager: ProcessManager | None = None,
         stack = Stack(cfg, manager, frontend, workers, http_port)
         everyone = stack.processes()
         stack.startup_s["models"] = _wait(
-            everyone, lambda: SERVED_MODEL_NAME in _models(stack.base_url),
+            manager, everyone, lambda: SERVED_MODEL_NAME in _models(stack.base_url),
             f"{SERVED_MODEL_NAME!r} in {stack.base_url}/v1/models", timeout_s)
         if cfg.mode == "disagg":
             stack.startup_s["prefill_router"] = _wait(
-                everyone, lambda: _log_has(frontend.log_path, PREFILL_READY_LINE),
+                manager, everyone, lambda: _log_has(frontend.log_path, PREFILL_READY_LINE),
                 f"{PREFILL_READY_LINE!r} in {frontend.log_path}", timeout_s)
         stack.startup_s["total"] = time.monotonic() - t0
         return stack

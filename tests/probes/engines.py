@@ -152,8 +152,8 @@ def wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: float
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n"
-                               + log_path.read_text(errors="replace")[-4000:])
+            raise EngineDied(_death(proc) + " before it was ready; its log ends:\n"
+                             + log_path.read_text(errors="replace")[-4000:])
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:

@@ -22,7 +22,8 @@ PROMPT = "The prefill engine computes the KV cache of the prompt and hands it ov
 
 @pytest.fixture(scope="module")
 def engine(tiny_model, tmp_path_factory):
-    """One API server for the module: (port, {"Worker": pid, "EngineCore": pid})."""
+    """One API server for the module: (port, {"Worker": pid, "EngineCore": pid}, its
+    process: requests watch it, so a dying engine fails them at once)."""
     import psutil
 
     log = tmp_path_factory.mktemp("pyspy-engine") / "server.log"
@@ -37,7 +38,7 @@ def engine(tiny_model, tmp_path_factory):
                 if title.startswith(f"VLLM::{role}"):
                     pids[role] = child.pid
         assert set(pids) == {"Worker", "EngineCore"}, "no VLLM::Worker / VLLM::EngineCore"
-        yield port, pids
+        yield port, pids, proc
     finally:
         stop(proc)
 
@@ -58,7 +59,7 @@ def share(thread: dict, phase: str) -> float:
 
 
 def test_idle_engine_waits_for_work_on_every_thread(engine, tmp_path):
-    _, pids = engine
+    _, pids, _ = engine
     worker = attach(pids["Worker"], tmp_path / "worker", duration=2)
     main, *others = worker["threads"]
     assert main["main"] and main["name"] == "MainThread"
@@ -76,7 +77,7 @@ def test_idle_engine_waits_for_work_on_every_thread(engine, tmp_path):
 
 
 def test_busy_worker_shows_model_forward_on_its_main_thread(engine, tmp_path):
-    port, pids = engine
+    port, pids, proc = engine
     stop_stream = threading.Event()
     served: list[int] = []
     errors: list[BaseException] = []
@@ -85,7 +86,7 @@ def test_busy_worker_shows_model_forward_on_its_main_thread(engine, tmp_path):
         n = 0
         while not stop_stream.is_set():
             try:
-                complete(port, PROMPT, 32, f"spy-{k}-{n}")
+                complete(port, PROMPT, 32, f"spy-{k}-{n}", watch=[proc])
             except Exception as exc:  # noqa: BLE001 - reported by the test below
                 errors.append(exc)
                 return
@@ -96,7 +97,7 @@ def test_busy_worker_shows_model_forward_on_its_main_thread(engine, tmp_path):
     for c in clients:
         c.start()
     try:
-        complete(port, PROMPT, 4, "spy-warm")  # the stream is flowing before sampling
+        complete(port, PROMPT, 4, "spy-warm", watch=[proc])  # the stream is flowing before sampling
         worker = attach(pids["Worker"], tmp_path / "busy", duration=3)
     finally:
         stop_stream.set()
