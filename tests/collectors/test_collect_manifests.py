@@ -100,12 +100,19 @@ def test_dynamo_overlay_injects_probes_into_seed_workers():
         spec = dgd["spec"]["services"][service]["extraPodSpec"]
         main = spec["mainContainer"]
         seed_main = seed["spec"]["services"][service]["extraPodSpec"]["mainContainer"]
-        # the worker itself is unmodified: same image, command and vLLM arguments, plus
-        # vLLM's own tracing flag (components/dynamo-tracing; tests/test_manifests_tracing.py)
-        for key in ("image", "command", "workingDir"):
-            assert main[key] == seed_main[key]
-        assert main["args"] == [*seed_main["args"], "--otlp-traces-endpoint",
-                                "$(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"]
+        # the worker itself is the seed's: same command and vLLM arguments, moved to the
+        # Dynamo runtime that exports spans (components/dynamo-runtime: image, examples
+        # folder, 1.6.1's role flags; their parsing is tested in tests/dynamo), plus vLLM's
+        # own tracing flag (components/dynamo-tracing; tests/test_manifests_tracing.py)
+        assert main["command"] == seed_main["command"]
+        assert seed_main["image"].endswith(":0.5.0")
+        assert main["image"] == seed_main["image"].replace(":0.5.0", ":1.6.1")
+        assert main["workingDir"] == "/workspace/examples/backends/vllm"
+        seed_args = [a for a in seed_main["args"] if a != "--is-prefill-worker"]
+        assert main["args"] == [*seed_args, "--disaggregation-mode", role,
+                                "--kv-transfer-config",
+                                '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
+                                "--otlp-traces-endpoint", "$(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"]
         (init,) = spec["initContainers"]
         assert {m["mountPath"] for m in init["volumeMounts"]} == {"/kvprof"}
         assert "/opt/kvprof/site" in " ".join(init["command"])
@@ -124,11 +131,16 @@ def test_dynamo_overlay_injects_probes_into_seed_workers():
                         "containers": [{**main, "name": "main"}],
                         "volumes": spec["volumes"]}}
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
-    # the frontend gets only tracing env (components/dynamo-tracing), no probes
+    # the frontend gets only tracing env (components/dynamo-tracing), no probes, and the
+    # runtime the workers run
     frontend = dgd["spec"]["services"]["Frontend"]
-    env_names = {e["name"] for e in frontend["extraPodSpec"]["mainContainer"].pop("env")}
+    main = frontend["extraPodSpec"]["mainContainer"]
+    env_names = {e["name"] for e in main.pop("env")}
     assert "OTEL_EXPORT_ENABLED" in env_names and "KVPROF_ENABLED" not in env_names
-    assert frontend == seed["spec"]["services"]["Frontend"]
+    assert main.pop("image").endswith("vllm-runtime:1.6.1")
+    seed_frontend = seed["spec"]["services"]["Frontend"]
+    del seed_frontend["extraPodSpec"]["mainContainer"]["image"]
+    assert frontend == seed_frontend
 
 
 def test_dockerfile_has_no_torch():

@@ -19,6 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from probes import engines as E  # noqa: E402
+
 from demo.dynamo import stack as st  # noqa: E402
 from demo.procs import ProcessManager  # noqa: E402
 
@@ -161,6 +163,65 @@ def test_launcher_imports_dynamo_vllm_with_the_shim():
     assert info["vllm"].startswith("0.31") and info["ai-dynamo"] == "1.6.1"
 
 
+_PARSE_WORKER_ARGS = r"""
+import json, sys
+from demo.dynamo import shims
+shims.install()
+from dynamo.vllm.args import parse_args
+out = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    try:
+        cfg = parse_args(argv)
+    except SystemExit as exc:  # argparse: an unknown flag
+        out[name] = {"exit": exc.code}
+        continue
+    kv = cfg.engine_args.kv_transfer_config
+    out[name] = {"mode": cfg.disaggregation_mode.value, "connector": kv and kv.kv_connector}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.dynamo
+@needs_dynamo
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_cluster_overlay_worker_args_parse_in_dynamo_1_6_1(tiny_model):
+    """The dynamo-vllm overlay's worker arguments, as kubectl renders them, through Dynamo
+    1.6.1's own argument parsing: each worker gets its role and the NIXL connector, and the
+    seed's own prefill flag (0.5.0) is one 1.6.1 rejects (why components/dynamo-runtime)."""
+    import yaml
+
+    rendered = subprocess.run(["kubectl", "kustomize", str(REPO / "manifests/overlays/"
+                                                            "dynamo-vllm")],
+                              check=True, capture_output=True, text=True, timeout=60).stdout
+    (dgd,) = [d for d in yaml.safe_load_all(rendered) if d]
+    services = dgd["spec"]["services"]
+
+    # Qwen3-32B is not on this machine: the tiny model stands in; the kubelet expands $(VAR).
+    swap = {"Qwen/Qwen3-32B": str(tiny_model),
+            "$(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)": "http://127.0.0.1:4318/v1/traces"}
+
+    def local(args: list[str]) -> list[str]:
+        return [swap.get(a, a) for a in args]
+
+    argv = {role: local(services[svc]["extraPodSpec"]["mainContainer"]["args"])
+            for role, svc in (("prefill", "VllmPrefillWorker"), ("decode", "VllmDecodeWorker"))}
+    seed = yaml.safe_load((REPO / "manifests/overlays/dynamo-vllm/"
+                           "qwen32b-disagg-deployment.yaml").read_text())
+    argv["seed prefill"] = local(seed["spec"]["services"]["VllmPrefillWorker"][
+        "extraPodSpec"]["mainContainer"]["args"])
+    assert "--is-prefill-worker" in argv["seed prefill"]
+    for svc in services.values():
+        assert svc["extraPodSpec"]["mainContainer"]["image"].endswith("vllm-runtime:1.6.1")
+    out = subprocess.run([str(st.DYNAMO_PYTHON), "-c", _PARSE_WORKER_ARGS, json.dumps(argv)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    parsed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert parsed["prefill"] == {"mode": "prefill", "connector": "NixlConnector"}
+    assert parsed["decode"] == {"mode": "decode", "connector": "NixlConnector"}
+    assert parsed["seed prefill"] == {"exit": 2}
+    assert "unrecognized arguments: --is-prefill-worker" in out.stderr
+
+
 @pytest.mark.dynamo
 @needs_dynamo
 @pytest.mark.timeout(900)
@@ -179,10 +240,14 @@ def test_disagg_stack_under_kvprof_attach(tiny_model):
         cleanup.callback(lambda: print(f"Dynamo stack logs and traces: {work}"))
         cleanup.callback(manager.stop_all)
         stack = st.start_stack(cfg, manager, timeout_s=600)
-        answers = [st.stream_completion(stack.base_url, st.long_prompt(i), f"kvprof-test-{i}",
-                                        max_tokens=8) for i in range(n)]
-        again = st.stream_completion(stack.base_url, st.long_prompt(0), "kvprof-test-again",
-                                     max_tokens=8)
+        procs = [p.popen for p in stack.processes()]
+
+        def ask(i: int, rid: str):  # fails within a second when a process of the stack dies
+            return E.watched(lambda: st.stream_completion(stack.base_url, st.long_prompt(i),
+                                                          rid, max_tokens=8), procs)
+
+        answers = [ask(i, f"kvprof-test-{i}") for i in range(n)]
+        again = ask(0, "kvprof-test-again")
         ok, failed = st.wait_kv_transfers(stack.workers["decode"].log_path, n + 1,
                                           timeout_s=40)
         stack.check_alive()
