@@ -15,27 +15,41 @@ ExampleConnector pair all served fine. What the installed vLLM source shows:
   Linux only allows after the process asked for the XTILEDATA state
   (``arch_prctl(ARCH_REQ_XCOMP_PERM)``); an AMX instruction without that permission, or whose
   tile configuration is not loaded in the executing thread, raises #UD, i.e. SIGILL.
-* The CPUID test says nothing about that permission. Only the NIXL consumer crashes, on the
-  first attention call over KV written by NIXL, after NIXL/UCX started its own threads and
-  signal handling in the worker; the exact instruction could not be pinned down from the
-  Python source (it is inside the compiled kernels), so the workaround is what is known to
-  work on both kinds of CPU: serve in float16 (or pass a block size vLLM's AMX path does not
-  take, which the CPU backend does not allow).
+* The CPUID test says nothing about that permission, and the kernels do not ask for it: in
+  ``vllm/_C.abi3.so`` the AMX instantiations of ``cpu_attention::AttentionMainLoop`` (OpenMP
+  bodies) execute ``ldtilecfg`` directly, and the one ``arch_prctl`` request for XTILEDATA
+  (``syscall(158, 0x1023, 18)``) in that library sits inside the bundled oneDNN's
+  ``amx::is_available()``, which runs when oneDNN checks for its own AMX kernels. So vLLM's
+  attention relies on something else in the process having asked first. Inferred, not
+  observed: in the crashing worker nothing had, by the time of its first step over loaded
+  KV; a plain bf16 engine (its warm-up and matmuls go through oneDNN first) did. Ruled out
+  with strace on a non-AMX CPU: creating a NIXL agent with the UCX backend installs no
+  sigaltstack (a small one would make Linux refuse the permission with ENOSPC).
+* What could not be done here: run on an AMX CPU, so the order of first AMX uses in the
+  crashing worker is inferred, not observed. The workaround is what is known to work on
+  both kinds of CPU: serve in float16 (a block size vLLM's AMX path does not take is not an
+  option: the CPU backend wants multiples of 32).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 # The configuration the demo and the tests use on every x86-64 CPU, with or without AMX.
 PORTABLE_DTYPE = "float16"
 AMX_FLAG = "amx_tile"
+# Where /proc is (a container with the host's mounted elsewhere; `kvprof check --proc`).
+ENV_PROC = "KVPROF_PROC"
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The first CPU's flags (empty when /proc/cpuinfo is unreadable)."""
+def cpu_flags(cpuinfo: str | Path | None = None) -> set[str]:
+    """The first CPU's flags (empty when cpuinfo is unreadable); default
+    $KVPROF_PROC/cpuinfo, else /proc/cpuinfo."""
+    if cpuinfo is None:
+        cpuinfo = Path(os.environ.get(ENV_PROC) or "/proc") / "cpuinfo"
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
@@ -46,7 +60,7 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
-def has_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+def has_amx(cpuinfo: str | Path | None = None) -> bool:
     """Whether this CPU advertises AMX tiles (vLLM's CPU backend then picks AMX kernels)."""
     return AMX_FLAG in cpu_flags(cpuinfo)
 
@@ -61,17 +75,34 @@ class ServeConfig:
     connector: str | None = None
 
     def effective_dtype(self) -> str | None:
-        """--dtype, or the model's own dtype for auto (read from a local config.json)."""
+        """--dtype, or the model's own dtype for auto (its config.json: a local folder, or
+        the Hugging Face cache's copy of a hub id; None when neither is readable)."""
         if self.dtype and self.dtype != "auto":
             return _normal_dtype(self.dtype)
-        if self.model:
-            config = Path(self.model) / "config.json"
+        for config in _model_configs(self.model):
             try:
                 doc = json.loads(config.read_text())
             except (OSError, ValueError):
-                return None
+                continue
             return _normal_dtype(str(doc.get("torch_dtype") or doc.get("dtype") or ""))
         return None
+
+
+def _model_configs(model: str | None) -> list[Path]:
+    """Where a model's config.json can be without a download: the folder itself, or the
+    snapshots of a hub id ("Qwen/Qwen3-32B") in the Hugging Face cache."""
+    if not model:
+        return []
+    if Path(model).is_dir():
+        return [Path(model) / "config.json"]
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    snapshots = Path(hub) / ("models--" + model.replace("/", "--")) / "snapshots"
+    try:
+        return sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime,
+                      reverse=True)
+    except OSError:
+        return []
 
 
 def _normal_dtype(name: str) -> str:
@@ -88,8 +119,9 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def parse_serve_argv(argv: list[str]) -> ServeConfig:
-    """dtype, model, block size and KV connector from a vLLM/Dynamo worker command line."""
+def parse_serve_argv(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:
+    """dtype, model, block size and KV connector from a vLLM/Dynamo worker command line
+    (``env``: the environment it runs in, for Dynamo's DYN_CONNECTOR; default this one)."""
     block = _option(argv, "--block-size")
     kv = _option(argv, "--kv-transfer-config")
     connector = None
@@ -98,6 +130,12 @@ def parse_serve_argv(argv: list[str]) -> ServeConfig:
             connector = json.loads(kv).get("kv_connector")
         except (ValueError, AttributeError):
             connector = "NixlConnector" if "Nixl" in kv else None
+    else:
+        # Dynamo before 1.6 named connectors instead: --connector nixl, or DYN_CONNECTOR.
+        named = _option(argv, "--connector") or (os.environ if env is None else env).get(
+            "DYN_CONNECTOR", "")
+        if "nixl" in named.lower():
+            connector = "NixlConnector"
     model = _option(argv, "--model")
     if model is None and len(argv) > 2 and argv[1:3] == ["serve", argv[2]]:
         model = argv[2]  # `vllm serve MODEL`

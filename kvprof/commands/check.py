@@ -10,6 +10,9 @@ import typer
 def check(
     ctx: typer.Context,
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    proc: str = typer.Option(None, "--proc", help="Where /proc is, for the CPU flags (a "
+                             "container with the host's /proc mounted elsewhere); default "
+                             "$KVPROF_PROC, else /proc."),
 ) -> None:
     """Print versions (vLLM, NIXL, Dynamo, py-spy), CPU features and known problems.
 
@@ -17,8 +20,13 @@ def check(
     `kvprof check -- python -m vllm.entrypoints.openai.api_server --model M --dtype bfloat16
     --kv-transfer-config '{"kv_connector":"NixlConnector",...}'` warns on AMX CPUs.
     """
+    import os
+
+    from kvprof.cpu_quirks import ENV_PROC
     from kvprof.setup_check import render, run_checks
 
+    if proc:
+        os.environ[ENV_PROC] = proc
     args = list(ctx.args)
     if args and args[0] == "--":
         args = args[1:]
