@@ -3,13 +3,19 @@
 Prints figures measured side by side in one run. Goal (issue 9): <= 5 us per request.
 
 What runs is the frontend's request path with vLLM's call shapes: a real Starlette app (the
-ASGI layer vLLM's OpenAI server sits on) whose endpoint reads the JSON body, calls
-``AsyncLLM.add_request`` -> ``EngineCoreClient.add_request_async`` and streams
+ASGI layer vLLM's OpenAI server sits on) whose endpoint reads the headers vLLM 0.32's
+completions endpoint reads (content-type, endpoint-load-metrics-format, X-Request-Id, each
+through Starlette's Headers; without them the probe's own header scan would be charged for
+bringing the request's headers into the cache, which the real server does anyway), reads the
+JSON body, calls (with vLLM's msgspec types for the parameters, the EngineCore request and
+its outputs) ``AsyncLLM.add_request`` -> ``EngineCoreClient.add_request_async`` and streams
 ``max_tokens`` server-sent events, each after an ``OutputProcessor.process_outputs`` call
 with that token's output (AsyncLLM's output handler, one engine step per token, one request
 in the batch: a step's call is shared by every request in it, so with more requests the
-per-event cost of that hook divides among them). "on" is the same app with kvprof's ASGI
-wrapper outermost and the three hooks installed by the real installer
+per-event cost of that hook divides among them). The app's ``send`` is the bound method of a
+request-cycle object made per request, as uvicorn's ``RequestResponseCycle.send`` is. "on" is
+the same app with kvprof's ASGI wrapper outermost and the four hooks (add_request,
+add_request_async, process_outputs, the cycle's send) installed by the real installer
 (VllmInstrumentor._wrap), emitting into a deque that is emptied every 0.5 s (the recorder's
 flush interval) outside the timed blocks, as the recorder's export thread does (what the
 events hold stays alive until then, as in a server); "off" has none of it. Each request runs
@@ -50,7 +56,8 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from types import SimpleNamespace as NS
+
+import msgspec
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,6 +78,23 @@ HEADERS = [(b"host", b"prefill-0:8000"), (b"accept-encoding", b"gzip, deflate"),
 RAW_HEADERS = b"\r\n".join(k + b": " + v for k, v in HEADERS)
 
 
+# vLLM 0.32's request, output and sampling-parameter types are msgspec structs: the hooks read
+# their fields as such (slots, not an instance dict), with the fields the bench uses.
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    trace_headers: dict | None = None
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    new_token_ids: list
+    finish_reason: int | None = None
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, dict=True):
+    extra_args: dict | None = None
+
+
 def _engine_classes():
     """Two identical stand-ins (one gets probed), with vLLM 0.32's signatures."""
 
@@ -88,7 +112,7 @@ def _engine_classes():
                                   trace_headers=None, priority=0, data_parallel_rank=None,
                                   session_id=None, prompt_text=None, reasoning_ended=None,
                                   reasoning_parser_kwargs=None, kv_hints=None):
-                request = NS(request_id=request_id + "-0000abcd", trace_headers=None)
+                request = EngineCoreRequest(request_id=request_id + "-0000abcd")
                 await self.client.add_request_async(request)
                 return request
 
@@ -97,8 +121,14 @@ def _engine_classes():
                                 iteration_stats=None, weight_version=None):
                 return engine_core_outputs
 
+        class RequestResponseCycle:
+            """uvicorn's per-request object: the app's ``send`` is its bound method."""
+
+            async def send(self, message):
+                return None
+
         Engine.__name__ = Client.__name__ = Outputs.__name__ = name
-        return Engine, Client, Outputs
+        return Engine, Client, Outputs, RequestResponseCycle
 
     return make("Off"), make("On")
 
@@ -109,11 +139,20 @@ def _app(engine, outputs):
     from starlette.routing import Route
 
     async def completions(request):
+        # The headers vLLM 0.32's /v1/completions reads before it calls the engine:
+        # validate_json_request (content-type), create_completion's
+        # endpoint-load-metrics-format (absent: every header is compared) and
+        # _base_request_id (X-Request-Id), each a Starlette Headers.get.
+        headers = request.headers
+        if headers.get("content-type", "").lower().split(";", 1)[0] != "application/json":
+            raise ValueError("Unsupported Media Type")
+        headers.get("endpoint-load-metrics-format", "")
+        base_id = headers.get("X-Request-Id") or "x"
         body = await request.json()
-        params = NS(extra_args={"kv_transfer_params": body.get("kv_transfer_params")})
+        params = SamplingParams(extra_args={"kv_transfer_params": body.get("kv_transfer_params")})
         # As AsyncLLM.generate calls it.
         sent = await engine.add_request(
-            "cmpl-x-0", {"prompt": body["prompt"]}, params, lora_request=None,
+            f"cmpl-{base_id}-0", {"prompt": body["prompt"]}, params, lora_request=None,
             tokenization_kwargs=None, trace_headers=None, priority=0, data_parallel_rank=None,
             session_id=None, kv_hints=None, prompt_text=None, reasoning_ended=None,
             reasoning_parser_kwargs=None)
@@ -122,7 +161,7 @@ def _app(engine, outputs):
         async def events(n=body["max_tokens"]):
             for i in range(n):
                 # AsyncLLM's output handler, one engine step per token
-                outputs.process_outputs([NS(request_id=rid, new_token_ids=[i],
+                outputs.process_outputs([EngineCoreOutput(request_id=rid, new_token_ids=[i],
                                             finish_reason=None)], time.monotonic(), None,
                                         weight_version=None)
                 yield f"data: {{\"i\": {i}}}\n\n".encode()
@@ -147,8 +186,10 @@ def _parse_headers() -> list[tuple[bytes, bytes]]:
     return [tuple(line.split(b": ", 1)) for line in RAW_HEADERS.split(b"\r\n")]
 
 
-async def _serve(app, body: bytes) -> None:
-    """One request through the ASGI interface, as uvicorn runs it: its own task."""
+async def _serve(variant, body: bytes) -> None:
+    """One request through the ASGI interface, as uvicorn runs it: its own task, and a
+    request cycle of its own whose bound ``send`` the app gets."""
+    app, cycle = variant
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
              "http_version": "1.1", "method": "POST", "path": "/v1/completions",
              "raw_path": b"/v1/completions", "query_string": b"", "headers": _parse_headers(),
@@ -163,10 +204,7 @@ async def _serve(app, body: bytes) -> None:
             return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.sleep(3600)  # until the response is done (uvicorn: until disconnect)
 
-    async def send(message):
-        return None
-
-    await asyncio.get_running_loop().create_task(app(scope, receive, send))
+    await asyncio.get_running_loop().create_task(app(scope, receive, cycle().send))
 
 
 class _Clock:
@@ -236,17 +274,20 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):6.2f} ({min(values):.2f} .. {max(values):.2f})"
 
 
-def _install(module, engine_classes, inst) -> object:
+def _install(module, engine_classes, inst) -> tuple:
     """The probed app: ``module``'s ASGI wrapper around an app whose engine classes carry its
-    three method hooks, put in by the real installer."""
-    engine, client, outputs = engine_classes
-    for owner, name, factory in ((engine, "add_request", module.async_llm_add_request),
-                                 (client, "add_request_async",
-                                  module.core_client_add_request_async),
-                                 (outputs, "process_outputs",
-                                  module.output_processor_process_outputs)):
+    three method hooks, and the request cycle class whose send it probes (a version of the
+    module without that hook wraps ``send`` instead), all put in by the real installer."""
+    engine, client, outputs, cycle = engine_classes
+    hooked = [(engine, "add_request", module.async_llm_add_request),
+              (client, "add_request_async", module.core_client_add_request_async),
+              (outputs, "process_outputs", module.output_processor_process_outputs)]
+    if hasattr(module, "uvicorn_cycle_send"):
+        hooked.append((cycle, "send", module.uvicorn_cycle_send))
+        cycle._kvprof_http = None  # the instrumentor's class default
+    for owner, name, factory in hooked:
         assert inst._wrap(owner, name, factory, name)
-    return module.asgi_wrap(_app(engine(), outputs()))
+    return module.asgi_wrap(_app(engine(), outputs())), cycle
 
 
 def _load(path: str):
@@ -325,12 +366,12 @@ def main() -> None:
     inst = VllmInstrumentor()
     sink, clock = _Sink(), _Clock()
     hooks.set_emit(sink.buffer.append)
-    off = _app(off_classes[0](), off_classes[2]())
+    off = _app(off_classes[0](), off_classes[2]()), off_classes[3]
     variants = {"on": {"off": off, "on": _install(api_hooks, on_classes, inst)}}
     if args.baseline:
         variants["baseline"] = {"off": off, "on": _install(_load(args.baseline),
                                                            _engine_classes()[1], inst)}
-    twins = {"off": off, "off2": _app(off_classes[0](), off_classes[2]())}
+    twins = {"off": off, "off2": (_app(off_classes[0](), off_classes[2]()), off_classes[3])}
     gc.callbacks.append(clock)
     loop = asyncio.new_event_loop()
     rows: dict[str, list[dict]] = {name: [] for name in variants}

@@ -152,6 +152,67 @@ def test_api_server_legs_through_a_real_asgi_app(api_probes, role, params, strea
     assert req.attributes[semconv.ATTR_HTTP_STATUS] == 200 and req.error is None
 
 
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch):
+    """Under a real uvicorn (the server vLLM's API server runs on), its own
+    RequestResponseCycle.send, probed, notes the status and the first body bytes: the app
+    gets uvicorn's send unwrapped (no Python call added per streamed message), and the legs
+    are the same as through the wrapper."""
+    import http.client
+    import importlib
+    import threading
+
+    import uvicorn
+
+    inst = VllmInstrumentor()
+    inst.is_instrumented = True
+    targets = [t for t in inst.targets() if t.module.startswith("uvicorn.protocols.http.")
+               and t.module.endswith(("httptools_impl", "h11_impl"))]
+    for t in targets:
+        inst._apply(t, importlib.import_module(t.module))
+    relays = []
+    monkeypatch.setattr(api_hooks, "_relay", lambda *a: relays.append(a) or a[1])
+    app, client = _app({"do_remote_prefill": True, "remote_request_id": "p-1"}, stream=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=http_impl,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", body=b'{"prompt": "p"}',
+                     headers={"X-Request-Id": "xid-7", "traceparent": ROUTER_TP,
+                              "content-type": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.request("GET", "/health")  # a GET passes the probed send untouched
+        conn.getresponse().read()
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        inst.uninstrument()
+    assert resp.status == 200 and body.startswith(b"data: first")
+    assert relays == [], "the app got uvicorn's own send, no wrapper"
+    (event,) = [e for e in api_probes if e[0] == ev.API]
+    assert event[api_hooks.STATUS] == 200 and event[api_hooks.T_FIRST_BYTES] is not None
+    spans = {s.name: s for s in SpanAssembler(ProcessFacts()).feed([event])}
+    respond, req = spans[semconv.SPAN_API_RESPOND], spans[semconv.SPAN_API_REQUEST]
+    assert spans[semconv.SPAN_API_WAIT].end_ns == respond.start_ns <= respond.end_ns
+    assert req.end_ns - respond.end_ns >= 2 * MS  # the rest of the stream came later
+    assert req.trace_id == ROUTER_TRACE and client.sent[0].trace_headers == {
+        "traceparent": ROUTER_TP}
+    # Uninstrumented: uvicorn's classes are as they were.
+    for t in targets:
+        cls = importlib.import_module(t.module).RequestResponseCycle
+        assert not hasattr(cls, api_hooks.CYCLE_ATTR)
+        assert not getattr(cls.send, "__kvprof_probe__", False)
+
+
 def test_api_span_errors_when_the_engine_dies_under_a_streaming_answer(api_probes):
     """The stream already said 200: the engine's death (AsyncLLM propagating the error to
     every request) marks the span failed."""

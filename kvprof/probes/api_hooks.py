@@ -5,7 +5,11 @@ leaves it: vLLM's OpenAI server (ASGI app, AsyncLLM) or a Dynamo worker hosting 
 directly (no HTTP: only the AsyncLLM part). Four hook points:
 
 * the ASGI app (outermost, wrapped when Starlette builds its middleware stack): request
-  received (before the body is read), first response bytes written, response complete;
+  received (before the body is read), response complete; and the first response bytes
+  written, noted by uvicorn's own ``RequestResponseCycle.send`` (a copy with the recording
+  statements first: a stream of N tokens sends N messages, and a wrapper around ``send``
+  would add a Python call to each, 35-80 ns a token in the bench) or, under another server,
+  by a wrapper around the ``send`` the app gets;
 * ``AsyncLLM.add_request``: the serving layer is done (validated, tokenized);
 * ``AsyncMPClient.add_request_async``: the request is handed to the EngineCore;
 * ``OutputProcessor.process_outputs``: the first output is back from the EngineCore.
@@ -69,6 +73,12 @@ EXTRA_CALLS = 17
 
 # Requests waiting for their first output, by the EngineCore's request id.
 _AWAIT: dict[str, list] = {}
+# The ASGI servers' send functions that note the status and first bytes themselves (probes
+# of uvicorn's RequestResponseCycle.send): a response through one of them needs no wrapper.
+_SEND_PROBES: set = set()
+# The attribute of a server's request cycle that holds the HTTP record until the response's
+# first bytes are out (the instrumentor gives the class a None default).
+CYCLE_ATTR = "_kvprof_http"
 _AWAIT_LIMIT = 4096  # calls whose output never comes (aborted) must not pile up
 _HTTP: ContextVar[list | None] = ContextVar("kvprof_http", default=None)
 _CALL: ContextVar[list | None] = ContextVar("kvprof_call", default=None)
@@ -78,6 +88,7 @@ _ENGINE_ERRORS = [0]  # AsyncLLM output handler failures so far
 def reset_state() -> None:
     """Forget calls in flight (instrumentation removed)."""
     _AWAIT.clear()
+    _SEND_PROBES.clear()
 
 
 def calls_of(record: list) -> list[list]:
@@ -101,8 +112,8 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
     # Read on the request path as closure cells, made together here, rather than as the
     # module's globals, whose entries lie apart (about 0.15 us a request in the bench).
     # ``emitter`` is the hooks module: its _EMIT is looked up on each use (set_emit).
-    clock, kind, errors, http, emitter, waiting, rev = (
-        time_ns, API, _ENGINE_ERRORS, _HTTP, hooks, _AWAIT, reversed)
+    clock, kind, errors, http, emitter, waiting, rev, sends = (
+        time_ns, API, _ENGINE_ERRORS, _HTTP, hooks, _AWAIT, reversed, _SEND_PROBES)
 
     async def kvprof_asgi(scope, receive, send):
         # Only HTTP scopes have a method (websocket and lifespan ones have none).
@@ -133,31 +144,21 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
             h[5] = xid
         except Exception:
             hooks._hook_failed("ASGI request headers")
-        first = True
-
-        def relay(message):
-            # The ``send`` the app gets: notes the status and when the first body bytes go
-            # out; after that one test of a closure cell per message (a stream sends one per
-            # token). Not a coroutine: it returns the server's own awaitable, so no frame of
-            # ours is awaited. A closure: the interpreter calls it inline.
-            nonlocal first
-            if first:
-                try:
-                    if h[4] is None:  # the first message is http.response.start
-                        h[4] = message.get("status")
-                    elif message.get("body"):
-                        h[2] = clock()
-                        first = False
-                except Exception:
-                    hooks._hook_failed("ASGI send")
-            return send(message)
-
+        try:
+            # uvicorn's send, probed: it notes the status and the first bytes itself.
+            if send.__func__ in sends:
+                send.__self__._kvprof_http = h
+                out = send
+            else:
+                out = _relay(h, send, clock)
+        except AttributeError:  # not a bound method: another server's send
+            out = _relay(h, send, clock)
         # Set and not reset: the server runs each request in a task of its own, whose
         # context goes with it; should one reuse a task, add_request sees the record ended.
         http.set(h)
         emitter._EMIT(h)
         try:
-            return await app(scope, receive, relay)
+            return await app(scope, receive, out)
         finally:
             # The app returns once its last message is with the server.
             t_end = clock()
@@ -174,6 +175,48 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
 
     kvprof_asgi.__kvprof_asgi__ = True  # type: ignore[attr-defined]
     return kvprof_asgi
+
+
+def _relay(h: list, send: Callable[..., Any], clock: Callable[[], int]) -> Callable[..., Any]:
+    """The ``send`` the app gets under a server kvprof does not probe: notes the status and
+    when the first body bytes go out, then one test of a closure cell per message. Not a
+    coroutine: it returns the server's own awaitable, so no frame of ours is awaited."""
+    first = True
+
+    def relay(message):
+        nonlocal first
+        if first:
+            try:
+                if h[4] is None:  # the first message is http.response.start
+                    h[4] = message.get("status")
+                elif message.get("body"):
+                    h[2] = clock()
+                    first = False
+            except Exception:
+                hooks._hook_failed("ASGI send")
+        return send(message)
+    return relay
+
+
+def _on_send(cycle: Any, message: Any) -> None:
+    try:
+        h = cycle._kvprof_http
+        if h is not None:
+            if h[4] is None:  # the first message is http.response.start
+                h[4] = message.get("status")
+            elif message.get("body"):
+                h[2] = time_ns()
+                cycle._kvprof_http = None  # the rest of the stream: one test a message
+    except Exception:
+        hooks._hook_failed("uvicorn RequestResponseCycle.send")
+
+
+def uvicorn_cycle_send(wrapped: Callable[..., Any]) -> hooks.Probe:
+    """uvicorn's RequestResponseCycle.send (every HTTP implementation of it), noting the
+    status and the first body bytes of a response the ASGI wrapper registered."""
+    probe = method_probe(wrapped, _on_send, (("self", 0), ("message", 1)))
+    _SEND_PROBES.add(probe)
+    return probe
 
 
 def starlette_build_middleware_stack(wrapped: Callable[..., Any]) -> hooks.Probe:

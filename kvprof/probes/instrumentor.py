@@ -39,6 +39,9 @@ class Target:
     module: str
     path: str
     wrapper: Any  # hooks.HookFactory: original function -> probe function
+    # Attributes the probe reads on instances, given these defaults on the method's class
+    # (restored like the method on uninstrument).
+    class_defaults: tuple[tuple[str, Any], ...] = ()
 
 
 SCHED = "vllm.v1.core.sched.scheduler"
@@ -48,6 +51,9 @@ NIXL_WORKER = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker"
 ASYNC_LLM = "vllm.v1.engine.async_llm"
 CORE_CLIENT = "vllm.v1.engine.core_client"
 OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor"
+# uvicorn's HTTP implementations (vLLM's API server runs on uvicorn; which one depends on
+# what is installed): each has a RequestResponseCycle whose send writes the response.
+UVICORN_HTTP = ("httptools_impl", "h11_impl", "zttp_impl", "zttp_h2_impl")
 
 
 def _resolve(module: Any, path: str) -> tuple[Any, str]:
@@ -106,6 +112,9 @@ class VllmInstrumentor:
                    api_hooks.core_client_add_request_async),
             Target(CORE_CLIENT, "DPAsyncMPClient.add_request_async",
                    api_hooks.core_client_add_request_async),
+            *(Target(f"uvicorn.protocols.http.{impl}", "RequestResponseCycle.send",
+                     api_hooks.uvicorn_cycle_send, ((api_hooks.CYCLE_ATTR, None),))
+              for impl in UVICORN_HTTP),
             Target(OUTPUT_PROCESSOR, "OutputProcessor.process_outputs",
                    api_hooks.output_processor_process_outputs),
             Target(OUTPUT_PROCESSOR, "OutputProcessor.propagate_error",
@@ -184,7 +193,11 @@ class VllmInstrumentor:
             owner, name = _resolve(module, target.path)
         except AttributeError:
             owner, name = None, target.path
-        self._wrap(owner, name, target.wrapper, f"{target.module}.{target.path}")
+        if self._wrap(owner, name, target.wrapper, f"{target.module}.{target.path}"):
+            for attr, value in target.class_defaults:
+                if attr not in owner.__dict__:
+                    self._patched.append((owner, attr, False, None))
+                    setattr(owner, attr, value)
 
     def _wrap(self, owner: Any, name: str, factory: Any, label: str) -> bool:
         try:
