@@ -18,6 +18,9 @@ import psutil
 import pytest
 from proctools import IsolatedRun
 
+from kvprof import semconv
+from kvprof.analysis.loaders.traces import load_spans
+
 REPO = Path(__file__).resolve().parents[1]
 AIPERF = REPO / ".venv-aiperf" / "bin" / "aiperf"
 
@@ -67,7 +70,7 @@ def test_a_worker_killed_under_load_stops_the_demo_fast_and_clean(tmp_path: Path
     assert killed, "the worker was never found under load:\n" + done.stdout[-3000:] + \
         done.stderr[-2000:]
     assert done.returncode != 0
-    assert ended - killed["t"] < 30 + 5, f"the demo took {ended - killed['t']:.0f} s to stop"
+    assert ended - killed["t"] < 30, f"the demo took {ended - killed['t']:.0f} s to stop"
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1, done.stderr
     assert errors[0].startswith("Error: vllm-agg (pid ")
@@ -75,5 +78,22 @@ def test_a_worker_killed_under_load_stops_the_demo_fast_and_clean(tmp_path: Path
     assert f"(pid {killed['pid']}" in errors[0] and "died from SIGILL" in errors[0], errors[0]
     assert "Hint: See " in done.stderr and "Traceback" not in done.stderr
     assert not run.leftovers, f"processes left running: {run.leftovers}"
-    # What was recorded before the crash is kept.
-    assert list((out / "traces" / "agg").glob("*.jsonl"))
+    # kvprof attach said which requests the death hit, as the API server (which outlived
+    # the engine) saw them: exact, not a snapshot of the last flush ...
+    log = (out / "logs" / "vllm-agg.log").read_text(errors="replace")
+    assert f"kvprof: VLLM::Worker (pid {killed['pid']}, vllm-agg, aggregated) died from " \
+           "SIGILL" in log
+    (line,) = [ln for ln in log.splitlines() if ln.startswith("kvprof: requests in flight: ")]
+    inflight = [r for r in line.split(": ", 2)[2].split(";")[0].split(", ") if r.startswith(
+        "cmpl-")]
+    assert inflight, line
+    # ... the API server, which outlived it, ended their spans with an error and the reason,
+    # and what was recorded before the crash is kept (their hand-off to the EngineCore, and
+    # the requests finished before).
+    spans = load_spans(out / "traces" / "agg").spans
+    for rid in inflight:  # the engine call's id; the spans carry the EngineCore's (+suffix)
+        mine = spans[spans["request_id"].astype(str).str.startswith(rid)]
+        (top,) = mine[mine["name"] == semconv.SPAN_API_REQUEST].itertuples()
+        assert top.status_code == 2 and top.status_message, top
+        assert semconv.SPAN_API_TO_CORE in set(mine["name"]), sorted(set(mine["name"]))
+    assert (spans["name"] == semconv.SPAN_REQUEST).sum() >= 1

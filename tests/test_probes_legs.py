@@ -709,6 +709,36 @@ def test_requests_open_at_exit_end_with_the_reason():
     assert a.open_requests() == []
 
 
+def test_the_api_server_names_the_requests_an_engine_death_hit():
+    """Records of HTTP requests: one done before the death, one open across it, one whose
+    error response ended right after it, one that arrived after it. The death hit the two
+    in between, whatever the state of the records when the export thread reads them."""
+    a = SpanAssembler(ProcessFacts())
+
+    def record(rid, t_recv, t_end):
+        h = [ev.API, t_recv, None, t_end, 200, b"x-" + rid.encode(), None, "/v1/completions",
+             0, rid, t_recv + 1, None, None, t_recv + 2, rid + "-0000aaaa", None, True]
+        return h
+
+    done, across, ended_after, later = (record("cmpl-done-0", 10 * MS, 20 * MS),
+                                        record("cmpl-open-0", 30 * MS, None),
+                                        record("cmpl-err-0", 35 * MS, 45 * MS),
+                                        record("cmpl-late-0", 50 * MS, 51 * MS))
+    a.feed([done, across, ended_after, (ev.ENGINE_DEAD, 40 * MS), later])
+    assert a.in_flight_at_death == ["cmpl-err-0", "cmpl-open-0"]
+
+
+def test_propagate_error_marks_the_death_once_per_call():
+    emitted = []
+    hooks.set_emit(emitted.append)
+    try:
+        probe = api_hooks.output_processor_propagate_error(lambda self, e: None)
+        probe(object(), RuntimeError("EngineCore died"))
+    finally:
+        hooks.set_emit(None)
+    assert [e[0] for e in emitted] == [ev.ENGINE_DEAD] and isinstance(emitted[0][1], int)
+
+
 def test_death_report_reads_fault_files_and_reaped_exit_codes(tmp_path):
     (tmp_path / "100.json").write_text(json.dumps(
         {"pid": 100, "name": "VLLM::Worker", "service": "vllm-decode", "role": "decode",
@@ -723,11 +753,15 @@ def test_death_report_reads_fault_files_and_reaped_exit_codes(tmp_path):
     lifecycle.record_child_exit(str(tmp_path), 200, -9)
     (tmp_path / "300.json").write_text(json.dumps({"pid": 300, "clean_exit": False}))
     lifecycle.record_child_exit(str(tmp_path), 300, -15)  # a stop, not a crash
-    deaths, inflight = lifecycle.death_report(tmp_path)
+    deaths, inflight, exact = lifecycle.death_report(tmp_path)
     assert [(d.pid, d.signal) for d in deaths] == [(100, "SIGILL"), (200, "SIGKILL")]
     assert deaths[0].stack[0] == '"attn.py", line 7 in forward'  # the faulting thread
     assert "VLLM::Worker (pid 100, vllm-decode, decode) died from SIGILL" in deaths[0].describe()
-    assert inflight == ["cmpl-a-0-0000aaaa", "cmpl-b-0-0000bbbb"]
+    assert inflight == ["cmpl-a-0-0000aaaa", "cmpl-b-0-0000bbbb"] and not exact
+    # An API server that outlived the death named what it hit: that list wins.
+    (tmp_path / "400.json").write_text(json.dumps(
+        {"pid": 400, "clean_exit": True, "inflight_at_death": ["cmpl-c-0"]}))
+    assert lifecycle.death_report(tmp_path)[1:] == (["cmpl-c-0"], True)
     # A SIGKILL after kvprof attach began stopping its command is part of the stop.
     later = json.loads((tmp_path / "exit-200.json").read_text())["t"] - 1
     assert [d.pid for d in lifecycle.death_report(tmp_path, stopping_since=later)[0]] == [100]

@@ -60,7 +60,7 @@ from typing import Any
 
 from kvprof import semconv
 from kvprof.probes import hooks
-from kvprof.probes.events import API
+from kvprof.probes.events import API, ENGINE_DEAD
 from kvprof.probes.method_probes import method_probe
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ def output_processor_propagate_error(wrapped: Callable[..., Any]) -> hooks.Probe
     # of them (no list of live requests to walk, none to keep on the request path).
     def propagate_error(self, *args, **kwargs):
         _ENGINE_ERRORS[0] += 1
+        try:  # once per death, off every request's path: when it happened
+            hooks._EMIT((ENGINE_DEAD, time_ns()))
+        except Exception:
+            hooks._hook_failed("OutputProcessor.propagate_error")
         return wrapped(self, *args, **kwargs)
     return propagate_error
 

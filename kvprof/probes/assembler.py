@@ -115,6 +115,8 @@ class SpanAssembler:
         self._traces: dict[str, str] = {}  # worker: request id -> traceparent to join
         # API server: HTTP records (api_hooks) emitted on arrival, until their response ends.
         self._api_open: list[list] = []
+        # API server: the requests in flight when its EngineCore died (ENGINE_DEAD).
+        self.in_flight_at_death: list[str] = []
         self._out: list[SpanRecord] = []
 
     # -- public -----------------------------------------------------------------------------
@@ -301,6 +303,8 @@ class SpanAssembler:
             self._on_lease_expired(*e[1:])
         elif kind == ev.API:
             self._on_api_event(e)
+        elif kind == ev.ENGINE_DEAD:
+            self._on_engine_dead(e[1])
         elif kind == ev.HANDSHAKE:
             self._handshakes[e[1]] = (e[2], e[3], e[4])
         elif kind == ev.XFER_STATS:
@@ -517,17 +521,24 @@ class SpanAssembler:
                          c[A.INTERNAL], kvp if isinstance(kvp, dict) else None,
                          c[A.TRACEPARENT], http)
 
+    def _on_engine_dead(self, t: int) -> None:
+        """The HTTP requests that had arrived and not ended at t: what the engine's death
+        hit. Exact, where a snapshot of open requests (written every flush) may be a flush
+        interval old by the time a crash report reads it."""
+        hit = set(self.in_flight_at_death)
+        for h in self._api_open:
+            end = h[A.T_END]
+            if h[A.T_RECV] <= t and (end is None or end >= t):
+                hit.update(_api_names(h))
+        self.in_flight_at_death = sorted(hit)
+
     def api_in_flight(self) -> list[str]:
         """Request ids (or client ids) of the HTTP requests the API server was serving when
         its events were last fed (for crash reports)."""
         out = []
         for h in self._api_open:
             if h[A.T_END] is None:
-                calls = A.calls_of(h)
-                out.extend(c[A.RID] for c in calls)
-                xid = h[A.XID]
-                if not calls and xid:
-                    out.append(xid.decode("latin-1") if isinstance(xid, bytes) else xid)
+                out.extend(_api_names(h))
         return out
 
     def _on_api(self, rid: str, t_input: int, t_handoff: int | None, t_first: int | None,
@@ -608,3 +619,13 @@ def _first(*times: int | None) -> int | None:
     """The earliest of the times given (None when none is)."""
     known = [t for t in times if t is not None]
     return min(known) if known else None
+
+
+def _api_names(h: list) -> list[str]:
+    """An HTTP record's engine request ids, else the client's X-Request-Id."""
+    calls = A.calls_of(h)
+    names = [c[A.RID] for c in calls]
+    xid = h[A.XID]
+    if not calls and xid:
+        names.append(xid.decode("latin-1") if isinstance(xid, bytes) else xid)
+    return names

@@ -30,6 +30,9 @@ REQ_TRACE = 27  # (REQ_TRACE, req, traceparent): the trace a request's worker-si
 # One list per HTTP request (or per engine call outside one), emitted when it starts and
 # filled in place until its end time is set; positions and meaning in api_hooks' docstring.
 API = 30
+# (ENGINE_DEAD, t): AsyncLLM's output handler failed (its EngineCore died) at t; the HTTP
+# requests whose responses had not ended by then are the ones the death hit.
+ENGINE_DEAD = 31
 # Process facts (rare)
 CONNECTOR = 40  # (CONNECTOR, class_name, profile, kv_role, engine_id)
 KV_LAYOUT = 41  # (KV_LAYOUT, bytes_per_block, block_size, layers)

@@ -122,7 +122,7 @@ def crash_lines(stats_dir: str, child_pid: int, rc: int, stopping_since: float |
     """What `kvprof attach` says when a process it watched died from a signal."""
     from kvprof.probes.lifecycle import STOP_SIGNALS, death_report, signal_name
 
-    deaths, inflight = death_report(stats_dir, stopping_since)
+    deaths, inflight, exact = death_report(stats_dir, stopping_since)
     lines = []
     if rc < 0 and -rc not in STOP_SIGNALS and all(d.pid != child_pid for d in deaths):
         lines.append(f"kvprof: the command (pid {child_pid}) died from {signal_name(-rc)}")
@@ -131,7 +131,8 @@ def crash_lines(stats_dir: str, child_pid: int, rc: int, stopping_since: float |
     if lines:
         shown = ", ".join(inflight[:10]) + (f" (+{len(inflight) - 10} more)"
                                             if len(inflight) > 10 else "")
-        lines.append("kvprof: requests in flight: " + (shown or "none recorded")
+        when = "" if exact else " (as of the last flush before the crash)"
+        lines.append(f"kvprof: requests in flight{when}: " + (shown or "none recorded")
                      + "; their spans were ended with an error status where a process "
                      "survived to close them, and every span exported before is kept.")
     return lines

@@ -158,8 +158,11 @@ def _fault(path: Path) -> tuple[str | None, list[str]]:
 
 
 def death_report(stats_dir: str | Path, stopping_since: float | None = None) -> tuple[
-        list[Death], list[str]]:
-    """Processes that died from a signal, and the requests in flight in those engines.
+        list[Death], list[str], bool]:
+    """Processes that died from a signal, the requests in flight in those engines, and
+    whether that list is exact: an API server that outlived its EngineCore names the HTTP
+    requests open when it saw the death; otherwise each process's last snapshot of its open
+    requests (written every flush, so up to a flush interval old) is all there is.
 
     A stop signal (what `kvprof attach` forwards) or a SIGKILL after the launcher began
     stopping is an ordinary end, not a death.
@@ -188,9 +191,12 @@ def death_report(stats_dir: str | Path, stopping_since: float | None = None) -> 
             sig = signal_name(number)
         deaths.append(Death(pid, str(info.get("name") or "python"), info.get("service"),
                             info.get("role"), sig, when, stack))
+    at_death = sorted({str(r) for d in stats.values() for r in d.get("inflight_at_death") or []})
+    if at_death:
+        return deaths, at_death, True
     inflight = sorted({str(r) for d in stats.values()
                        for r in (d.get("inflight") or []) + (d.get("open_at_exit") or [])})
-    return deaths, inflight
+    return deaths, inflight, False
 
 
 def crash_reason(stats_dir: str | None) -> str | None:
@@ -198,7 +204,7 @@ def crash_reason(stats_dir: str | None) -> str | None:
     if not stats_dir:
         return None
     try:
-        deaths, _ = death_report(stats_dir)
+        deaths, _, _ = death_report(stats_dir)
     except OSError:  # the launcher removed its folder first: nobody left to tell
         return None
     deaths = [d for d in deaths if d.pid != os.getpid()]

@@ -106,7 +106,7 @@ class Recorder:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._stats_written: tuple = (-1, -1, (), "")
+        self._stats_written: tuple = (-1, -1, (), "", ())
         self._open_at_exit: list[str] = []
         self._resource: tuple | None = None  # (attributes key, Resource), rebuilt on change
         self._clean_exit = False
@@ -238,7 +238,8 @@ class Recorder:
         # part of the key so a crash report names the process as ps would.
         open_now = sorted({*self.assembler.open_requests(),
                            *self.assembler.api_in_flight()})[:50]
-        return self.exported, self.dropped, tuple(open_now), lifecycle.process_name()
+        return (self.exported, self.dropped, tuple(open_now), lifecycle.process_name(),
+                tuple(self.assembler.in_flight_at_death[:50]))
 
     def write_stats(self) -> None:
         """Leave {pid, exported, dropped, destination, in-flight requests, ...} where
@@ -253,6 +254,7 @@ class Recorder:
             "connector": self.facts.connector, "name": self._stats_written[3],
             "service": self.config.service_name,
             "inflight": list(self._stats_written[2]),
+            "inflight_at_death": list(self._stats_written[4]),
             "open_at_exit": self._open_at_exit[:50], "clean_exit": self._clean_exit,
         }
         try:
