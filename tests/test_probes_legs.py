@@ -294,7 +294,7 @@ def test_api_records_are_freed_without_the_garbage_collector(api_probes):
         api_probes.clear()  # the export thread is done with it
         left = [o for o in gc.get_objects()
                 if type(o) is list and len(o) >= 17 and o[api_hooks.RID] == "cmpl-xid-7-0"
-                or _qualname(o).endswith("kvprof_asgi.<locals>.relay")]
+                or _qualname(o).endswith("_relay.<locals>.relay")]
     finally:
         gc.enable()
     assert left == []
