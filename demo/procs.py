@@ -268,7 +268,9 @@ class ProcessManager:
             log.warning("%s did not stop within %.0f s: SIGKILL", proc.name, grace_s)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        _signal_pids([p for p in pids if _any_alive([p])], signal.SIGKILL)
+        # Descendants only: the leader is in the group just killed, and _any_alive would
+        # reap it behind Popen's back (Popen then reports exit 0 for a SIGKILLed process).
+        _signal_pids([p for p in pids[1:] if _any_alive([p])], signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(timeout=5)
         if proc in self._procs:
