@@ -154,9 +154,9 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
                 send.__self__._kvprof_http = h
                 out = send
             else:
-                out = _relay(h, send, clock)
+                out = _relay(h, send)
         except AttributeError:  # not a bound method: another server's send
-            out = _relay(h, send, clock)
+            out = _relay(h, send)
         # Set and not reset: the server runs each request in a task of its own, whose
         # context goes with it; should one reuse a task, add_request sees the record ended.
         http.set(h)
@@ -181,9 +181,20 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
     return kvprof_asgi
 
 
-def _relay(h: list, send: Callable[..., Any], clock: Callable[[], int]) -> Callable[..., Any]:
-    """The ``send`` the app gets under a server kvprof does not probe: notes the status and
-    when the first body bytes go out, then one test of a closure cell per message. Not a
+def _note_response(h: list, message: Any) -> bool:
+    """A response message seen by the server's send: the status from the first one
+    (http.response.start), the time of the first body bytes; True once those are out."""
+    if h[4] is None:
+        h[4] = message.get("status")
+    elif message.get("body"):
+        h[2] = time_ns()
+        return True
+    return False
+
+
+def _relay(h: list, send: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``send`` the app gets under a server kvprof does not probe: notes the response
+    until its first bytes are out, then one test of a closure cell per message. Not a
     coroutine: it returns the server's own awaitable, so no frame of ours is awaited."""
     first = True
 
@@ -191,11 +202,7 @@ def _relay(h: list, send: Callable[..., Any], clock: Callable[[], int]) -> Calla
         nonlocal first
         if first:
             try:
-                if h[4] is None:  # the first message is http.response.start
-                    h[4] = message.get("status")
-                elif message.get("body"):
-                    h[2] = clock()
-                    first = False
+                first = not _note_response(h, message)
             except Exception:
                 hooks._hook_failed("ASGI send")
         return send(message)
@@ -205,12 +212,8 @@ def _relay(h: list, send: Callable[..., Any], clock: Callable[[], int]) -> Calla
 def _on_send(cycle: Any, message: Any) -> None:
     try:
         h = cycle._kvprof_http
-        if h is not None:
-            if h[4] is None:  # the first message is http.response.start
-                h[4] = message.get("status")
-            elif message.get("body"):
-                h[2] = time_ns()
-                cycle._kvprof_http = None  # the rest of the stream: one test a message
+        if h is not None and _note_response(h, message):
+            cycle._kvprof_http = None  # the rest of the stream: one test a message
     except Exception:
         hooks._hook_failed("uvicorn RequestResponseCycle.send")
 
