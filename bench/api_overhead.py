@@ -284,7 +284,7 @@ def _install(module, engine_classes, inst) -> tuple:
               (outputs, "process_outputs", module.output_processor_process_outputs)]
     if hasattr(module, "uvicorn_cycle_send"):
         hooked.append((cycle, "send", module.uvicorn_cycle_send))
-        cycle._kvprof_http = None  # the instrumentor's class default
+        setattr(cycle, module.CYCLE_ATTR, None)  # the instrumentor's class default
     for owner, name, factory in hooked:
         assert inst._wrap(owner, name, factory, name)
     return module.asgi_wrap(_app(engine(), outputs())), cycle

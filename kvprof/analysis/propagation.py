@@ -68,8 +68,8 @@ def hop_table(trace_codes: np.ndarray, request_codes: np.ndarray, sides: dict[st
             other = reqs.get(AGGREGATED, set()) if hop.downstream != AGGREGATED else (
                 reqs.get(PREFILL, set()) | reqs.get(DECODE, set()))
             up = up - other
-            if hop.downstream == DECODE:
-                up = up & reqs.get(PREFILL, set()) if PREFILL in reqs else up
+            if hop.downstream == DECODE and PREFILL in reqs:
+                up = up & reqs[PREFILL]  # only what reached a prefill engine goes on
         both = up & down
         shared = set(per_side[hop.upstream].merge(per_side[hop.downstream],
                                                   on=["req", "trace"])["req"]) & both

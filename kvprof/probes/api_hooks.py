@@ -77,7 +77,8 @@ _AWAIT: dict[str, list] = {}
 # of uvicorn's RequestResponseCycle.send): a response through one of them needs no wrapper.
 _SEND_PROBES: set = set()
 # The attribute of a server's request cycle that holds the HTTP record until the response's
-# first bytes are out (the instrumentor gives the class a None default).
+# first bytes are out (the instrumentor gives the class a None default). The request path
+# spells it out (``._kvprof_http``): an attribute read, not a getattr call.
 CYCLE_ATTR = "_kvprof_http"
 _AWAIT_LIMIT = 4096  # calls whose output never comes (aborted) must not pile up
 _HTTP: ContextVar[list | None] = ContextVar("kvprof_http", default=None)
