@@ -33,16 +33,21 @@ EngineCore request must carry it when it leaves.
 The record (a list; the position constants below name its fields):
 
     [API, t_recv, t_first_bytes, t_end, status, x_request_id (bytes), traceparent, path,
-     engine_errors,   request_id, t_input, kv_params, call_traceparent, t_handoff,
-     internal_id, t_first_output, ok,   extra call, extra call, ...]
+     request_id, t_input, extra_args, call_traceparent, t_handoff, internal_id,
+     t_first_output, ok,   extra call, extra call, ...]
 
-``t_end`` is None while the response runs. ``engine_errors``: how often AsyncLLM's output
-handler failed (the EngineCore died) while the response ran; such a stream, which already
-said 200, ends with an error event. The HTTP request's first engine call (AsyncLLM
-.add_request; an n > 1 fan-out is one call) is written into the record itself. A further
-call of the same HTTP request gets a list of its own, of the same length and positions, with
-no HTTP part and None for the kind, appended to the record. A call with no HTTP response
-around it (Dynamo, LLM) gets such a list with the kind set, emitted at its first output.
+``t_end`` is None while the response runs. ``extra_args``: the SamplingParams' own dict,
+which holds the kv_transfer_params (read off the path). ``call_traceparent``: set only when
+the call brought trace headers of its own; else the HTTP request's counts. A response
+running when AsyncLLM's output handler failed (the EngineCore died: an ENGINE_DEAD event
+with its time) ends with an error, also a stream that already said 200: the export thread
+tells from the times, so the request path keeps no count.
+
+The HTTP request's first engine call (AsyncLLM.add_request; an n > 1 fan-out is one call)
+is written into the record itself. A further call of the same HTTP request gets a list of
+its own, of the same length and positions, with no HTTP part and None for the kind,
+appended to the record. A call with no HTTP response around it (Dynamo, LLM) gets such a
+list with the kind set, emitted at its first output.
 
 A contextvar carries the record from the ASGI layer down to AsyncLLM (the endpoint runs in
 the same task, or in a child task, which starts with a copy of the context). Only a call
@@ -67,9 +72,9 @@ log = logging.getLogger(__name__)
 
 _TRACEPARENT = semconv.TRACEPARENT_KEY
 # Positions in the record (the hot path writes the numbers: a global name costs a lookup).
-T_RECV, T_FIRST_BYTES, T_END, STATUS, XID, HTTP_TRACEPARENT, PATH, ENGINE_ERRORS = range(1, 9)
-RID, T_INPUT, KV_PARAMS, TRACEPARENT, T_HANDOFF, INTERNAL, T_FIRST_OUTPUT, OK = range(9, 17)
-EXTRA_CALLS = 17
+T_RECV, T_FIRST_BYTES, T_END, STATUS, XID, HTTP_TRACEPARENT, PATH = range(1, 8)
+RID, T_INPUT, EXTRA_ARGS, TRACEPARENT, T_HANDOFF, INTERNAL, T_FIRST_OUTPUT, OK = range(8, 16)
+EXTRA_CALLS = 16
 
 # Requests waiting for their first output, by the EngineCore's request id.
 _AWAIT: dict[str, list] = {}
@@ -83,7 +88,6 @@ CYCLE_ATTR = "_kvprof_http"
 _AWAIT_LIMIT = 4096  # calls whose output never comes (aborted) must not pile up
 _HTTP: ContextVar[list | None] = ContextVar("kvprof_http", default=None)
 _CALL: ContextVar[list | None] = ContextVar("kvprof_call", default=None)
-_ENGINE_ERRORS = [0]  # AsyncLLM output handler failures so far
 
 
 def reset_state() -> None:
@@ -97,13 +101,24 @@ def calls_of(record: list) -> list[list]:
     return ([record] if record[RID] is not None else []) + record[EXTRA_CALLS:]
 
 
+def call_traceparent(call: list) -> str | None:
+    """The traceparent a call's spans join: its own trace headers', else its HTTP
+    request's (the record's own call leaves its slot empty then)."""
+    return call[TRACEPARENT] or call[HTTP_TRACEPARENT]
+
+
+def kv_transfer_params(call: list) -> dict | None:
+    extra = call[EXTRA_ARGS]
+    kvp = extra.get("kv_transfer_params") if isinstance(extra, dict) else None
+    return kvp if isinstance(kvp, dict) else None
+
+
 def output_processor_propagate_error(wrapped: Callable[..., Any]) -> hooks.Probe:
     # AsyncLLM's output handler failed (the EngineCore died): every request being served
-    # gets the error. Counted: a response that sees the count change while it runs is one
-    # of them (no list of live requests to walk, none to keep on the request path).
+    # gets the error. Only the time is noted: the export thread knows which responses were
+    # running then (none of this is on a request's path).
     def propagate_error(self, *args, **kwargs):
-        _ENGINE_ERRORS[0] += 1
-        try:  # once per death, off every request's path: when it happened
+        try:
             hooks._EMIT((ENGINE_DEAD, time_ns()))
         except Exception:
             hooks._hook_failed("OutputProcessor.propagate_error")
@@ -117,15 +132,15 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
     # Read on the request path as closure cells, made together here, rather than as the
     # module's globals, whose entries lie apart (about 0.15 us a request in the bench).
     # ``emitter`` is the hooks module: its _EMIT is looked up on each use (set_emit).
-    clock, kind, errors, http, emitter, waiting, rev, sends = (
-        time_ns, API, _ENGINE_ERRORS, _HTTP, hooks, _AWAIT, reversed, _SEND_PROBES)
+    clock, kind, http, emitter, waiting, rev, sends = (
+        time_ns, API, _HTTP, hooks, _AWAIT, reversed, _SEND_PROBES)
 
     async def kvprof_asgi(scope, receive, send):
         # Only HTTP scopes have a method (websocket and lifespan ones have none).
         if scope.get("method") != "POST":
             return await app(scope, receive, send)
-        h = [kind, clock(), None, None, None, None, None, scope.get("path", ""),
-             errors[0], None, None, None, None, None, None, None, True]
+        t = clock()
+        xid = tp = None
         try:
             # The one pass over the headers: from the last (a header sent twice counts with
             # its last value) until both are found, which is soon when the router or caller
@@ -133,7 +148,6 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
             # A Python loop: cheaper than dict(headers), which hashes every (new) name. The
             # traceparent is decoded now (the EngineCore request takes a str), the
             # X-Request-Id later, off the path.
-            xid = tp = None
             for k, v in rev(scope["headers"]):
                 if k == b"traceparent":
                     if tp is None:
@@ -145,10 +159,11 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
                     if tp is not None:
                         break
             if tp is not None:
-                h[6] = tp.decode("latin-1")
-            h[5] = xid
+                tp = tp.decode("latin-1")
         except Exception:
             hooks._hook_failed("ASGI request headers")
+        h = [kind, t, None, None, None, xid, tp, scope.get("path", ""),
+             None, None, None, None, None, None, None, True]
         try:
             # uvicorn's send, probed: it notes the status and the first bytes itself.
             if send.__func__ in sends:
@@ -170,11 +185,10 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
             if waiting:
                 try:  # calls whose first output never came stop waiting for it
                     for c in calls_of(h):
-                        if c[15] is None and c[14] is not None:
-                            _AWAIT.pop(c[14], None)
+                        if c[14] is None and c[13] is not None:
+                            _AWAIT.pop(c[13], None)
                 except Exception:
                     hooks._hook_failed("ASGI response")
-            h[8] = errors[0] - h[8]
             # Last: once the export thread sees the end time, the record is complete.
             h[3] = t_end
 
@@ -211,12 +225,19 @@ def _relay(h: list, send: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _on_send(cycle: Any, message: Any) -> None:
-    try:
-        h = cycle._kvprof_http
-        if h is not None and _note_response(h, message):
-            cycle._kvprof_http = None  # the rest of the stream: one test a message
-    except Exception:
-        hooks._hook_failed("uvicorn RequestResponseCycle.send")
+    # _note_response written out: this runs first in uvicorn's send, where a call of
+    # ours for each of a response's first two messages costs more than the test that
+    # every message pays (one attribute read, until the first bytes are out).
+    if cycle._kvprof_http is not None:
+        try:
+            h = cycle._kvprof_http
+            if h[4] is None:
+                h[4] = message.get("status")
+            elif message.get("body"):
+                h[2] = time_ns()
+                cycle._kvprof_http = None
+        except Exception:
+            hooks._hook_failed("uvicorn RequestResponseCycle.send")
 
 
 def uvicorn_cycle_send(wrapped: Callable[..., Any]) -> hooks.Probe:
@@ -244,31 +265,42 @@ def _on_add_request(request_id: str, params: Any, trace_headers: Any) -> None:
     try:
         t = time_ns()
         try:
-            kvp = params.extra_args  # SamplingParams; PoolingParams have none
+            # The request's own dict (its kv_transfer_params are read by the export thread
+            # once the record is out: the API server does not change them after this).
+            extra = params.extra_args  # SamplingParams; PoolingParams have none
         except AttributeError:
-            kvp = None
-        if kvp:
-            # The request's own dict, read by the export thread once the record is out:
-            # the API server does not change it after add_request.
-            kvp = kvp.get("kv_transfer_params")
+            extra = None
         tp = None
         if trace_headers and isinstance(trace_headers, dict):
             tp = trace_headers.get(_TRACEPARENT)
         h = _HTTP.get()
         if h is None or h[3] is not None:  # no HTTP request around it, or one that ended
-            c = [API, None, None, None, None, None, None, None, 0,
-                 request_id, t, kvp, tp, None, None, None, True]
+            c = [API, None, None, None, None, None, None, None,
+                 request_id, t, extra, tp, None, None, None, True]
             _CALL.set(c)
-        elif h[9] is None:  # the HTTP request's first call: into its record
-            h[9], h[10], h[11] = request_id, t, kvp
-            h[12] = h[6] if tp is None else tp
+            if len(_AWAIT) > _AWAIT_LIMIT:
+                # Only such calls can wait for ever: an HTTP response's end ends its waits.
+                _prune_waits()
+        elif h[8] is None:  # the HTTP request's first call: into its record
+            h[8] = request_id
+            h[9] = t
+            h[10] = extra
+            if tp is not None:
+                h[11] = tp
         else:
-            c = [None, None, None, None, None, None, None, None, 0,
-                 request_id, t, kvp, h[6] if tp is None else tp, None, None, None, True]
+            c = [None, None, None, None, None, None, None, None,
+                 request_id, t, extra, h[6] if tp is None else tp, None, None, None, True]
             h.append(c)
             _CALL.set(c)
     except Exception:
         hooks._hook_failed("AsyncLLM.add_request")
+
+
+def _prune_waits() -> None:
+    """Calls whose output never came (aborted, with no HTTP response to end them) must
+    not pile up: the older half goes."""
+    for old in list(_AWAIT)[: _AWAIT_LIMIT // 2]:
+        del _AWAIT[old]
 
 
 def async_llm_add_request(wrapped: Callable[..., Any]) -> hooks.Probe:
@@ -287,23 +319,19 @@ def _on_handoff(request: Any) -> None:
         # nothing, so the task that made that one sees _CALL unset (a task starts with a
         # copy of its parent's context).
         h = _HTTP.get()
-        if h is not None and h[3] is None and len(h) == 17:
+        if h is not None and h[3] is None and len(h) == 16:
             c = h
         else:
             c = _CALL.get()
             if c is None and h is not None and h[3] is None:
                 c = h
-        if c is not None and c[9] is not None and c[13] is None:
+        if c is not None and c[8] is not None and c[12] is None:
             # the first hand-off of the call (n > 1 makes several)
-            c[13] = time_ns()
-            c[14] = rid = request.request_id
-            aw = _AWAIT
-            aw[rid] = c
-            if len(aw) > _AWAIT_LIMIT:
-                for old in list(aw)[: _AWAIT_LIMIT // 2]:
-                    del aw[old]
-            tp = c[12]
-            if tp and not getattr(request, "trace_headers", None):
+            c[12] = time_ns()
+            c[13] = rid = request.request_id
+            _AWAIT[rid] = c
+            tp = c[11] or c[6]
+            if tp and not request.trace_headers:
                 # AsyncLLM drops trace headers unless vLLM's own tracing is on; the
                 # EngineCore needs them so its spans join the caller's trace.
                 request.trace_headers = {_TRACEPARENT: tp}
@@ -326,8 +354,8 @@ def _on_outputs(engine_core_outputs: Any) -> None:
                 if not tokens and o.finish_reason is None:
                     aw[o.request_id] = c  # not an output yet (no token, not finished)
                     continue
-                c[15] = t
-                c[16] = True if tokens else False
+                c[14] = t
+                c[15] = True if tokens else False
                 if c[1] is None and c[0] is not None:
                     # No HTTP response around it to wait for (Dynamo, LLM): out now.
                     hooks._EMIT(c)

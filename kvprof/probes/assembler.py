@@ -115,13 +115,17 @@ class SpanAssembler:
         self._traces: dict[str, str] = {}  # worker: request id -> traceparent to join
         # API server: HTTP records (api_hooks) emitted on arrival, until their response ends.
         self._api_open: list[list] = []
-        # API server: the requests in flight when its EngineCore died (ENGINE_DEAD).
+        # API server: the requests in flight when its EngineCore died (ENGINE_DEAD), and
+        # when it did (a response running then ends with the error).
         self.in_flight_at_death: list[str] = []
+        self._deaths: list[int] = []
         self._out: list[SpanRecord] = []
 
     # -- public -----------------------------------------------------------------------------
-    def feed(self, events: list[tuple]) -> list[SpanRecord]:
-        """Apply events in order; return the spans they completed."""
+    def feed(self, events: list[tuple], taken_ns: int | None = None) -> list[SpanRecord]:
+        """Apply events in order; return the spans they completed. ``taken_ns``: when the
+        events were taken from the buffer; an HTTP response that ended later waits for the
+        next feed, which holds any engine death before its end."""
         for e in events:
             try:
                 self._apply(e)
@@ -131,7 +135,7 @@ class SpanAssembler:
             self._release_loads(max(e[2] if len(e) > 2 and isinstance(e[2], int) else 0
                                     for e in events))
         if self._api_open:
-            self._close_api_records()
+            self._close_api_records(taken_ns)
         return self._take()
 
     def _release_loads(self, now_ns: int, final: bool = False) -> None:
@@ -497,17 +501,20 @@ class SpanAssembler:
         else:
             self._api_calls(e, None)
 
-    def _close_api_records(self) -> None:
-        """Spans of the HTTP requests whose responses have ended since the last look."""
+    def _close_api_records(self, taken_ns: int | None = None) -> None:
+        """Spans of the HTTP requests whose responses have ended since the last look (by
+        ``taken_ns``: an engine death before such an end is in the events fed so far, the
+        hooks noting both on one thread, the death first)."""
         still = []
         for h in self._api_open:
-            if h[A.T_END] is None:
+            end = h[A.T_END]
+            if end is None or (taken_ns is not None and end > taken_ns):
                 still.append(h)
                 continue
             try:
                 xid = h[A.XID]
-                http = (h[A.T_RECV], h[A.T_FIRST_BYTES], h[A.T_END],
-                        599 if h[A.ENGINE_ERRORS] else h[A.STATUS],
+                hit = any(h[A.T_RECV] <= t <= end for t in self._deaths)
+                http = (h[A.T_RECV], h[A.T_FIRST_BYTES], end, 599 if hit else h[A.STATUS],
                         xid.decode("latin-1") if isinstance(xid, bytes) else xid, h[A.PATH])
                 self._api_calls(h, http)
             except Exception:  # a malformed record must not stop the others
@@ -516,15 +523,14 @@ class SpanAssembler:
 
     def _api_calls(self, record: list, http: tuple | None) -> None:
         for c in A.calls_of(record):
-            kvp = c[A.KV_PARAMS]
             self._on_api(c[A.RID], c[A.T_INPUT], c[A.T_HANDOFF], c[A.T_FIRST_OUTPUT], c[A.OK],
-                         c[A.INTERNAL], kvp if isinstance(kvp, dict) else None,
-                         c[A.TRACEPARENT], http)
+                         c[A.INTERNAL], A.kv_transfer_params(c), A.call_traceparent(c), http)
 
     def _on_engine_dead(self, t: int) -> None:
         """The HTTP requests that had arrived and not ended at t: what the engine's death
         hit. Exact, where a snapshot of open requests (written every flush) may be a flush
         interval old by the time a crash report reads it."""
+        self._deaths.append(t)
         hit = set(self.in_flight_at_death)
         for h in self._api_open:
             end = h[A.T_END]

@@ -174,6 +174,7 @@ class Recorder:
         """Fold buffered events into spans and export them (export thread or exit only)."""
         with self._lock:
             batch = []
+            taken = time.time_ns()  # before the first event is taken (assembler.feed)
             pop = self.buffer.popleft
             try:
                 while True:
@@ -182,7 +183,7 @@ class Recorder:
                 pass
             records: list[SpanRecord] = []
             try:
-                records = self.assembler.feed(batch)
+                records = self.assembler.feed(batch, taken)
                 records += self.assembler.flush(time.time_ns(), final=final)
                 if final:
                     # Requests still open when the process goes: closed with an error and
