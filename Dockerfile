@@ -7,6 +7,8 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY kvprof ./kvprof
+# setup.py (the probes' optional C part) stays out: no compiler in this image, and the vLLM
+# image's Python may not be this one; the API-server hooks run their Python versions.
 # The collector's runtime needs: no torch, no vLLM (pyproject's bench extra stays out).
 RUN pip install --no-cache-dir --prefix=/install -c constraints.txt . \
  && pip install --no-cache-dir --no-deps --target=/opt/kvprof/site . \

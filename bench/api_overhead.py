@@ -13,7 +13,9 @@ its outputs) ``AsyncLLM.add_request`` -> ``EngineCoreClient.add_request_async`` 
 with that token's output (AsyncLLM's output handler, one engine step per token, one request
 in the batch: a step's call is shared by every request in it, so with more requests the
 per-event cost of that hook divides among them). The app's ``send`` is the bound method of a
-request-cycle object made per request, as uvicorn's ``RequestResponseCycle.send`` is. "on" is
+request-cycle object made per request, as uvicorn's ``RequestResponseCycle.send`` is, which
+calls the cycle's ``on_response`` when the response is complete (the cycle's ``run_asgi``
+runs the app and drops ``on_response`` after it, as uvicorn's does). "on" is
 the same app with kvprof's ASGI wrapper outermost and the four hooks (add_request,
 add_request_async, process_outputs, the cycle's send) installed by the real installer
 (VllmInstrumentor._wrap), emitting into a deque that is emptied every 0.5 s (the recorder's
@@ -122,15 +124,31 @@ def _engine_classes():
                 return engine_core_outputs
 
         class RequestResponseCycle:
-            """uvicorn's per-request object: the app's ``send`` is its bound method."""
+            """uvicorn's per-request object, as far as the hooks meet it: the app's
+            ``send`` is its bound method, which calls ``on_response`` when the response is
+            complete; ``run_asgi`` runs the app and then drops ``on_response``."""
+
+            def __init__(self, on_response):
+                self.on_response = on_response
+
+            async def run_asgi(self, app, scope, receive):
+                try:
+                    await app(scope, receive, self.send)
+                finally:
+                    self.on_response = _no_response
 
             async def send(self, message):
-                return None
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    self.on_response()
 
         Engine.__name__ = Client.__name__ = Outputs.__name__ = name
         return Engine, Client, Outputs, RequestResponseCycle
 
     return make("Off"), make("On")
+
+
+def _no_response() -> None:
+    return None
 
 
 def _app(engine, outputs):
@@ -204,7 +222,8 @@ async def _serve(variant, body: bytes) -> None:
             return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.sleep(3600)  # until the response is done (uvicorn: until disconnect)
 
-    await asyncio.get_running_loop().create_task(app(scope, receive, cycle().send))
+    await asyncio.get_running_loop().create_task(
+        cycle(_no_response).run_asgi(app, scope, receive))
 
 
 class _Clock:
@@ -290,14 +309,23 @@ def _install(module, engine_classes, inst) -> tuple:
     return module.asgi_wrap(_app(engine(), outputs())), cycle
 
 
-def _load(path: str):
-    """Another version of kvprof/probes/api_hooks.py (a file), as a module of its own."""
+def _load(path: str, pure_python: bool = False):
+    """Another version of kvprof/probes/api_hooks.py (a file), as a module of its own;
+    ``pure_python``: with its Python recordings, not the C ones (KVPROF_PURE_PYTHON)."""
     import importlib.util
+    import os
 
     spec = importlib.util.spec_from_file_location("kvprof_api_hooks_baseline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    saved = os.environ.get("KVPROF_PURE_PYTHON")
+    if pure_python:
+        os.environ["KVPROF_PURE_PYTHON"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if pure_python and saved is None:
+            os.environ.pop("KVPROF_PURE_PYTHON")
     return module
 
 
@@ -352,6 +380,9 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="FILE",
                         help="another version of kvprof/probes/api_hooks.py, measured the "
                         "same way in the same repeats (before/after figures)")
+    parser.add_argument("--python-baseline", action="store_true",
+                        help="the baseline is this version with its Python recordings, not "
+                        "the C ones (kvprof/probes/_fastrec.c): what the C part saves")
     parser.add_argument("--router-headers-first", action="store_true",
                         help="X-Request-Id and traceparent first among the headers, not last "
                         "(the probe looks for them from the last header on)")
@@ -368,9 +399,12 @@ def main() -> None:
     hooks.set_emit(sink.buffer.append)
     off = _app(off_classes[0](), off_classes[2]()), off_classes[3]
     variants = {"on": {"off": off, "on": _install(api_hooks, on_classes, inst)}}
+    if args.python_baseline:
+        args.baseline = str(REPO / "kvprof" / "probes" / "api_hooks.py")
     if args.baseline:
-        variants["baseline"] = {"off": off, "on": _install(_load(args.baseline),
-                                                           _engine_classes()[1], inst)}
+        baseline = _load(args.baseline, pure_python=args.python_baseline)
+        variants["baseline"] = {"off": off, "on": _install(baseline, _engine_classes()[1],
+                                                           inst)}
     twins = {"off": off, "off2": (_app(off_classes[0](), off_classes[2]()), off_classes[3])}
     gc.callbacks.append(clock)
     loop = asyncio.new_event_loop()
@@ -398,9 +432,13 @@ def main() -> None:
     print(f"api_overhead: {args.repeats} repeats x {args.rounds} rounds x {BLOCK} requests "
           f"per variant and stream length, alternating; thread CPU time; median over "
           f"repeats (min .. max); {headers}{order}")
-    added = _report("this version (kvprof/probes/api_hooks.py):", rows["on"])
+    impl = getattr(api_hooks, "implementation", lambda: "python")()
+    added = _report(f"this version (kvprof/probes/api_hooks.py, {impl} recordings):",
+                    rows["on"])
     if args.baseline:
-        before = _report(f"baseline ({args.baseline}):", rows["baseline"])
+        name = ("this version, Python recordings" if args.python_baseline
+                else args.baseline)
+        before = _report(f"baseline ({name}):", rows["baseline"])
         print(f"  at {HEADLINE} events: {before:.2f} us -> {added:.2f} us "
               f"({added - before:+.2f} us)")
     print(f"added per request at {HEADLINE} events: {added:.2f} us; goal <= 5 us: "

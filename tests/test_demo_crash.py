@@ -50,12 +50,24 @@ def test_a_worker_killed_under_load_stops_the_demo_fast_and_clean(tmp_path: Path
                        "--input-tokens", "256", "--output-tokens", "64"], env=env, cwd=REPO)
     killed: dict = {}
 
+    def finished_one() -> bool:
+        """A request has finished and its span is out (what the crash must not lose)."""
+        for f in (out / "traces" / "agg").glob("*.jsonl"):
+            try:
+                if semconv.SPAN_REQUEST.encode() + b'"' in f.read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
     def kill_when_loaded() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and run.popen.poll() is None:
-            # Load is on once aiperf runs; then the aggregated server's worker dies.
-            if _find(run.popen.pid, "aiperf") is not None:
-                time.sleep(8)
+            # Load is on once aiperf runs and a request has come back (on a loaded machine
+            # aiperf takes a while to send its first); then the aggregated server's worker
+            # dies.
+            if _find(run.popen.pid, "aiperf") is not None and finished_one():
+                time.sleep(2)
                 worker = _find(run.popen.pid, "VLLM::Worker")
                 if worker is not None:
                     killed["pid"], killed["t"] = worker.pid, time.monotonic()

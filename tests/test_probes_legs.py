@@ -4,10 +4,13 @@ app, trace adoption, the decode hand-over, failed and expired transfers, crash r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import inspect
 import json
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -56,9 +59,14 @@ class FakeOutputProcessor:
         return None
 
 
-@pytest.fixture
-def api_probes():
-    """The API-server hooks installed on the fakes (and Starlette), events collected."""
+@pytest.fixture(params=["c", "python"])
+def api_probes(request, monkeypatch):
+    """The API-server hooks installed on the fakes (and Starlette), events collected; once
+    with the request-path recordings in C (kvprof/probes/_fastrec.c), once in Python."""
+    if request.param == "python":
+        monkeypatch.setattr(api_hooks, "_C", None)
+    elif api_hooks._C is None:
+        pytest.skip("kvprof.probes._fastrec is not built here (no C compiler at install)")
     inst, events = VllmInstrumentor(), []
     hooks.set_emit(events.append)
     from starlette.applications import Starlette
@@ -152,13 +160,10 @@ def test_api_server_legs_through_a_real_asgi_app(api_probes, role, params, strea
     assert req.attributes[semconv.ATTR_HTTP_STATUS] == 200 and req.error is None
 
 
-@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
-def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch):
-    """Under a real uvicorn (the server vLLM's API server runs on), its own
-    RequestResponseCycle.send, probed, notes the status and the first body bytes: the app
-    gets uvicorn's send unwrapped (no Python call added per streamed message), and the legs
-    are the same as through the wrapper."""
-    import http.client
+@contextlib.contextmanager
+def _uvicorn(app, http_impl: str):
+    """A real uvicorn serving ``app`` on 127.0.0.1 with kvprof's probes of its request
+    cycle (as the instrumentor puts them into vLLM's API server); yields the port."""
     import importlib
     import threading
 
@@ -170,11 +175,8 @@ def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch
                and t.module.endswith(("httptools_impl", "h11_impl"))]
     for t in targets:
         inst._apply(t, importlib.import_module(t.module))
-    relays = []
-    monkeypatch.setattr(api_hooks, "_relay", lambda *a: relays.append(a) or a[1])
-    app, client = _app({"do_remote_prefill": True, "remote_request_id": "p-1"}, stream=True)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=http_impl,
-                                           log_level="warning", lifespan="off"))
+                                           log_level="critical", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -182,7 +184,42 @@ def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch
             if server.started:
                 break
             threading.Event().wait(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        inst.uninstrument()
+    # Uninstrumented: uvicorn's classes and modules are as they were.
+    for t in targets:
+        module = importlib.import_module(t.module)
+        assert not hasattr(module.RequestResponseCycle, api_hooks.CYCLE_ATTR)
+        assert not getattr(module.RequestResponseCycle.send, "__kvprof_probe__", False)
+        assert not [n for n in vars(module) if n.startswith("_kvprof_")]
+
+
+def _ended(api_probes, timeout_s: float = 10.0) -> list:
+    """The HTTP record, once its end time is in (the server ends it after the app)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = [e for e in api_probes if e[0] == ev.API]
+        if records and records[0][api_hooks.T_END] is not None:
+            return records[0]
+        time.sleep(0.02)
+    raise AssertionError(f"the record never ended: {api_probes}")
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch):
+    """Under a real uvicorn (the server vLLM's API server runs on), its own
+    RequestResponseCycle.send, probed, notes the status and the first body bytes: the app
+    gets uvicorn's send unwrapped (no Python call added per streamed message), and the legs
+    are the same as through the wrapper."""
+    import http.client
+
+    relays = []
+    monkeypatch.setattr(api_hooks, "_relay", lambda *a: relays.append(a) or a[1])
+    app, client = _app({"do_remote_prefill": True, "remote_request_id": "p-1"}, stream=True)
+    with _uvicorn(app, http_impl) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/completions", body=b'{"prompt": "p"}',
                      headers={"X-Request-Id": "xid-7", "traceparent": ROUTER_TP,
@@ -192,10 +229,6 @@ def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch
         conn.request("GET", "/health")  # a GET passes the probed send untouched
         conn.getresponse().read()
         conn.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        inst.uninstrument()
     assert resp.status == 200 and body.startswith(b"data: first")
     assert relays == [], "the app got uvicorn's own send, no wrapper"
     (event,) = [e for e in api_probes if e[0] == ev.API]
@@ -206,11 +239,62 @@ def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch
     assert req.end_ns - respond.end_ns >= 2 * MS  # the rest of the stream came later
     assert req.trace_id == ROUTER_TRACE and client.sent[0].trace_headers == {
         "traceparent": ROUTER_TP}
-    # Uninstrumented: uvicorn's classes are as they were.
-    for t in targets:
-        cls = importlib.import_module(t.module).RequestResponseCycle
-        assert not hasattr(cls, api_hooks.CYCLE_ATTR)
-        assert not getattr(cls.send, "__kvprof_probe__", False)
+
+
+def _stalling_app(after_first: str):
+    """A streaming endpoint that sends its first chunk, then either waits for the client
+    to leave ("wait") or fails ("raise")."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    engine, outputs = FakeAsyncLLM(FakeCoreClient()), FakeOutputProcessor()
+
+    async def completions(request):
+        sent = await engine.add_request("cmpl-xid-9-0", {"prompt": "p"}, NS(extra_args=None))
+        outputs.process_outputs([NS(request_id=sent.request_id, new_token_ids=[5],
+                                    finish_reason=None)])
+
+        async def chunks():
+            yield b"data: first\n\n"
+            if after_first == "raise":
+                raise RuntimeError("the stream failed")
+            await asyncio.sleep(30)
+            yield b"data: never\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+@pytest.mark.parametrize("after_first", ["wait", "raise"])
+def test_uvicorn_ends_a_response_that_never_completes(api_probes, http_impl, after_first):
+    """A client that leaves mid-stream, or an app that fails after its first bytes: uvicorn
+    never calls the cycle's on_response, and the record still ends, when the app has
+    returned, with nothing left waiting."""
+    import socket
+
+    with _uvicorn(_stalling_app(after_first), http_impl) as port:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\nx-request-id: xid-9\r\n"
+                     b"content-length: 2\r\n\r\n{}")
+        got = b""
+        while b"data: first" not in got:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        t_left = time.time_ns()
+        sock.close()  # leave (after a failure the server has closed it already)
+        record = _ended(api_probes)
+    assert b"data: first" in got
+    assert record[api_hooks.STATUS] == 200
+    assert record[api_hooks.T_RECV] < record[api_hooks.T_FIRST_BYTES] <= t_left
+    if after_first == "wait":
+        assert record[api_hooks.T_END] >= t_left  # when the app saw the client go
+    assert record[api_hooks.T_END] >= record[api_hooks.T_FIRST_BYTES]
+    assert api_hooks._AWAIT == {}
 
 
 def test_api_span_errors_when_the_engine_dies_under_a_streaming_answer(api_probes):
@@ -271,6 +355,111 @@ async def _serve_in_process(app, headers: list[tuple[bytes, bytes]]) -> None:
     await asyncio.get_running_loop().create_task(app(scope, receive, send))
 
 
+def test_the_c_recordings_are_built_where_a_compiler_is():
+    """`make install` builds kvprof/probes/_fastrec.c (setup.py) where a C compiler is; its
+    absence (where one is) would pass every test above on the Python versions alone."""
+    import shutil
+    import sysconfig
+
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}) here: the hooks run their Python versions")
+    assert api_hooks._fastrec is not None, "kvprof/probes/_fastrec.c was not built (setup.py)"
+    assert api_hooks.implementation() == "c"
+
+
+class _Cycle:
+    """uvicorn's request cycle as far as the hooks meet it (its send, probed, and the
+    on_response it calls when the response is complete, dropped after the app)."""
+
+    def __init__(self, on_response):
+        self.on_response = on_response
+
+    async def run_asgi(self, app, scope, receive):
+        try:
+            await app(scope, receive, self.send)
+        finally:
+            self.on_response = lambda: None
+
+    async def send(self, message):
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.on_response()
+
+
+def test_the_c_recordings_leak_nothing():
+    """Reference counts in kvprof/probes/_fastrec.c: 2,000 requests (a probed uvicorn-like
+    cycle and a plain server's send, a streamed answer, trace headers, an n > 1 call)
+    leave no memory behind."""
+    if api_hooks._C is None:
+        pytest.skip("kvprof.probes._fastrec is not built here (no C compiler at install)")
+    import tracemalloc
+
+    inst, events = VllmInstrumentor(), []
+    hooks.set_emit(events.append)
+    from starlette.applications import Starlette
+
+    class Cycle(_Cycle):
+        pass
+
+    Cycle._kvprof_http = None
+    for owner, name, factory in (
+            (FakeAsyncLLM, "add_request", api_hooks.async_llm_add_request),
+            (FakeCoreClient, "add_request_async", api_hooks.core_client_add_request_async),
+            (FakeOutputProcessor, "process_outputs",
+             api_hooks.output_processor_process_outputs),
+            (Cycle, "send", api_hooks.uvicorn_cycle_send),
+            (Starlette, "build_middleware_stack", api_hooks.starlette_build_middleware_stack)):
+        assert inst._wrap(owner, name, factory, name)
+    inst.is_instrumented = True
+    app, client = _app({"do_remote_decode": True}, stream=True)
+    headers = [(b"host", b"h"), (b"x-request-id", b"xid-7"),
+               (b"traceparent", ROUTER_TP.encode())]
+    on_response_calls = []
+
+    async def serve(n):
+        for i in range(n):
+            scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                     "headers": list(headers), "query_string": b"", "root_path": "",
+                     "asgi": {"version": "3.0", "spec_version": "2.3"}}
+            if i % 2:
+                await _serve_in_process(app, list(headers))
+            else:
+                sent = False
+
+                async def receive():
+                    nonlocal sent
+                    if not sent:
+                        sent = True
+                        return {"type": "http.request", "body": b"{}", "more_body": False}
+                    await asyncio.sleep(3600)
+
+                cycle = Cycle(lambda: on_response_calls.append(1))
+                await asyncio.get_running_loop().create_task(
+                    cycle.run_asgi(app, scope, receive))
+            assert len(events) == 1 and events[0][api_hooks.T_END] is not None
+            events.clear()
+            client.sent.clear()
+
+    try:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(serve(200))
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        loop.run_until_complete(serve(2000))
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        loop.close()
+    finally:
+        inst.uninstrument()
+        hooks.set_emit(None)
+    assert len(on_response_calls) == 1100  # uvicorn's own on_response still runs
+    on_response_calls.clear()
+    assert api_hooks._AWAIT == {}
+    assert grown < 16_000, f"{grown} bytes kept by 2,000 requests"
+
+
 def _qualname(obj) -> str:
     # Some objects (torch's op namespaces) answer any attribute, with something not a str.
     try:
@@ -290,8 +479,13 @@ def test_api_records_are_freed_without_the_garbage_collector(api_probes):
     try:
         asyncio.run(_serve_in_process(app, [(b"x-request-id", b"xid-7")]))
         assert [e[0] for e in api_probes] == [ev.API]
-        assert api_probes[0][api_hooks.T_END] is not None
+        record = api_probes[0]
+        assert record[api_hooks.T_END] is not None
         api_probes.clear()  # the export thread is done with it
+        # Nothing else holds the record (the C recordings keep it out of the collector's
+        # sight, where a cycle through it would leak: there is none).
+        assert sys.getrefcount(record) == 2  # this name and the call's argument
+        del record
         left = [o for o in gc.get_objects()
                 if type(o) is list and len(o) >= api_hooks.EXTRA_CALLS
                 and o[api_hooks.RID] == "cmpl-xid-7-0"

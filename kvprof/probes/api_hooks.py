@@ -15,20 +15,26 @@ directly (no HTTP: only the AsyncLLM part). Four hook points:
 * ``OutputProcessor.process_outputs``: the first output is back from the EngineCore.
 
 This runs on the frontend's event loop for every request, so it is written for cost
-(bench/api_overhead.py measures it). On the request path the hooks take timestamps and
+(bench/api_overhead.py measures it). Measured there, the cost is the Python bytecode run
+cold (every request's code evicts the last one's from the CPU's caches): so the work of
+each hook is one call into C where kvprof/probes/_fastrec.c is built (setup.py, where a C
+compiler is at install), and the Python functions below, which do the same, run where it
+is not (KVPROF_PURE_PYTHON=1 forces them; tests run both). Under uvicorn the C part also
+ends the record from the request cycle (its on_response, wrapped), so no coroutine of ours
+stands around the app. On the request path the hooks take timestamps and
 references to objects that exist anyway, into one flat list per HTTP request, the record.
 The record is the event: emitted when the request arrives and filled in afterwards, it is
 kept by the export thread until the response's end time is in it (the last write), so it
-is also the list of requests in flight (for crash reports) and nothing is done on the path
-when the response ends. Decoding the X-Request-Id, the status and error handling, ids, roles
+is also the list of requests in flight (for crash reports) and nothing is emitted when the
+response ends. Decoding the X-Request-Id, the status and error handling, ids, roles
 and attributes happen in the export thread (assembler.SpanAssembler._on_api_event).
 
 What a record keeps alive until the export thread has read it (up to a flush interval) is
 kept small on purpose: memory a request frees is what the next one allocates, still in the
 CPU's caches, and every object held back makes later allocations land on cold memory. So a
-record holds the request's kv_transfer_params, not its params, and the X-Request-Id's
-bytes, not the headers. The one header decoded on the path is the traceparent: the
-EngineCore request must carry it when it leaves.
+record holds the request's extra_args (its kv_transfer_params), not its params, and the
+X-Request-Id's bytes, not the headers. The one header decoded on the path is the
+traceparent: the EngineCore request must carry it when it leaves.
 
 The record (a list; the position constants below name its fields):
 
@@ -58,6 +64,7 @@ with a list of its own sets a second one, for the hand-off probe of the task tha
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from contextvars import ContextVar
 from time import time_ns
@@ -66,7 +73,12 @@ from typing import Any
 from kvprof import semconv
 from kvprof.probes import hooks
 from kvprof.probes.events import API, ENGINE_DEAD
-from kvprof.probes.method_probes import method_probe
+from kvprof.probes.method_probes import _as_coroutine_function, method_probe
+
+try:  # the request-path work in C, built at install where a C compiler is (setup.py)
+    from kvprof.probes import _fastrec
+except ImportError:  # else the Python versions here, which do the same
+    _fastrec = None
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +141,45 @@ def output_processor_propagate_error(wrapped: Callable[..., Any]) -> hooks.Probe
 # -- ASGI --------------------------------------------------------------------------------------
 def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
     """The ASGI app with kvprof's timing outermost; GETs and non-HTTP scopes pass straight on."""
+    wrapper = _asgi_wrap_py(app) if _C is None else _asgi_wrap_c(app, _C.intake, _C.end)
+    wrapper.__kvprof_asgi__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _asgi_wrap_c(app: Callable[..., Any], intake: Callable[..., Any],
+                 end: Callable[..., Any]) -> Callable[..., Any]:
+    """asgi_wrap with the request's intake and end in C (_fastrec.Hooks.intake and .end do
+    what the Python wrapper below does before and after it awaits the app). Under uvicorn
+    (its request cycle probed) the record ends with the response, noted by the cycle, so
+    the app's own coroutine is what the server awaits: nothing of ours around it."""
+
+    def kvprof_asgi(scope, receive, send):
+        try:
+            r = intake(scope, send)
+        except Exception:
+            hooks._hook_failed("ASGI request")
+            r = None
+        if r is None:  # not a POST, or one uvicorn's cycle ends itself
+            return app(scope, receive, send)
+        return _recorded(app, end, r, scope, receive, send)
+
+    return _as_coroutine_function(kvprof_asgi)
+
+
+async def _recorded(app: Callable[..., Any], end: Callable[..., Any], r: tuple, scope: Any,
+                    receive: Any, send: Any) -> Any:
+    """The app under a server kvprof does not probe: the record ends when it returns."""
+    h, registered = r
+    try:
+        return await app(scope, receive, send if registered else _relay(h, send))
+    finally:
+        try:
+            end(h)
+        except Exception:
+            hooks._hook_failed("ASGI response")
+
+
+def _asgi_wrap_py(app: Callable[..., Any]) -> Callable[..., Any]:
     # Read on the request path as closure cells, made together here, rather than as the
     # module's globals, whose entries lie apart (about 0.15 us a request in the bench).
     # ``emitter`` is the hooks module: its _EMIT is looked up on each use (set_emit).
@@ -183,17 +234,21 @@ def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
             # The app returns once its last message is with the server.
             t_end = clock()
             if waiting:
-                try:  # calls whose first output never came stop waiting for it
-                    for c in calls_of(h):
-                        if c[14] is None and c[13] is not None:
-                            _AWAIT.pop(c[13], None)
-                except Exception:
-                    hooks._hook_failed("ASGI response")
+                _stop_waiting(h)
             # Last: once the export thread sees the end time, the record is complete.
             h[3] = t_end
 
-    kvprof_asgi.__kvprof_asgi__ = True  # type: ignore[attr-defined]
     return kvprof_asgi
+
+
+def _stop_waiting(h: list) -> None:
+    """The response has ended: its calls whose first output never came stop waiting."""
+    try:
+        for c in calls_of(h):
+            if c[14] is None and c[13] is not None:
+                _AWAIT.pop(c[13], None)
+    except Exception:
+        hooks._hook_failed("ASGI response")
 
 
 def _note_response(h: list, message: Any) -> bool:
@@ -243,7 +298,8 @@ def _on_send(cycle: Any, message: Any) -> None:
 def uvicorn_cycle_send(wrapped: Callable[..., Any]) -> hooks.Probe:
     """uvicorn's RequestResponseCycle.send (every HTTP implementation of it), noting the
     status and the first body bytes of a response the ASGI wrapper registered."""
-    probe = method_probe(wrapped, _on_send, (("self", 0), ("message", 1)))
+    probe = method_probe(wrapped, _on_send if _C is None else _on_send_c,
+                         (("self", 0), ("message", 1)))
     _SEND_PROBES.add(probe)
     return probe
 
@@ -308,7 +364,8 @@ def async_llm_add_request(wrapped: Callable[..., Any]) -> hooks.Probe:
     # coroutine; in a probe, before it returns AsyncLLM's coroutine), so the contextvar it
     # sets is the one add_request_async sees.
     return method_probe(
-        wrapped, _on_add_request, (("request_id", 1), ("params", 3), ("trace_headers", None)))
+        wrapped, _on_add_request if _C is None else _on_add_request_c,
+        (("request_id", 1), ("params", 3), ("trace_headers", None)))
 
 
 def _on_handoff(request: Any) -> None:
@@ -340,7 +397,8 @@ def _on_handoff(request: Any) -> None:
 
 
 def core_client_add_request_async(wrapped: Callable[..., Any]) -> hooks.Probe:
-    return method_probe(wrapped, _on_handoff, (("request", 1),))
+    return method_probe(wrapped, _on_handoff if _C is None else _on_handoff_c,
+                        (("request", 1),))
 
 
 def _on_outputs(engine_core_outputs: Any) -> None:
@@ -366,4 +424,64 @@ def _on_outputs(engine_core_outputs: Any) -> None:
 def output_processor_process_outputs(wrapped: Callable[..., Any]) -> hooks.Probe:
     # Called every engine step: the outputs are looked at only while some request waits
     # for its first one (the truth of _AWAIT, the first test in the hooked function).
-    return method_probe(wrapped, _on_outputs, (("engine_core_outputs", 1),), only_if=_AWAIT)
+    return method_probe(wrapped, _on_outputs if _C is None else _on_outputs_c,
+                        (("engine_core_outputs", 1),), only_if=_AWAIT)
+
+
+# -- the same in C -----------------------------------------------------------------------------
+# The recordings above, each one call into _fastrec (the hooked functions run these bodies
+# first, as they run the Python ones). The C functions raise where the Python ones would
+# have reported a failure; so do these.
+def _on_add_request_c(request_id: str, params: Any, trace_headers: Any) -> None:
+    try:
+        _c_add_request(request_id, params, trace_headers)
+    except Exception:
+        hooks._hook_failed("AsyncLLM.add_request")
+
+
+def _on_handoff_c(request: Any) -> None:
+    try:
+        _c_handoff(request)
+    except Exception:
+        hooks._hook_failed("EngineCoreClient.add_request_async")
+
+
+def _on_send_c(cycle: Any, message: Any) -> None:
+    if cycle._kvprof_http is not None:
+        try:
+            _c_send(cycle, message)
+        except Exception:
+            hooks._hook_failed("uvicorn RequestResponseCycle.send")
+
+
+def _on_outputs_c(engine_core_outputs: Any) -> None:
+    try:
+        _c_outputs(engine_core_outputs)
+    except Exception:
+        hooks._hook_failed("OutputProcessor.process_outputs")
+
+
+def _c_hooks() -> Any:
+    """This module's state in a _fastrec.Hooks; None where the module is not built or
+    KVPROF_PURE_PYTHON is set (the Python versions then)."""
+    if _fastrec is None or os.environ.get("KVPROF_PURE_PYTHON"):
+        return None
+    try:
+        return _fastrec.Hooks(_HTTP, _CALL, _AWAIT, _SEND_PROBES, hooks, API, _TRACEPARENT,
+                              _AWAIT_LIMIT, CYCLE_ATTR, _prune_waits, hooks._hook_failed)
+    except Exception:  # a build of another kvprof version: the Python recordings then
+        log.warning("kvprof: %s does not match this kvprof; the API-server hooks run "
+                    "their Python versions", _fastrec.__file__, exc_info=True)
+        return None
+
+
+_C = _c_hooks()
+_c_add_request = _c_handoff = _c_outputs = _c_send = None
+if _C is not None:
+    _c_add_request, _c_handoff, _c_outputs, _c_send = (
+        _C.on_add_request, _C.on_handoff, _C.on_outputs, _C.on_send)
+
+
+def implementation() -> str:
+    """Which implementation the hooks installed from now on use: "c" or "python"."""
+    return "python" if _C is None else "c"

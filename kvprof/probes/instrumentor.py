@@ -23,7 +23,7 @@ from typing import Any
 
 import wrapt
 
-from kvprof.probes import api_hooks, hooks, lifecycle
+from kvprof.probes import api_hooks, hooks, lifecycle, method_probes
 from kvprof.probes import events as ev
 from kvprof.probes.config import ENV_STATS_DIR
 
@@ -148,6 +148,7 @@ class VllmInstrumentor:
             if not self.is_instrumented:
                 return
             for owner, name, was_own, original in reversed(self._patched):
+                method_probes.remove_globals(owner.__dict__.get(name))
                 if was_own:
                     setattr(owner, name, original)
                 else:

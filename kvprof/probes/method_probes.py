@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import functools
 import inspect
+import itertools
 import logging
 import operator
 import textwrap
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # nothing they assign or read can meet a name of the function they are put into.
 _SHELL_PREFIX = "_kvprof_"
 _CO_NESTED = inspect.CO_NESTED
+_COPIES = itertools.count(1)  # names the values of each copy's recording statements apart
 # The `from __future__` flags a code object carries (its module's), which compile() takes.
 _FUTURE_FLAGS = functools.reduce(
     operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names))
@@ -62,11 +64,11 @@ def _pick(params: list[inspect.Parameter], wants: tuple[tuple[str, int | None], 
             for name, pos in wants]
 
 
-def _record_body(record: Callable[..., None], args: list[str]
+def _record_body(record: Callable[..., None], args: list[str], prefix: str = _SHELL_PREFIX
                  ) -> tuple[list[ast.stmt], dict[str, Any]] | None:
     """The body of the function ``record`` as statements to put into a hooked function: its
     parameters read as ``args`` (names of the hooked function's arguments, or "None"), every
-    other name renamed with _SHELL_PREFIX. Also the values, taken now, of the names it reads
+    other name renamed with ``prefix``. Also the values, taken now, of the names it reads
     from its module or the builtins, under their new names: module state the hooks share
     is mutated in place, never rebound. None when that is not safe: no source, a ``return``
     (it would return from the hooked function), a nested scope or scope statement."""
@@ -93,9 +95,9 @@ def _record_body(record: Callable[..., None], args: list[str]
                 and not any(isinstance(m, ast.Name) and m.id == n.id
                             and isinstance(m.ctx, ast.Store) for m in nodes)):
             if n.id in module:
-                values[_SHELL_PREFIX + n.id] = module[n.id]
+                values[prefix + n.id] = module[n.id]
             elif hasattr(builtins, n.id):
-                values[_SHELL_PREFIX + n.id] = getattr(builtins, n.id)
+                values[prefix + n.id] = getattr(builtins, n.id)
             else:
                 return None
 
@@ -106,12 +108,12 @@ def _record_body(record: Callable[..., None], args: list[str]
                 return ast.copy_location(
                     ast.Constant(None) if value == "None" else ast.Name(value, ast.Load()),
                     node)
-            node.id = _SHELL_PREFIX + node.id
+            node.id = prefix + node.id
             return node
 
         def visit_ExceptHandler(self, node: ast.ExceptHandler) -> ast.AST:
             if node.name:
-                node.name = _SHELL_PREFIX + node.name
+                node.name = prefix + node.name
             return self.generic_visit(node)
 
     body = [Rename().visit(stmt) for stmt in fn.body
@@ -225,12 +227,18 @@ def with_prologue(wrapped: Callable[..., Any], record: Callable[..., None],
                    if isinstance(c, CodeType) and c.co_name == code.co_name), None)
     if copied is None or not _same_code(copied, code):
         return None  # the source on disk is not what runs, or depends on where it sat
-    made = _record_body(record, _pick(params, wants))
+    # The names the recording statements read are globals of vLLM's module, put there
+    # under names of this copy's own (so two hooks in one module never share one): as
+    # closure cells, every call would copy them into its frame and clear them after, which
+    # for a hook on every streamed message or engine step costs more than its statements.
+    prefix = f"{_SHELL_PREFIX}{next(_COPIES)}_"
+    made = _record_body(record, _pick(params, wants), prefix)
     if made is None:
         return None
     statements, values = made
     if only_if is not True:  # a gate whose truth may change: tested on every call
-        statements = [ast.If(ast.Name(_SHELL_PREFIX + "only_if", ast.Load()), statements, [])]
+        values[prefix + "only_if"] = only_if
+        statements = [ast.If(ast.Name(prefix + "only_if", ast.Load()), statements, [])]
     docstring = (1 if fn.body and isinstance(fn.body[0], ast.Expr)
                  and isinstance(fn.body[0].value, ast.Constant)
                  and isinstance(fn.body[0].value.value, str) else 0)
@@ -240,25 +248,30 @@ def with_prologue(wrapped: Callable[..., Any], record: Callable[..., None],
                 node.lineno = node.end_lineno = fn.lineno
                 node.col_offset = node.end_col_offset = 0
     fn.body[docstring:docstring] = statements
-    # A factory whose parameters the copy reads as closure cells, run in the namespace of
-    # vLLM's module, which the copy's own statements read as before.
-    factory = ast.FunctionDef(
-        _SHELL_PREFIX + "make",
-        ast.arguments([], [ast.arg(_SHELL_PREFIX + "only_if"), *map(ast.arg, values)],
-                      None, [], [], None, []),
-        [fn, ast.Return(ast.Name(fn.name, ast.Load()))], [])
-    ast.copy_location(factory, fn)
+    # Defined in the namespace of vLLM's module (the copy's own statements read it as
+    # before), kept out of it: only the values above go in.
     namespace: dict[str, Any] = {}
     try:
-        exec(_compile_alone(factory, code), wrapped.__globals__, namespace)
+        compiled = _compile_alone(fn, code)
     except (SyntaxError, ValueError):
         return None
-    copy = namespace[_SHELL_PREFIX + "make"](only_if, *values.values())
+    wrapped.__globals__.update(values)
+    exec(compiled, wrapped.__globals__, namespace)
+    copy = namespace[fn.name]
+    copy.__kvprof_globals__ = (wrapped.__globals__, tuple(values))  # see remove_globals
     copy.__code__ = copy.__code__.replace(co_qualname=code.co_qualname)
     copy.__qualname__ = wrapped.__qualname__
     copy.__defaults__, copy.__kwdefaults__ = wrapped.__defaults__, wrapped.__kwdefaults__
     copy.__annotations__ = getattr(wrapped, "__annotations__", {})
     return copy
+
+
+def remove_globals(probe: Any) -> None:
+    """Take the values a copy's recording statements read out of vLLM's module again (the
+    copy is no longer in place)."""
+    module, names = getattr(getattr(probe, "__func__", probe), "__kvprof_globals__", ({}, ()))
+    for name in names:
+        module.pop(name, None)
 
 
 def forwarding_probe(wrapped: Callable[..., Any], record: Callable[..., None],
