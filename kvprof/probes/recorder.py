@@ -183,7 +183,9 @@ class Recorder:
                 pass
             records: list[SpanRecord] = []
             try:
-                records = self.assembler.feed(batch, taken)
+                # At exit no later feed comes: a response that ended after ``taken`` is
+                # closed now rather than lost (a death after it would be lost anyway).
+                records = self.assembler.feed(batch, None if final else taken)
                 records += self.assembler.flush(time.time_ns(), final=final)
                 if final:
                     # Requests still open when the process goes: closed with an error and
