@@ -218,6 +218,7 @@ def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch
 
     relays = []
     monkeypatch.setattr(api_hooks, "_relay", lambda *a: relays.append(a) or a[1])
+    c_relays = api_hooks._C.relays if api_hooks._C is not None else 0
     app, client = _app({"do_remote_prefill": True, "remote_request_id": "p-1"}, stream=True)
     with _uvicorn(app, http_impl) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -231,6 +232,8 @@ def test_uvicorn_notes_the_first_bytes_itself(api_probes, http_impl, monkeypatch
         conn.close()
     assert resp.status == 200 and body.startswith(b"data: first")
     assert relays == [], "the app got uvicorn's own send, no wrapper"
+    if api_hooks._C is not None:
+        assert api_hooks._C.relays == c_relays, "the app got uvicorn's own send, no relay"
     (event,) = [e for e in api_probes if e[0] == ev.API]
     assert event[api_hooks.STATUS] == 200 and event[api_hooks.T_FIRST_BYTES] is not None
     spans = {s.name: s for s in SpanAssembler(ProcessFacts()).feed([event])}
@@ -321,6 +324,94 @@ def test_api_span_errors_when_the_engine_dies_under_a_streaming_answer(api_probe
     assert [e[0] for e in api_probes] == [ev.API, ev.ENGINE_DEAD]
     spans = {s.name: s for s in SpanAssembler(ProcessFacts()).feed(list(api_probes))}
     assert "error event" in spans[semconv.SPAN_API_REQUEST].error
+
+
+def _two_call_record(impl: str, monkeypatch) -> tuple[list, list]:
+    """One POST whose endpoint makes two engine calls (as an n > 1 fan-out does), decode
+    side (kv_transfer_params naming the prefill request and trace), through the hooks in
+    ``impl``; the API events and the spans they make."""
+    with monkeypatch.context() as mp:
+        if impl == "python":
+            mp.setattr(api_hooks, "_C", None)
+        inst, events = VllmInstrumentor(), []
+        hooks.set_emit(events.append)
+        from starlette.applications import Starlette
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        for owner, name, factory in (
+                (FakeAsyncLLM, "add_request", api_hooks.async_llm_add_request),
+                (FakeCoreClient, "add_request_async",
+                 api_hooks.core_client_add_request_async),
+                (FakeOutputProcessor, "process_outputs",
+                 api_hooks.output_processor_process_outputs),
+                (Starlette, "build_middleware_stack",
+                 api_hooks.starlette_build_middleware_stack)):
+            assert inst._wrap(owner, name, factory, name)
+        inst.is_instrumented = True
+        engine, outputs = FakeAsyncLLM(FakeCoreClient()), FakeOutputProcessor()
+        kvp = {"do_remote_prefill": True, "remote_request_id": "cmpl-p-9-0",
+               "remote_engine_id": "e-1", "remote_block_ids": [1, 2, 3],
+               semconv.TRACEPARENT_KEY: ROUTER_TP}
+
+        async def completions(request):
+            sent = [await engine.add_request(f"cmpl-xid-7-{i}", {"prompt": "p"},
+                                             NS(extra_args={"kv_transfer_params": kvp}))
+                    for i in range(2)]
+            outputs.process_outputs([NS(request_id=r.request_id, new_token_ids=[5],
+                                        finish_reason=None) for r in sent])
+
+            async def chunks():
+                yield b"data: first\n\n"
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+
+        app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+        try:
+            asyncio.run(_serve_in_process(app, [(b"x-request-id", b"xid-7"),
+                                                (b"traceparent", ROUTER_TP.encode())]))
+        finally:
+            inst.uninstrument()
+            hooks.set_emit(None)
+    records = [e for e in events if e[0] == ev.API]
+    return records, SpanAssembler(ProcessFacts()).feed(records)
+
+
+def test_the_c_record_reads_as_the_python_list(monkeypatch):
+    """The C recordings' record (one object, times as integers, of the parameters only the
+    kv_transfer_params fields the export thread reads) reads as the Python list does: the
+    same values in the same positions, the same length and slices, the same spans."""
+    if api_hooks._C is None:
+        pytest.skip("kvprof.probes._fastrec is not built here (no C compiler at install)")
+    (c,), c_spans = _two_call_record("c", monkeypatch)
+    (py,), py_spans = _two_call_record("python", monkeypatch)
+    assert type(c).__name__ == "Record" and type(py) is list
+    assert len(c) == len(py) == api_hooks.EXTRA_CALLS + 1  # the second call
+    times = {api_hooks.T_RECV, api_hooks.T_FIRST_BYTES, api_hooks.T_END, api_hooks.T_INPUT,
+             api_hooks.T_HANDOFF, api_hooks.T_FIRST_OUTPUT}
+    for a, b in [(c, py), (c[-1], py[-1])]:
+        for i in range(api_hooks.EXTRA_CALLS):
+            if i in times:
+                assert (a[i] is None) == (b[i] is None), i
+                assert a[i] is None or isinstance(a[i], int) and a[i] > 0, i
+            elif i == api_hooks.EXTRA_ARGS:
+                kept = {k: v for k, v in api_hooks.kv_transfer_params(b).items()
+                        if k in api_hooks.KV_FIELDS}
+                assert api_hooks.kv_transfer_params(a) == kept and len(kept) == 3
+            else:
+                assert a[i] == b[i], i
+    assert c[api_hooks.XID] == b"xid-7" and c[api_hooks.RID] == "cmpl-xid-7-0"
+    assert c[-1][api_hooks.RID] == "cmpl-xid-7-1" and c[-1][0] is None
+    assert c[:api_hooks.STATUS] == [ev.API, *c[api_hooks.T_RECV:api_hooks.STATUS]]
+    assert len(api_hooks.calls_of(c)) == 2 and "Record([30" in repr(c)
+    with pytest.raises(IndexError):
+        c[len(c)]
+
+    def shape(spans):
+        return sorted((s.name, s.trace_id, s.span_id, s.parent_id,
+                       tuple(sorted(s.attributes.items()))) for s in spans)
+    assert shape(c_spans) == shape(py_spans) and len(c_spans) == 10  # 5 a call
 
 
 def test_gets_and_health_checks_pass_untouched(api_probes):
@@ -489,7 +580,8 @@ def test_api_records_are_freed_without_the_garbage_collector(api_probes):
         left = [o for o in gc.get_objects()
                 if type(o) is list and len(o) >= api_hooks.EXTRA_CALLS
                 and o[api_hooks.RID] == "cmpl-xid-7-0"
-                or _qualname(o).endswith("_relay.<locals>.relay")]
+                or _qualname(o).endswith("_relay.<locals>.relay")
+                or type(o).__name__ == "Relay"]
     finally:
         gc.enable()
     assert left == []

@@ -2,40 +2,49 @@
  * Python, used where this module is not built).
  *
  * Why C: these run on the frontend's event loop for every request, and measured there
- * (bench/api_overhead.py) their cost is the Python bytecode they run cold, 15-20 ns an
- * instruction on a 2-core VM: a hook that is one call here runs a handful instead of
- * 40-150. What they do is what the Python versions do, field for field (the record's
- * layout is documented in api_hooks.py; tests run both, and count what C keeps alive).
+ * (bench/api_overhead.py) their cost is not the instructions they run but the memory they
+ * touch and keep: code and objects run cold (every request's code evicts the last one's),
+ * and what a record keeps alive until the export thread reads it (up to a flush interval)
+ * makes later allocations land on cold memory. So the work is C, and a record is one
+ * object, a Record, whose times are plain integers (not six int objects) and which keeps
+ * of the request's parameters only the kv_transfer_params fields the export thread reads
+ * (not vLLM's dicts, which the collector would walk). It reads like the Python version's
+ * list (record[i], len, slices; the layout is documented in api_hooks.py), so the export
+ * thread treats both alike; tests run both, and count what C keeps alive.
  *
  * Errors raise into the caller, whose Python try/except reports the hook failed (where no
  * caller can take one, report_failure does): nothing here may raise into vLLM.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 
 /* Record positions (api_hooks.py). */
 enum {
-    T_RECV = 1, T_FIRST_BYTES, T_END, STATUS, XID, HTTP_TRACEPARENT, PATH,
+    KIND = 0, T_RECV, T_FIRST_BYTES, T_END, STATUS, XID, HTTP_TRACEPARENT, PATH,
     RID, T_INPUT, EXTRA_ARGS, TRACEPARENT, T_HANDOFF, INTERNAL, T_FIRST_OUTPUT, OK,
     RECORD_LEN
 };
+
+#define MAX_KV_FIELDS 8
 
 /* A Hooks object holds the state of one api_hooks module (the bench loads two). */
 typedef struct {
     PyObject_HEAD
     PyObject *http_var, *call_var, *await_dict, *send_probes, *hooks_module, *api_kind,
         *traceparent_key, *cycle_attr, *prune, *failed;
-    Py_ssize_t await_limit;
+    PyObject *kv_fields[MAX_KV_FIELDS];
+    Py_ssize_t await_limit, n_kv_fields;
+    Py_ssize_t relays;  /* relays given to apps (read by tests: uvicorn's cycle needs none) */
 } Hooks;
 
-static PyTypeObject EndedType;
-static int end_with_cycle(Hooks *self, PyObject *cycle, PyObject *h);
-
 static PyObject *s_emit, *s_method, *s_post, *s_headers, *s_path, *s_empty, *s_status,
-    *s_body, *s_on_response, *s_extra_args, *s_request_id, *s_trace_headers,
-    *s_new_token_ids, *s_finish_reason;
+    *s_body, *s_more_body, *s_on_response, *s_extra_args, *s_kv_transfer_params,
+    *s_request_id, *s_trace_headers, *s_new_token_ids, *s_finish_reason;
 
 static int
 Hooks_ready(Hooks *self)
@@ -47,14 +56,216 @@ Hooks_ready(Hooks *self)
     return 1;
 }
 
-static PyObject *
+static int64_t
 now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);  /* time.time_ns() */
-    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* -- Record -------------------------------------------------------------------------------- */
+/* One engine call, and for the HTTP request's record its HTTP part too. A time of 0 and a
+ * NULL object read as None. Not tracked by the garbage collector: it holds strings, the
+ * status, the kv_transfer_params fields' values and a list of further calls, none of which
+ * can lead back to it, so reference counting frees it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *kind;  /* API, or None for a further call of an HTTP request */
+    int64_t t_recv, t_first_bytes, t_end, t_input, t_handoff, t_first_output;
+    PyObject *status, *xid, *http_traceparent, *path, *rid, *traceparent, *internal;
+    Hooks *hooks;  /* the names of the kv fields */
+    PyObject *kv[MAX_KV_FIELDS];  /* their values (NULL: absent) */
+    PyObject *calls;  /* further calls of the HTTP request (a list), or NULL */
+    char has_kv, ok;
+} Record;
+
+static PyTypeObject RecordType;
+
+#define IS_RECORD(o) Py_IS_TYPE((o), &RecordType)
+
+static Record *
+new_record(Hooks *hooks, PyObject *kind)
+{
+    Record *r = PyObject_New(Record, &RecordType);
+    if (r == NULL)
+        return NULL;
+    memset((char *)r + sizeof(PyObject), 0, sizeof(Record) - sizeof(PyObject));
+    r->kind = Py_NewRef(kind);
+    Py_INCREF(hooks);
+    r->hooks = hooks;
+    r->ok = 1;
+    return r;
+}
+
+static void
+Record_dealloc(Record *r)
+{
+    Py_XDECREF(r->kind);
+    Py_XDECREF(r->status);
+    Py_XDECREF(r->xid);
+    Py_XDECREF(r->http_traceparent);
+    Py_XDECREF(r->path);
+    Py_XDECREF(r->rid);
+    Py_XDECREF(r->traceparent);
+    Py_XDECREF(r->internal);
+    for (int i = 0; i < MAX_KV_FIELDS; i++)
+        Py_XDECREF(r->kv[i]);
+    Py_XDECREF(r->calls);
+    Py_XDECREF(r->hooks);
+    PyObject_Free(r);
+}
+
+static PyObject *
+time_or_none(int64_t t)
+{
+    if (t == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(t);
+}
+
+static PyObject *
+or_none(PyObject *o)
+{
+    return Py_NewRef(o != NULL ? o : Py_None);
+}
+
+/* The EXTRA_ARGS slot: {"kv_transfer_params": {field: value}} with the fields kept. */
+static PyObject *
+Record_extra_args(Record *r)
+{
+    if (!r->has_kv)
+        Py_RETURN_NONE;
+    PyObject *kvp = PyDict_New(), *extra = NULL;
+    if (kvp == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < r->hooks->n_kv_fields; i++)
+        if (r->kv[i] != NULL && PyDict_SetItem(kvp, r->hooks->kv_fields[i], r->kv[i]) < 0)
+            goto fail;
+    if ((extra = PyDict_New()) == NULL
+            || PyDict_SetItem(extra, s_kv_transfer_params, kvp) < 0)
+        goto fail;
+    Py_DECREF(kvp);
+    return extra;
+fail:
+    Py_DECREF(kvp);
+    Py_XDECREF(extra);
+    return NULL;
+}
+
+static Py_ssize_t
+Record_length(Record *r)
+{
+    return RECORD_LEN + (r->calls != NULL ? PyList_GET_SIZE(r->calls) : 0);
+}
+
+static PyObject *
+Record_item(Record *r, Py_ssize_t i)
+{
+    switch (i) {
+    case KIND: return Py_NewRef(r->kind);
+    case T_RECV: return time_or_none(r->t_recv);
+    case T_FIRST_BYTES: return time_or_none(r->t_first_bytes);
+    case T_END: return time_or_none(r->t_end);
+    case STATUS: return or_none(r->status);
+    case XID: return or_none(r->xid);
+    case HTTP_TRACEPARENT: return or_none(r->http_traceparent);
+    case PATH: return or_none(r->path);
+    case RID: return or_none(r->rid);
+    case T_INPUT: return time_or_none(r->t_input);
+    case EXTRA_ARGS: return Record_extra_args(r);
+    case TRACEPARENT: return or_none(r->traceparent);
+    case T_HANDOFF: return time_or_none(r->t_handoff);
+    case INTERNAL: return or_none(r->internal);
+    case T_FIRST_OUTPUT: return time_or_none(r->t_first_output);
+    case OK: return PyBool_FromLong(r->ok);
+    }
+    if (i >= RECORD_LEN && i < Record_length(r))
+        return Py_NewRef(PyList_GET_ITEM(r->calls, i - RECORD_LEN));
+    PyErr_SetString(PyExc_IndexError, "record index out of range");
+    return NULL;
+}
+
+static PyObject *
+Record_as_list(Record *r)
+{
+    Py_ssize_t n = Record_length(r);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = Record_item(r, i);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static PyObject *
+Record_subscript(Record *r, PyObject *key)
+{
+    if (PyIndex_Check(key)) {
+        Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (i < 0)
+            i += Record_length(r);
+        if (i < 0) {
+            PyErr_SetString(PyExc_IndexError, "record index out of range");
+            return NULL;
+        }
+        return Record_item(r, i);
+    }
+    if (PySlice_Check(key)) {  /* off the request path: as the list would */
+        PyObject *all = Record_as_list(r);
+        if (all == NULL)
+            return NULL;
+        PyObject *out = PyObject_GetItem(all, key);
+        Py_DECREF(all);
+        return out;
+    }
+    PyErr_Format(PyExc_TypeError, "record indices must be integers or slices, not %.100s",
+                 Py_TYPE(key)->tp_name);
+    return NULL;
+}
+
+static PyObject *
+Record_repr(Record *r)
+{
+    PyObject *all = Record_as_list(r);
+    if (all == NULL)
+        return NULL;
+    PyObject *out = PyUnicode_FromFormat("Record(%R)", all);
+    Py_DECREF(all);
+    return out;
+}
+
+static PyMappingMethods Record_mapping = {
+    .mp_length = (lenfunc)Record_length,
+    .mp_subscript = (binaryfunc)Record_subscript,
+};
+
+static PySequenceMethods Record_sequence = {
+    .sq_length = (lenfunc)Record_length,
+    .sq_item = (ssizeargfunc)Record_item,
+};
+
+static PyTypeObject RecordType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvprof.probes._fastrec.Record",
+    .tp_doc = "An API-server record (read like api_hooks' list: record[i], len, slices).",
+    .tp_basicsize = sizeof(Record),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Record_dealloc,
+    .tp_repr = (reprfunc)Record_repr,
+    .tp_as_mapping = &Record_mapping,
+    .tp_as_sequence = &Record_sequence,
+};
+
+/* -- shared steps -------------------------------------------------------------------------- */
 static int
 emit(Hooks *self, PyObject *event)
 {
@@ -90,51 +301,6 @@ get_var(PyObject *var)
     return value;
 }
 
-/* A record list: [kind, None x 15] with OK = True. */
-static PyObject *
-new_record(PyObject *kind)
-{
-    PyObject *h = PyList_New(RECORD_LEN);
-    if (h == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < RECORD_LEN; i++) {
-        Py_INCREF(Py_None);
-        PyList_SET_ITEM(h, i, Py_None);
-    }
-    Py_INCREF(kind);
-    Py_SETREF(((PyListObject *)h)->ob_item[0], kind);
-    Py_INCREF(Py_True);
-    Py_SETREF(((PyListObject *)h)->ob_item[OK], Py_True);
-    /* Out of the garbage collector's sight: a record lives until the export thread has
-     * read it (up to a flush interval) and holds no reference back to anything holding
-     * it, so reference counting frees it; tracked, every collection meanwhile would walk
-     * it. */
-    PyObject_GC_UnTrack(h);
-    return h;
-}
-
-/* h[i] = value (new reference stolen; h a list of RECORD_LEN or more). */
-static void
-put(PyObject *h, Py_ssize_t i, PyObject *value)
-{
-    Py_SETREF(((PyListObject *)h)->ob_item[i], value);
-}
-
-static void
-put_ref(PyObject *h, Py_ssize_t i, PyObject *value)
-{
-    Py_INCREF(value);
-    put(h, i, value);
-}
-
-static int
-is_record(PyObject *h)
-{
-    return PyList_CheckExact(h) && PyList_GET_SIZE(h) >= RECORD_LEN;
-}
-
-#define ITEM(h, i) PyList_GET_ITEM((h), (i))
-
 static int
 name_is(PyObject *k, const char *name, Py_ssize_t len)
 {
@@ -142,43 +308,74 @@ name_is(PyObject *k, const char *name, Py_ssize_t len)
         && memcmp(PyBytes_AS_STRING(k), name, (size_t)len) == 0;
 }
 
-/* intake(scope, send): the HTTP request's record (emitted, in the task's context). None
- * for anything but a POST, and for a POST to uvicorn's request cycle (probed), which then
- * notes the response and ends the record itself; else (record, registered): whether the
- * server's send notes the response (the caller ends the record when the app returns). */
-static PyObject *
-intake(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
+/* A recording failed where nothing may raise: hooks._hook_failed(name) (reported once). */
+static void
+report_failure(Hooks *self, const char *name)
 {
-    if (!Hooks_ready(self))
-        return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "intake(scope, send)");
-        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (self->failed != NULL) {
+        PyObject *r = PyObject_CallFunction(self->failed, "s", name);
+        Py_XDECREF(r);
+        PyErr_Clear();
     }
-    PyObject *scope = args[0], *send = args[1];
+}
+
+/* A call of an ended response whose first output never came stops waiting for it. */
+static int
+stop_waiting(Hooks *self, PyObject *o)
+{
+    if (!IS_RECORD(o))
+        return 0;
+    Record *c = (Record *)o;
+    if (c->rid == NULL || c->t_first_output != 0 || c->internal == NULL)
+        return 0;
+    PyObject *waiting = PyDict_GetItemWithError(self->await_dict, c->internal);
+    if (waiting == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return PyDict_DelItem(self->await_dict, c->internal);
+}
+
+/* The response has ended: its calls stop waiting; then, last, the end time (the record is
+ * complete once the export thread sees it). */
+static int
+end_record(Hooks *self, Record *h)
+{
+    int64_t t = now_ns();
+    if (PyDict_GET_SIZE(self->await_dict) > 0) {
+        if (stop_waiting(self, (PyObject *)h) < 0)
+            return -1;
+        if (h->calls != NULL)
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(h->calls); i++)
+                if (stop_waiting(self, PyList_GET_ITEM(h->calls, i)) < 0)
+                    return -1;
+    }
+    h->t_end = t;
+    return 0;
+}
+
+/* -- HTTP intake ----------------------------------------------------------------------------- */
+/* The HTTP request's record, emitted and set in the task's context; NULL without an error
+ * for anything but a POST (websocket and lifespan scopes have no method). */
+static Record *
+start_record(Hooks *self, PyObject *scope)
+{
     if (!PyDict_Check(scope))
-        Py_RETURN_NONE;
+        return NULL;
     PyObject *method = PyDict_GetItemWithError(scope, s_method);  /* borrowed */
-    if (method == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;  /* websocket, lifespan */
-    }
-    int post = PyUnicode_Check(method) && PyUnicode_Compare(method, s_post) == 0;
-    if (!post) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
-    PyObject *t = now_ns();
-    if (t == NULL)
+    if (method == NULL)
         return NULL;
-    PyObject *h = new_record(self->api_kind);
-    if (h == NULL) {
-        Py_DECREF(t);
+    if (method != s_post
+            && !(PyUnicode_Check(method) && PyUnicode_Compare(method, s_post) == 0))
         return NULL;
-    }
-    put(h, T_RECV, t);
+    int64_t t = now_ns();
+    Record *h = new_record(self, self->api_kind);
+    if (h == NULL)
+        return NULL;
+    h->t_recv = t;
 
     /* From the last header back until both are found (a header sent twice counts with
      * its last value), as the Python version. */
@@ -215,388 +412,24 @@ intake(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     if (xid != NULL)
-        put_ref(h, XID, xid);
+        h->xid = Py_NewRef(xid);
     if (tp != NULL && PyBytes_Check(tp)) {
-        PyObject *s = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(tp), PyBytes_GET_SIZE(tp),
-                                             NULL);
-        if (s == NULL)
+        h->http_traceparent = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(tp),
+                                                     PyBytes_GET_SIZE(tp), NULL);
+        if (h->http_traceparent == NULL)
             goto fail;
-        put(h, HTTP_TRACEPARENT, s);
     }
     PyObject *path = PyDict_GetItemWithError(scope, s_path);
     if (path == NULL && PyErr_Occurred())
         goto fail;
-    put_ref(h, PATH, path != NULL ? path : s_empty);
-
-    int registered = 0, ends_itself = 0;
-    if (PyMethod_Check(send)) {
-        int probed = PySet_Contains(self->send_probes, PyMethod_GET_FUNCTION(send));
-        if (probed < 0)
-            goto fail;
-        if (probed) {
-            PyObject *cycle = PyMethod_GET_SELF(send);
-            if (PyObject_SetAttr(cycle, self->cycle_attr, h) < 0)
-                goto fail;
-            registered = 1;
-            if ((ends_itself = end_with_cycle(self, cycle, h)) < 0)
-                goto fail;
-        }
-    }
+    h->path = Py_NewRef(path != NULL ? path : s_empty);
     /* Set and not reset: the server runs each request in a task of its own. */
-    if (set_var(self->http_var, h) < 0 || emit(self, h) < 0)
+    if (set_var(self->http_var, (PyObject *)h) < 0 || emit(self, (PyObject *)h) < 0)
         goto fail;
-    if (ends_itself) {
-        Py_DECREF(h);
-        Py_RETURN_NONE;
-    }
-    PyObject *out = PyTuple_New(2);
-    if (out == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(out, 0, h);
-    PyObject *flag = registered ? Py_True : Py_False;
-    Py_INCREF(flag);
-    PyTuple_SET_ITEM(out, 1, flag);
-    return out;
+    return h;
 fail:
     Py_DECREF(h);
     return NULL;
-}
-
-/* A call list of its own: kind (API, or None for a further call of an HTTP request). */
-static PyObject *
-new_call(PyObject *kind, PyObject *request_id, PyObject *t, PyObject *extra, PyObject *tp)
-{
-    PyObject *c = new_record(kind);
-    if (c == NULL)
-        return NULL;
-    put_ref(c, RID, request_id);
-    put_ref(c, T_INPUT, t);
-    put_ref(c, EXTRA_ARGS, extra);
-    put_ref(c, TRACEPARENT, tp);
-    return c;
-}
-
-/* on_add_request(request_id, params, trace_headers): AsyncLLM.add_request. */
-static PyObject *
-on_add_request(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (!Hooks_ready(self))
-        return NULL;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "on_add_request(request_id, params, trace_headers)");
-        return NULL;
-    }
-    PyObject *request_id = args[0], *params = args[1], *trace_headers = args[2];
-    PyObject *t = now_ns(), *extra = NULL, *h = NULL, *c = NULL;
-    if (t == NULL)
-        return NULL;
-    extra = PyObject_GetAttr(params, s_extra_args);  /* PoolingParams have none */
-    if (extra == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            goto fail;
-        PyErr_Clear();
-        extra = Py_NewRef(Py_None);
-    }
-    PyObject *tp = Py_None;  /* borrowed */
-    if (trace_headers != Py_None && PyDict_Check(trace_headers)
-            && PyDict_GET_SIZE(trace_headers) > 0) {
-        PyObject *v = PyDict_GetItemWithError(trace_headers, self->traceparent_key);
-        if (v == NULL && PyErr_Occurred())
-            goto fail;
-        if (v != NULL)
-            tp = v;
-    }
-    h = get_var(self->http_var);
-    if (h == NULL)
-        goto fail;
-    if (!is_record(h) || ITEM(h, T_END) != Py_None) {
-        /* no HTTP request around it, or one that ended */
-        c = new_call(self->api_kind, request_id, t, extra, tp);
-        if (c == NULL || set_var(self->call_var, c) < 0)
-            goto fail;
-        if (PyDict_GET_SIZE(self->await_dict) > self->await_limit) {
-            PyObject *r = PyObject_CallNoArgs(self->prune);
-            if (r == NULL)
-                goto fail;
-            Py_DECREF(r);
-        }
-    }
-    else if (ITEM(h, RID) == Py_None) {  /* the HTTP request's first call */
-        put_ref(h, RID, request_id);
-        put_ref(h, T_INPUT, t);
-        put_ref(h, EXTRA_ARGS, extra);
-        if (tp != Py_None)
-            put_ref(h, TRACEPARENT, tp);
-    }
-    else {
-        c = new_call(Py_None, request_id, t, extra,
-                     tp == Py_None ? ITEM(h, HTTP_TRACEPARENT) : tp);
-        if (c == NULL || PyList_Append(h, c) < 0 || set_var(self->call_var, c) < 0)
-            goto fail;
-    }
-    Py_DECREF(t);
-    Py_DECREF(extra);
-    Py_DECREF(h);
-    Py_XDECREF(c);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(t);
-    Py_XDECREF(extra);
-    Py_XDECREF(h);
-    Py_XDECREF(c);
-    return NULL;
-}
-
-/* on_handoff(request): EngineCoreClient.add_request_async. */
-static PyObject *
-on_handoff(Hooks *self, PyObject *request)
-{
-    if (!Hooks_ready(self))
-        return NULL;
-    PyObject *h = get_var(self->http_var), *c = NULL, *rid = NULL, *t = NULL, *th = NULL;
-    if (h == NULL)
-        return NULL;
-    int open_record = is_record(h) && ITEM(h, T_END) == Py_None;
-    if (open_record && PyList_GET_SIZE(h) == RECORD_LEN)
-        c = Py_NewRef(h);
-    else {
-        c = get_var(self->call_var);
-        if (c == NULL)
-            goto fail;
-        if (c == Py_None && open_record)
-            Py_SETREF(c, Py_NewRef(h));
-    }
-    if (is_record(c) && ITEM(c, RID) != Py_None && ITEM(c, T_HANDOFF) == Py_None) {
-        /* the first hand-off of the call (n > 1 makes several) */
-        if ((t = now_ns()) == NULL)
-            goto fail;
-        put(c, T_HANDOFF, t);
-        t = NULL;
-        if ((rid = PyObject_GetAttr(request, s_request_id)) == NULL)
-            goto fail;
-        put_ref(c, INTERNAL, rid);
-        if (PyDict_SetItem(self->await_dict, rid, c) < 0)
-            goto fail;
-        PyObject *tp = ITEM(c, TRACEPARENT);
-        int has = PyObject_IsTrue(tp);
-        if (has < 0)
-            goto fail;
-        if (!has) {
-            tp = ITEM(c, HTTP_TRACEPARENT);
-            if ((has = PyObject_IsTrue(tp)) < 0)
-                goto fail;
-        }
-        if (has) {
-            /* AsyncLLM drops trace headers unless vLLM's own tracing is on; the
-             * EngineCore needs them so its spans join the caller's trace. */
-            if ((th = PyObject_GetAttr(request, s_trace_headers)) == NULL)
-                goto fail;
-            int set = PyObject_IsTrue(th);
-            Py_CLEAR(th);
-            if (set < 0)
-                goto fail;
-            if (!set) {
-                if ((th = PyDict_New()) == NULL
-                        || PyDict_SetItem(th, self->traceparent_key, tp) < 0
-                        || PyObject_SetAttr(request, s_trace_headers, th) < 0)
-                    goto fail;
-            }
-        }
-    }
-    Py_DECREF(h);
-    Py_DECREF(c);
-    Py_XDECREF(rid);
-    Py_XDECREF(th);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(h);
-    Py_XDECREF(c);
-    Py_XDECREF(rid);
-    Py_XDECREF(th);
-    return NULL;
-}
-
-/* on_outputs(engine_core_outputs): OutputProcessor.process_outputs, while calls wait for
- * their first output. */
-static PyObject *
-on_outputs(Hooks *self, PyObject *outputs)
-{
-    if (!Hooks_ready(self))
-        return NULL;
-    PyObject *t = now_ns(), *it = NULL, *o = NULL, *rid = NULL, *tokens = NULL,
-        *finish = NULL;
-    if (t == NULL)
-        return NULL;
-    if ((it = PyObject_GetIter(outputs)) == NULL)
-        goto fail;
-    while ((o = PyIter_Next(it)) != NULL) {
-        if ((rid = PyObject_GetAttr(o, s_request_id)) == NULL)
-            goto fail;
-        PyObject *c = PyDict_GetItemWithError(self->await_dict, rid);  /* borrowed */
-        if (c == NULL) {
-            if (PyErr_Occurred())
-                goto fail;
-        }
-        else if (is_record(c)) {
-            if ((tokens = PyObject_GetAttr(o, s_new_token_ids)) == NULL)
-                goto fail;
-            int any = PyObject_IsTrue(tokens);
-            Py_CLEAR(tokens);
-            if (any < 0)
-                goto fail;
-            int output = any;
-            if (!any) {  /* not an output yet unless finished */
-                if ((finish = PyObject_GetAttr(o, s_finish_reason)) == NULL)
-                    goto fail;
-                output = finish != Py_None;
-                Py_CLEAR(finish);
-            }
-            if (output) {
-                Py_INCREF(c);
-                if (PyDict_DelItem(self->await_dict, rid) < 0) {
-                    Py_DECREF(c);
-                    goto fail;
-                }
-                put_ref(c, T_FIRST_OUTPUT, t);
-                put_ref(c, OK, any ? Py_True : Py_False);
-                if (ITEM(c, T_RECV) == Py_None && ITEM(c, 0) != Py_None) {
-                    /* no HTTP response around it to wait for (Dynamo, LLM): out now */
-                    if (emit(self, c) < 0) {
-                        Py_DECREF(c);
-                        goto fail;
-                    }
-                }
-                Py_DECREF(c);
-            }
-        }
-        Py_CLEAR(rid);
-        Py_CLEAR(o);
-    }
-    if (PyErr_Occurred())
-        goto fail;
-    Py_DECREF(it);
-    Py_DECREF(t);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(t);
-    Py_XDECREF(it);
-    Py_XDECREF(o);
-    Py_XDECREF(rid);
-    Py_XDECREF(tokens);
-    Py_XDECREF(finish);
-    return NULL;
-}
-
-/* on_send(cycle, message): uvicorn's RequestResponseCycle.send, while the cycle holds a
- * record: the status from the first message, the time of the first body bytes (then the
- * cycle lets the record go: the rest of the stream costs one attribute test a message). */
-static PyObject *
-on_send(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (!Hooks_ready(self))
-        return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "on_send(cycle, message)");
-        return NULL;
-    }
-    PyObject *cycle = args[0], *message = args[1];
-    PyObject *h = PyObject_GetAttr(cycle, self->cycle_attr);
-    if (h == NULL)
-        return NULL;
-    if (!is_record(h) || !PyDict_Check(message)) {
-        Py_DECREF(h);
-        Py_RETURN_NONE;
-    }
-    if (ITEM(h, STATUS) == Py_None) {
-        PyObject *status = PyDict_GetItemWithError(message, s_status);
-        if (status == NULL && PyErr_Occurred())
-            goto fail;
-        put_ref(h, STATUS, status != NULL ? status : Py_None);
-    }
-    else {
-        PyObject *body = PyDict_GetItemWithError(message, s_body);
-        if (body == NULL && PyErr_Occurred())
-            goto fail;
-        int any = body != NULL ? PyObject_IsTrue(body) : 0;
-        if (any < 0)
-            goto fail;
-        if (any) {
-            PyObject *t = now_ns();
-            if (t == NULL)
-                goto fail;
-            put(h, T_FIRST_BYTES, t);
-            if (PyObject_SetAttr(cycle, self->cycle_attr, Py_None) < 0)
-                goto fail;
-        }
-    }
-    Py_DECREF(h);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(h);
-    return NULL;
-}
-
-/* A call of an ended response whose first output never came stops waiting for it. */
-static int
-stop_waiting(Hooks *self, PyObject *c)
-{
-    if (!is_record(c) || ITEM(c, RID) == Py_None || ITEM(c, T_FIRST_OUTPUT) != Py_None
-            || ITEM(c, INTERNAL) == Py_None)
-        return 0;
-    PyObject *internal = ITEM(c, INTERNAL);
-    PyObject *waiting = PyDict_GetItemWithError(self->await_dict, internal);
-    if (waiting == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    return PyDict_DelItem(self->await_dict, internal);
-}
-
-/* The response has ended: its calls stop waiting; then, last, the end time (the record is
- * complete once the export thread sees it). */
-static int
-end_record(Hooks *self, PyObject *h)
-{
-    if (!is_record(h))
-        return 0;
-    PyObject *t = now_ns();
-    if (t == NULL)
-        return -1;
-    if (PyDict_GET_SIZE(self->await_dict) > 0) {
-        if (stop_waiting(self, h) < 0)
-            goto fail;
-        for (Py_ssize_t i = RECORD_LEN; i < PyList_GET_SIZE(h); i++)
-            if (stop_waiting(self, PyList_GET_ITEM(h, i)) < 0)
-                goto fail;
-    }
-    put(h, T_END, t);
-    return 0;
-fail:
-    Py_DECREF(t);
-    return -1;
-}
-
-/* end(record): the app has returned. */
-static PyObject *
-end(Hooks *self, PyObject *h)
-{
-    if (!Hooks_ready(self) || end_record(self, h) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-/* A recording failed where nothing may raise: hooks._hook_failed(name) (reported once). */
-static void
-report_failure(Hooks *self, const char *name)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
-    if (self->failed != NULL) {
-        PyObject *r = PyObject_CallFunction(self->failed, "s", name);
-        Py_XDECREF(r);
-        PyErr_Clear();
-    }
 }
 
 /* Ended: what uvicorn's request cycle calls when the response is complete (its
@@ -607,7 +440,8 @@ report_failure(Hooks *self, const char *name)
 typedef struct {
     PyObject_HEAD
     Hooks *hooks;
-    PyObject *record, *on_response;
+    Record *record;
+    PyObject *on_response;
     int ended;
 } Ended;
 
@@ -619,6 +453,15 @@ Ended_end(Ended *self, const char *where)
     self->ended = 1;
     if (end_record(self->hooks, self->record) < 0)
         report_failure(self->hooks, where);
+}
+
+static PyObject *
+Ended_vectorcall(Ended *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Ended_end(self, "uvicorn on_response");
+    if (self->on_response == NULL)
+        Py_RETURN_NONE;
+    return PyObject_Vectorcall(self->on_response, args, nargsf, kwnames);
 }
 
 static PyObject *
@@ -659,22 +502,29 @@ Ended_dealloc(Ended *self)
     PyObject_GC_Del(self);
 }
 
+typedef struct {
+    Ended base;
+    vectorcallfunc vectorcall;
+} EndedVC;
+
 static PyTypeObject EndedType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kvprof.probes._fastrec.Ended",
     .tp_doc = "uvicorn's on_response, ending a kvprof record first.",
-    .tp_basicsize = sizeof(Ended),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_basicsize = sizeof(EndedVC),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(EndedVC, vectorcall),
     .tp_call = (ternaryfunc)Ended_call,
     .tp_traverse = (traverseproc)Ended_traverse,
     .tp_clear = (inquiry)Ended_clear,
     .tp_dealloc = (destructor)Ended_dealloc,
 };
 
-/* uvicorn's cycle calls on_response when the response is complete: wrapped in an Ended
- * the record ends with no coroutine of ours; 1 when done, 0 where the cycle has none. */
+/* A POST to uvicorn's request cycle (its send probed): the cycle holds the record until the
+ * response's first bytes are out (the probe notes them), and its on_response, wrapped in an
+ * Ended, ends it. 1 when so, 0 where the cycle has no on_response (the caller relays). */
 static int
-end_with_cycle(Hooks *self, PyObject *cycle, PyObject *h)
+register_with_cycle(Hooks *self, PyObject *cycle, Record *h)
 {
     PyObject *on_response = PyObject_GetAttr(cycle, s_on_response);
     if (on_response == NULL) {
@@ -687,34 +537,607 @@ end_with_cycle(Hooks *self, PyObject *cycle, PyObject *h)
         Py_DECREF(on_response);
         return 0;
     }
-    Ended *ended = PyObject_GC_New(Ended, &EndedType);
+    EndedVC *ended = PyObject_GC_New(EndedVC, &EndedType);
     if (ended == NULL) {
         Py_DECREF(on_response);
         return -1;
     }
-    Py_INCREF(self);
-    ended->hooks = self;
-    Py_INCREF(h);
-    ended->record = h;
-    ended->on_response = on_response;
-    ended->ended = 0;
+    ended->vectorcall = (vectorcallfunc)Ended_vectorcall;
+    ended->base.hooks = (Hooks *)Py_NewRef(self);
+    ended->base.record = (Record *)Py_NewRef(h);
+    ended->base.on_response = on_response;
+    ended->base.ended = 1;  /* until installed */
     PyObject_GC_Track(ended);
-    int r = PyObject_SetAttr(cycle, s_on_response, (PyObject *)ended);
-    if (r < 0)
-        ended->ended = 1;  /* not installed: the caller's coroutine ends the record */
+    int r = -1;
+    if (PyObject_SetAttr(cycle, self->cycle_attr, (PyObject *)h) == 0) {
+        if (PyObject_SetAttr(cycle, s_on_response, (PyObject *)ended) == 0) {
+            ended->base.ended = 0;
+            r = 1;
+        }
+        else {  /* the probe must not note a response nobody ends */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            if (PyObject_SetAttr(cycle, self->cycle_attr, Py_None) < 0)
+                PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+    }
     Py_DECREF(ended);
-    return r < 0 ? -1 : 1;
+    return r;
+}
+
+/* Relay: the ``send`` the app gets under a server kvprof does not probe. It notes the
+ * response's status (from the message that carries one, http.response.start), the time
+ * of its first body bytes and its end (the message after which no more body comes), then
+ * hands the message on, returning the server's own awaitable (no coroutine of ours). A
+ * response that never completes (client gone, app failed) ends when the relay is let go,
+ * which is when the app has returned. */
+enum { AWAIT_STATUS, AWAIT_FIRST_BYTES, STREAMING, ENDED };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Hooks *hooks;
+    Record *record;
+    PyObject *send;
+    int state;
+} Relay;
+
+static void
+Relay_end(Relay *self, const char *where)
+{
+    if (self->state == ENDED)
+        return;
+    self->state = ENDED;
+    if (end_record(self->hooks, self->record) < 0)
+        report_failure(self->hooks, where);
+}
+
+/* The response as far as ``message`` tells; -1 with an error. */
+static int
+Relay_note(Relay *self, PyObject *message)
+{
+    Record *h = self->record;
+    PyObject *v;
+    if (self->state == AWAIT_STATUS) {
+        if ((v = PyDict_GetItemWithError(message, s_status)) == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        Py_XSETREF(h->status, Py_NewRef(v));
+        self->state = AWAIT_FIRST_BYTES;
+        return 0;
+    }
+    if (self->state == AWAIT_FIRST_BYTES) {
+        if ((v = PyDict_GetItemWithError(message, s_body)) == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+        }
+        else {
+            int any = PyObject_IsTrue(v);
+            if (any < 0)
+                return -1;
+            if (any) {
+                h->t_first_bytes = now_ns();
+                self->state = STREAMING;
+            }
+        }
+    }
+    int more = 0;
+    if ((v = PyDict_GetItemWithError(message, s_more_body)) == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+    }
+    else if ((more = PyObject_IsTrue(v)) < 0)
+        return -1;
+    if (!more) {
+        self->state = ENDED;
+        return end_record(self->hooks, h);
+    }
+    return 0;
+}
+
+static PyObject *
+Relay_vectorcall(Relay *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (self->state != ENDED && PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL
+            && PyDict_Check(args[0]) && Relay_note(self, args[0]) < 0) {
+        self->state = ENDED;  /* nothing more recorded for this response */
+        report_failure(self->hooks, "ASGI send");
+    }
+    return PyObject_Vectorcall(self->send, args, nargsf, kwnames);
 }
 
 static int
+Relay_traverse(Relay *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->send);
+    return 0;
+}
+
+static int
+Relay_clear(Relay *self)
+{
+    Py_CLEAR(self->send);
+    return 0;
+}
+
+static void
+Relay_dealloc(Relay *self)
+{
+    PyObject_GC_UnTrack(self);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    Relay_end(self, "ASGI response");
+    PyErr_Restore(type, value, tb);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->hooks);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvprof.probes._fastrec.Relay",
+    .tp_doc = "The server's send, noting a kvprof record's response on the way.",
+    .tp_basicsize = sizeof(Relay),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Relay, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear,
+    .tp_dealloc = (destructor)Relay_dealloc,
+};
+
+static PyObject *
+new_relay(Hooks *hooks, Record *h, PyObject *send)
+{
+    Relay *relay = PyObject_GC_New(Relay, &RelayType);
+    if (relay == NULL)
+        return NULL;
+    relay->vectorcall = (vectorcallfunc)Relay_vectorcall;
+    relay->hooks = (Hooks *)Py_NewRef(hooks);
+    relay->record = (Record *)Py_NewRef(h);
+    relay->send = Py_NewRef(send);
+    relay->state = AWAIT_STATUS;
+    hooks->relays++;
+    PyObject_GC_Track(relay);
+    return (PyObject *)relay;
+}
+
+/* Asgi: the ASGI app with kvprof's record around each POST; the record ends with the
+ * response (uvicorn's cycle, or the relay), so what the server awaits is the app's own
+ * coroutine. Nothing of this raises into the server: a failed recording is reported and
+ * the app runs as it would. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Hooks *hooks;
+    PyObject *app, *dict;
+} Asgi;
+
+/* The send the app gets for record h: the server's own where uvicorn's probed cycle notes
+ * the response, else a relay (a new reference either way). */
+static PyObject *
+send_for(Hooks *self, Record *h, PyObject *send)
+{
+    if (PyMethod_Check(send)) {
+        int probed = PySet_Contains(self->send_probes, PyMethod_GET_FUNCTION(send));
+        if (probed < 0)
+            return NULL;
+        if (probed) {
+            int registered = register_with_cycle(self, PyMethod_GET_SELF(send), h);
+            if (registered > 0)
+                return Py_NewRef(send);
+            if (registered < 0)  /* reported; the relay notes and ends it then */
+                report_failure(self, "ASGI request");
+        }
+    }
+    return new_relay(self, h, send);
+}
+
+static PyObject *
+Asgi_vectorcall(Asgi *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 3 || kwnames != NULL)
+        return PyObject_Vectorcall(self->app, args, nargsf, kwnames);
+    Record *h = start_record(self->hooks, args[0]);
+    PyObject *send = NULL;
+    if (h != NULL) {
+        send = send_for(self->hooks, h, args[2]);
+        Py_DECREF(h);
+    }
+    if (send == NULL) {
+        if (PyErr_Occurred())
+            report_failure(self->hooks, "ASGI request");
+        return PyObject_Vectorcall(self->app, args, nargsf, kwnames);
+    }
+    PyObject *call[3] = {args[0], args[1], send};
+    PyObject *result = PyObject_Vectorcall(self->app, call, 3, NULL);
+    Py_DECREF(send);
+    return result;
+}
+
+static int
+Asgi_traverse(Asgi *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+Asgi_clear(Asgi *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+Asgi_dealloc(Asgi *self)
+{
+    PyObject_GC_UnTrack(self);
+    Asgi_clear(self);
+    Py_CLEAR(self->hooks);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+Asgi_get_wrapped(Asgi *self, void *closure)
+{
+    return Py_NewRef(self->app);
+}
+
+static PyGetSetDef Asgi_getset[] = {
+    {"__wrapped__", (getter)Asgi_get_wrapped, NULL, "The app inside.", NULL},
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject AsgiType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvprof.probes._fastrec.Asgi",
+    .tp_doc = "An ASGI app with kvprof's record around each POST.",
+    .tp_basicsize = sizeof(Asgi),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Asgi, vectorcall),
+    .tp_dictoffset = offsetof(Asgi, dict),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_getset = Asgi_getset,
+    .tp_traverse = (traverseproc)Asgi_traverse,
+    .tp_clear = (inquiry)Asgi_clear,
+    .tp_dealloc = (destructor)Asgi_dealloc,
+};
+
+/* wrap_asgi(app): the app with a record around each POST. */
+static PyObject *
+wrap_asgi(Hooks *self, PyObject *app)
+{
+    if (!Hooks_ready(self))
+        return NULL;
+    Asgi *wrapper = PyObject_GC_New(Asgi, &AsgiType);
+    if (wrapper == NULL)
+        return NULL;
+    wrapper->vectorcall = (vectorcallfunc)Asgi_vectorcall;
+    wrapper->hooks = (Hooks *)Py_NewRef(self);
+    wrapper->app = Py_NewRef(app);
+    wrapper->dict = NULL;
+    PyObject_GC_Track(wrapper);
+    return (PyObject *)wrapper;
+}
+
+/* on_send(cycle, message): uvicorn's RequestResponseCycle.send, while the cycle holds a
+ * record: the status from the first message, the time of the first body bytes (then the
+ * cycle lets the record go: the rest of the stream costs one attribute test a message). */
+static PyObject *
+on_send(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!Hooks_ready(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "on_send(cycle, message)");
+        return NULL;
+    }
+    PyObject *cycle = args[0], *message = args[1];
+    PyObject *o = PyObject_GetAttr(cycle, self->cycle_attr);
+    if (o == NULL)
+        return NULL;
+    if (!IS_RECORD(o) || !PyDict_Check(message)) {
+        Py_DECREF(o);
+        Py_RETURN_NONE;
+    }
+    Record *h = (Record *)o;
+    if (h->status == NULL) {
+        PyObject *status = PyDict_GetItemWithError(message, s_status);
+        if (status == NULL && PyErr_Occurred())
+            goto fail;
+        if (status != NULL)
+            h->status = Py_NewRef(status);
+    }
+    else {
+        PyObject *body = PyDict_GetItemWithError(message, s_body);
+        if (body == NULL && PyErr_Occurred())
+            goto fail;
+        int any = body != NULL ? PyObject_IsTrue(body) : 0;
+        if (any < 0)
+            goto fail;
+        if (any) {
+            h->t_first_bytes = now_ns();
+            if (PyObject_SetAttr(cycle, self->cycle_attr, Py_None) < 0)
+                goto fail;
+        }
+    }
+    Py_DECREF(o);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(o);
+    return NULL;
+}
+
+/* -- AsyncLLM ------------------------------------------------------------------------------ */
+/* The kv_transfer_params fields the export thread reads, from the params' extra_args (the
+ * record keeps the values, not vLLM's dicts). */
+static int
+keep_kv_fields(Hooks *self, Record *c, PyObject *params)
+{
+    PyObject *extra = PyObject_GetAttr(params, s_extra_args);  /* PoolingParams have none */
+    if (extra == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    int r = 0;
+    if (PyDict_Check(extra)) {
+        PyObject *kvp = PyDict_GetItemWithError(extra, s_kv_transfer_params);
+        if (kvp == NULL)
+            r = PyErr_Occurred() ? -1 : 0;
+        else if (PyDict_Check(kvp)) {
+            c->has_kv = 1;
+            for (Py_ssize_t i = 0; i < self->n_kv_fields; i++) {
+                PyObject *v = PyDict_GetItemWithError(kvp, self->kv_fields[i]);
+                if (v == NULL && PyErr_Occurred()) {
+                    r = -1;
+                    break;
+                }
+                Py_XSETREF(c->kv[i], Py_XNewRef(v));
+            }
+        }
+    }
+    Py_DECREF(extra);
+    return r;
+}
+
+static int
+fill_call(Hooks *self, Record *c, PyObject *request_id, int64_t t, PyObject *params,
+          PyObject *tp)
+{
+    Py_XSETREF(c->rid, Py_NewRef(request_id));
+    c->t_input = t;
+    if (tp != NULL && tp != Py_None)
+        Py_XSETREF(c->traceparent, Py_NewRef(tp));
+    return keep_kv_fields(self, c, params);
+}
+
+/* on_add_request(request_id, params, trace_headers): AsyncLLM.add_request. */
+static PyObject *
+on_add_request(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!Hooks_ready(self))
+        return NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "on_add_request(request_id, params, trace_headers)");
+        return NULL;
+    }
+    PyObject *request_id = args[0], *params = args[1], *trace_headers = args[2];
+    int64_t t = now_ns();
+    PyObject *tp = NULL;  /* borrowed */
+    if (trace_headers != Py_None && PyDict_Check(trace_headers)
+            && PyDict_GET_SIZE(trace_headers) > 0) {
+        tp = PyDict_GetItemWithError(trace_headers, self->traceparent_key);
+        if (tp == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *o = get_var(self->http_var);
+    if (o == NULL)
+        return NULL;
+    Record *h = IS_RECORD(o) ? (Record *)o : NULL, *c = NULL;
+    if (h == NULL || h->t_end != 0) {
+        /* no HTTP request around it, or one that ended */
+        if ((c = new_record(self, self->api_kind)) == NULL
+                || fill_call(self, c, request_id, t, params, tp) < 0
+                || set_var(self->call_var, (PyObject *)c) < 0)
+            goto fail;
+        if (PyDict_GET_SIZE(self->await_dict) > self->await_limit) {
+            PyObject *r = PyObject_CallNoArgs(self->prune);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+        }
+    }
+    else if (h->rid == NULL) {  /* the HTTP request's first call */
+        if (fill_call(self, h, request_id, t, params, tp) < 0)
+            goto fail;
+    }
+    else {
+        if ((c = new_record(self, Py_None)) == NULL
+                || fill_call(self, c, request_id, t, params,
+                             tp != NULL ? tp : h->http_traceparent) < 0)
+            goto fail;
+        if (h->calls == NULL && (h->calls = PyList_New(0)) == NULL)
+            goto fail;
+        if (PyList_Append(h->calls, (PyObject *)c) < 0
+                || set_var(self->call_var, (PyObject *)c) < 0)
+            goto fail;
+    }
+    Py_DECREF(o);
+    Py_XDECREF(c);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(o);
+    Py_XDECREF(c);
+    return NULL;
+}
+
+/* PyObject_IsTrue for a field that may be NULL (-1 with an error). */
+static int
+truthy(PyObject *o)
+{
+    return o == NULL || o == Py_None ? 0 : PyObject_IsTrue(o);
+}
+
+/* on_handoff(request): EngineCoreClient.add_request_async. */
+static PyObject *
+on_handoff(Hooks *self, PyObject *request)
+{
+    if (!Hooks_ready(self))
+        return NULL;
+    PyObject *o = get_var(self->http_var), *co = NULL, *rid = NULL, *th = NULL;
+    if (o == NULL)
+        return NULL;
+    Record *h = IS_RECORD(o) ? (Record *)o : NULL;
+    int open_record = h != NULL && h->t_end == 0;
+    if (open_record && h->calls == NULL)
+        co = Py_NewRef(o);
+    else {
+        if ((co = get_var(self->call_var)) == NULL)
+            goto fail;
+        if (co == Py_None && open_record)
+            Py_SETREF(co, Py_NewRef(o));
+    }
+    Record *c = IS_RECORD(co) ? (Record *)co : NULL;
+    if (c != NULL && c->rid != NULL && c->t_handoff == 0) {
+        /* the first hand-off of the call (n > 1 makes several) */
+        c->t_handoff = now_ns();
+        if ((rid = PyObject_GetAttr(request, s_request_id)) == NULL)
+            goto fail;
+        Py_XSETREF(c->internal, Py_NewRef(rid));
+        if (PyDict_SetItem(self->await_dict, rid, co) < 0)
+            goto fail;
+        PyObject *tp = c->traceparent;
+        int has = truthy(tp);
+        if (has == 0)
+            has = truthy(tp = c->http_traceparent);
+        if (has < 0)
+            goto fail;
+        if (has) {
+            /* AsyncLLM drops trace headers unless vLLM's own tracing is on; the
+             * EngineCore needs them so its spans join the caller's trace. */
+            if ((th = PyObject_GetAttr(request, s_trace_headers)) == NULL)
+                goto fail;
+            int set = PyObject_IsTrue(th);
+            Py_CLEAR(th);
+            if (set < 0)
+                goto fail;
+            if (!set) {
+                if ((th = PyDict_New()) == NULL
+                        || PyDict_SetItem(th, self->traceparent_key, tp) < 0
+                        || PyObject_SetAttr(request, s_trace_headers, th) < 0)
+                    goto fail;
+            }
+        }
+    }
+    Py_DECREF(o);
+    Py_DECREF(co);
+    Py_XDECREF(rid);
+    Py_XDECREF(th);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(o);
+    Py_XDECREF(co);
+    Py_XDECREF(rid);
+    Py_XDECREF(th);
+    return NULL;
+}
+
+/* on_outputs(engine_core_outputs): OutputProcessor.process_outputs, while calls wait for
+ * their first output. */
+static PyObject *
+on_outputs(Hooks *self, PyObject *outputs)
+{
+    if (!Hooks_ready(self))
+        return NULL;
+    int64_t t = now_ns();
+    PyObject *it = NULL, *o = NULL, *rid = NULL, *tokens = NULL, *finish = NULL;
+    if ((it = PyObject_GetIter(outputs)) == NULL)
+        return NULL;
+    while ((o = PyIter_Next(it)) != NULL) {
+        if ((rid = PyObject_GetAttr(o, s_request_id)) == NULL)
+            goto fail;
+        PyObject *w = PyDict_GetItemWithError(self->await_dict, rid);  /* borrowed */
+        if (w == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+        }
+        else if (IS_RECORD(w)) {
+            Record *c = (Record *)w;
+            if ((tokens = PyObject_GetAttr(o, s_new_token_ids)) == NULL)
+                goto fail;
+            int any = PyObject_IsTrue(tokens);
+            Py_CLEAR(tokens);
+            if (any < 0)
+                goto fail;
+            int output = any;
+            if (!any) {  /* not an output yet unless finished */
+                if ((finish = PyObject_GetAttr(o, s_finish_reason)) == NULL)
+                    goto fail;
+                output = finish != Py_None;
+                Py_CLEAR(finish);
+            }
+            if (output) {
+                Py_INCREF(c);
+                if (PyDict_DelItem(self->await_dict, rid) < 0) {
+                    Py_DECREF(c);
+                    goto fail;
+                }
+                c->t_first_output = t;
+                c->ok = any ? 1 : 0;
+                if (c->t_recv == 0 && c->kind != Py_None) {
+                    /* no HTTP response around it to wait for (Dynamo, LLM): out now */
+                    if (emit(self, (PyObject *)c) < 0) {
+                        Py_DECREF(c);
+                        goto fail;
+                    }
+                }
+                Py_DECREF(c);
+            }
+        }
+        Py_CLEAR(rid);
+        Py_CLEAR(o);
+    }
+    if (PyErr_Occurred())
+        goto fail;
+    Py_DECREF(it);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(it);
+    Py_XDECREF(o);
+    Py_XDECREF(rid);
+    Py_XDECREF(tokens);
+    Py_XDECREF(finish);
+    return NULL;
+}
+
+/* -- Hooks --------------------------------------------------------------------------------- */
+static int
 Hooks_init(Hooks *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *hv, *cv, *aw, *sp, *hm, *kind, *tpk, *attr, *pr, *fl;
+    PyObject *hv, *cv, *aw, *sp, *hm, *kind, *tpk, *attr, *pr, *fl, *kvf;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!OOUnUOO:Hooks", &PyContextVar_Type, &hv,
+    if (!PyArg_ParseTuple(args, "O!O!O!O!OOUnUOOO!:Hooks", &PyContextVar_Type, &hv,
                           &PyContextVar_Type, &cv, &PyDict_Type, &aw, &PySet_Type, &sp, &hm,
-                          &kind, &tpk, &limit, &attr, &pr, &fl))
+                          &kind, &tpk, &limit, &attr, &pr, &fl, &PyTuple_Type, &kvf))
         return -1;
+    if (PyTuple_GET_SIZE(kvf) > MAX_KV_FIELDS) {
+        PyErr_Format(PyExc_ValueError, "at most %d kv_transfer_params fields", MAX_KV_FIELDS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < MAX_KV_FIELDS; i++)
+        Py_CLEAR(self->kv_fields[i]);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kvf); i++)
+        self->kv_fields[i] = Py_NewRef(PyTuple_GET_ITEM(kvf, i));
+    self->n_kv_fields = PyTuple_GET_SIZE(kvf);
     Py_XSETREF(self->failed, Py_NewRef(fl));
     Py_XSETREF(self->http_var, Py_NewRef(hv));
     Py_XSETREF(self->call_var, Py_NewRef(cv));
@@ -742,12 +1165,14 @@ Hooks_dealloc(Hooks *self)
     Py_XDECREF(self->cycle_attr);
     Py_XDECREF(self->prune);
     Py_XDECREF(self->failed);
+    for (Py_ssize_t i = 0; i < MAX_KV_FIELDS; i++)
+        Py_XDECREF(self->kv_fields[i]);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMethodDef Hooks_methods[] = {
-    {"intake", (PyCFunction)(void (*)(void))intake, METH_FASTCALL,
-     "intake(scope, send) -> None, or (record, registered)."},
+    {"wrap_asgi", (PyCFunction)wrap_asgi, METH_O,
+     "wrap_asgi(app): the app with a record around each POST."},
     {"on_add_request", (PyCFunction)(void (*)(void))on_add_request, METH_FASTCALL,
      "AsyncLLM.add_request's recording."},
     {"on_handoff", (PyCFunction)on_handoff, METH_O,
@@ -756,22 +1181,28 @@ static PyMethodDef Hooks_methods[] = {
      "OutputProcessor.process_outputs' recording."},
     {"on_send", (PyCFunction)(void (*)(void))on_send, METH_FASTCALL,
      "uvicorn RequestResponseCycle.send's recording."},
-    {"end", (PyCFunction)end, METH_O, "The response has ended: end(record)."},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Hooks_members[] = {
+    {"relays", T_PYSSIZET, offsetof(Hooks, relays), READONLY,
+     "How many responses went through a relay (a server kvprof does not probe)."},
+    {NULL},
 };
 
 static PyTypeObject HooksType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kvprof.probes._fastrec.Hooks",
     .tp_doc = "Hooks(http_var, call_var, await_dict, send_probes, hooks_module, api_kind, "
-              "traceparent_key, await_limit, cycle_attr, prune, failed): one api_hooks module's "
-              "request-path recording.",
+              "traceparent_key, await_limit, cycle_attr, prune, failed, kv_fields): one "
+              "api_hooks module's request-path recording.",
     .tp_basicsize = sizeof(Hooks),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Hooks_init,
     .tp_dealloc = (destructor)Hooks_dealloc,
     .tp_methods = Hooks_methods,
+    .tp_members = Hooks_members,
 };
 
 static struct PyModuleDef module = {
@@ -791,21 +1222,24 @@ PyInit__fastrec(void)
     INTERN(s_empty, "");
     INTERN(s_status, "status");
     INTERN(s_body, "body");
+    INTERN(s_more_body, "more_body");
     INTERN(s_on_response, "on_response");
     INTERN(s_extra_args, "extra_args");
+    INTERN(s_kv_transfer_params, "kv_transfer_params");
     INTERN(s_request_id, "request_id");
     INTERN(s_trace_headers, "trace_headers");
     INTERN(s_new_token_ids, "new_token_ids");
     INTERN(s_finish_reason, "finish_reason");
 #undef INTERN
-    if (PyType_Ready(&HooksType) < 0 || PyType_Ready(&EndedType) < 0)
+    if (PyType_Ready(&HooksType) < 0 || PyType_Ready(&RecordType) < 0
+            || PyType_Ready(&EndedType) < 0 || PyType_Ready(&RelayType) < 0
+            || PyType_Ready(&AsgiType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&HooksType);
-    if (PyModule_AddObject(m, "Hooks", (PyObject *)&HooksType) < 0) {
-        Py_DECREF(&HooksType);
+    if (PyModule_AddObjectRef(m, "Hooks", (PyObject *)&HooksType) < 0
+            || PyModule_AddObjectRef(m, "Record", (PyObject *)&RecordType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

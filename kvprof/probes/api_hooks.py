@@ -9,20 +9,21 @@ directly (no HTTP: only the AsyncLLM part). Four hook points:
   written, noted by uvicorn's own ``RequestResponseCycle.send`` (a copy with the recording
   statements first: a stream of N tokens sends N messages, and a wrapper around ``send``
   would add a Python call to each, 35-80 ns a token in the bench) or, under another server,
-  by a wrapper around the ``send`` the app gets;
+  by a wrapper around the ``send`` the app gets (in C a relay, one C call a message);
 * ``AsyncLLM.add_request``: the serving layer is done (validated, tokenized);
 * ``AsyncMPClient.add_request_async``: the request is handed to the EngineCore;
 * ``OutputProcessor.process_outputs``: the first output is back from the EngineCore.
 
 This runs on the frontend's event loop for every request, so it is written for cost
-(bench/api_overhead.py measures it). Measured there, the cost is the Python bytecode run
-cold (every request's code evicts the last one's from the CPU's caches): so the work of
-each hook is one call into C where kvprof/probes/_fastrec.c is built (setup.py, where a C
-compiler is at install), and the Python functions below, which do the same, run where it
-is not (KVPROF_PURE_PYTHON=1 forces them; tests run both). Under uvicorn the C part also
-ends the record from the request cycle (its on_response, wrapped), so no coroutine of ours
-stands around the app. On the request path the hooks take timestamps and
-references to objects that exist anyway, into one flat list per HTTP request, the record.
+(bench/api_overhead.py measures it). Measured there, the cost is the code run cold (every
+request's code evicts the last one's from the CPU's caches) and the memory kept (below):
+so the work of each hook is one call into C where kvprof/probes/_fastrec.c is built
+(setup.py, where a C compiler is at install), and the Python functions below, which do the
+same, run where it is not (KVPROF_PURE_PYTHON=1 forces them; tests run both). In C the
+ASGI wrapper is C too, and the record ends with the response (uvicorn's request cycle calls
+its on_response, wrapped; elsewhere the relay sees the last message), so no coroutine of
+ours stands around the app. On the request path the hooks take timestamps and references
+to objects that exist anyway, into one flat record per HTTP request.
 The record is the event: emitted when the request arrives and filled in afterwards, it is
 kept by the export thread until the response's end time is in it (the last write), so it
 is also the list of requests in flight (for crash reports) and nothing is emitted when the
@@ -34,9 +35,14 @@ kept small on purpose: memory a request frees is what the next one allocates, st
 CPU's caches, and every object held back makes later allocations land on cold memory. So a
 record holds the request's extra_args (its kv_transfer_params), not its params, and the
 X-Request-Id's bytes, not the headers. The one header decoded on the path is the
-traceparent: the EngineCore request must carry it when it leaves.
+traceparent: the EngineCore request must carry it when it leaves. The C recordings go
+further (one object where the list is six int objects more; in the bench their memory kept
+cost about as much as their work): a ``_fastrec.Record``, whose times are plain integers
+and which keeps of the parameters only the kv_transfer_params fields the export thread
+reads (KV_FIELDS; its ``extra_args`` reads back as {"kv_transfer_params": those}). It reads
+as the list does (record[i], len, slices), so the export thread treats both alike.
 
-The record (a list; the position constants below name its fields):
+The record (a list, or a Record; the position constants below name its fields):
 
     [API, t_recv, t_first_bytes, t_end, status, x_request_id (bytes), traceparent, path,
      request_id, t_input, extra_args, call_traceparent, t_handoff, internal_id,
@@ -87,6 +93,9 @@ _TRACEPARENT = semconv.TRACEPARENT_KEY
 T_RECV, T_FIRST_BYTES, T_END, STATUS, XID, HTTP_TRACEPARENT, PATH = range(1, 8)
 RID, T_INPUT, EXTRA_ARGS, TRACEPARENT, T_HANDOFF, INTERNAL, T_FIRST_OUTPUT, OK = range(8, 16)
 EXTRA_CALLS = 16
+# The kv_transfer_params fields the export thread reads (role, the prefill side's request id
+# and trace): what a C record keeps of the request's parameters.
+KV_FIELDS = ("do_remote_decode", "do_remote_prefill", "remote_request_id", _TRACEPARENT)
 
 # Requests waiting for their first output, by the EngineCore's request id.
 _AWAIT: dict[str, list] = {}
@@ -140,43 +149,13 @@ def output_processor_propagate_error(wrapped: Callable[..., Any]) -> hooks.Probe
 
 # -- ASGI --------------------------------------------------------------------------------------
 def asgi_wrap(app: Callable[..., Any]) -> Callable[..., Any]:
-    """The ASGI app with kvprof's timing outermost; GETs and non-HTTP scopes pass straight on."""
-    wrapper = _asgi_wrap_py(app) if _C is None else _asgi_wrap_c(app, _C.intake, _C.end)
+    """The ASGI app with kvprof's timing outermost; GETs and non-HTTP scopes pass straight on.
+    In C (_fastrec.Hooks.wrap_asgi: the record ends with the response, through uvicorn's
+    request cycle or a ``send`` of its own, so the server awaits the app's own coroutine),
+    else in Python (a coroutine of ours ends it when the app returns)."""
+    wrapper = _asgi_wrap_py(app) if _C is None else _as_coroutine_function(_C.wrap_asgi(app))
     wrapper.__kvprof_asgi__ = True  # type: ignore[attr-defined]
     return wrapper
-
-
-def _asgi_wrap_c(app: Callable[..., Any], intake: Callable[..., Any],
-                 end: Callable[..., Any]) -> Callable[..., Any]:
-    """asgi_wrap with the request's intake and end in C (_fastrec.Hooks.intake and .end do
-    what the Python wrapper below does before and after it awaits the app). Under uvicorn
-    (its request cycle probed) the record ends with the response, noted by the cycle, so
-    the app's own coroutine is what the server awaits: nothing of ours around it."""
-
-    def kvprof_asgi(scope, receive, send):
-        try:
-            r = intake(scope, send)
-        except Exception:
-            hooks._hook_failed("ASGI request")
-            r = None
-        if r is None:  # not a POST, or one uvicorn's cycle ends itself
-            return app(scope, receive, send)
-        return _recorded(app, end, r, scope, receive, send)
-
-    return _as_coroutine_function(kvprof_asgi)
-
-
-async def _recorded(app: Callable[..., Any], end: Callable[..., Any], r: tuple, scope: Any,
-                    receive: Any, send: Any) -> Any:
-    """The app under a server kvprof does not probe: the record ends when it returns."""
-    h, registered = r
-    try:
-        return await app(scope, receive, send if registered else _relay(h, send))
-    finally:
-        try:
-            end(h)
-        except Exception:
-            hooks._hook_failed("ASGI response")
 
 
 def _asgi_wrap_py(app: Callable[..., Any]) -> Callable[..., Any]:
@@ -468,7 +447,8 @@ def _c_hooks() -> Any:
         return None
     try:
         return _fastrec.Hooks(_HTTP, _CALL, _AWAIT, _SEND_PROBES, hooks, API, _TRACEPARENT,
-                              _AWAIT_LIMIT, CYCLE_ATTR, _prune_waits, hooks._hook_failed)
+                              _AWAIT_LIMIT, CYCLE_ATTR, _prune_waits, hooks._hook_failed,
+                              KV_FIELDS)
     except Exception:  # a build of another kvprof version: the Python recordings then
         log.warning("kvprof: %s does not match this kvprof; the API-server hooks run "
                     "their Python versions", _fastrec.__file__, exc_info=True)
