@@ -581,7 +581,7 @@ def test_api_records_are_freed_without_the_garbage_collector(api_probes):
                 if type(o) is list and len(o) >= api_hooks.EXTRA_CALLS
                 and o[api_hooks.RID] == "cmpl-xid-7-0"
                 or _qualname(o).endswith("_relay.<locals>.relay")
-                or type(o).__name__ == "Relay"]
+                or type(o).__name__ == "Ending"]
     finally:
         gc.enable()
     assert left == []

@@ -432,159 +432,32 @@ fail:
     return NULL;
 }
 
-/* Ended: what uvicorn's request cycle calls when the response is complete (its
- * on_response, wrapped: the record ends, then uvicorn's own runs). The cycle lets go of
- * it when run_asgi returns (it sets on_response to a no-op), also when the response
- * never completed (client gone, error): the record ends then, when the app has returned.
- * So the app runs with no coroutine of ours around it. */
-typedef struct {
-    PyObject_HEAD
-    Hooks *hooks;
-    Record *record;
-    PyObject *on_response;
-    int ended;
-} Ended;
-
-static void
-Ended_end(Ended *self, const char *where)
-{
-    if (self->ended || self->hooks == NULL || self->record == NULL)
-        return;
-    self->ended = 1;
-    if (end_record(self->hooks, self->record) < 0)
-        report_failure(self->hooks, where);
-}
-
-static PyObject *
-Ended_vectorcall(Ended *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    Ended_end(self, "uvicorn on_response");
-    if (self->on_response == NULL)
-        Py_RETURN_NONE;
-    return PyObject_Vectorcall(self->on_response, args, nargsf, kwnames);
-}
-
-static PyObject *
-Ended_call(Ended *self, PyObject *args, PyObject *kwargs)
-{
-    Ended_end(self, "uvicorn on_response");
-    if (self->on_response == NULL)
-        Py_RETURN_NONE;
-    return PyObject_Call(self->on_response, args, kwargs);
-}
-
-static int
-Ended_traverse(Ended *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->hooks);
-    Py_VISIT(self->on_response);
-    return 0;
-}
-
-static int
-Ended_clear(Ended *self)
-{
-    Py_CLEAR(self->on_response);
-    return 0;
-}
-
-static void
-Ended_dealloc(Ended *self)
-{
-    PyObject_GC_UnTrack(self);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    Ended_end(self, "uvicorn run_asgi end");
-    PyErr_Restore(type, value, tb);
-    Py_CLEAR(self->on_response);
-    Py_CLEAR(self->record);
-    Py_CLEAR(self->hooks);
-    PyObject_GC_Del(self);
-}
-
-typedef struct {
-    Ended base;
-    vectorcallfunc vectorcall;
-} EndedVC;
-
-static PyTypeObject EndedType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kvprof.probes._fastrec.Ended",
-    .tp_doc = "uvicorn's on_response, ending a kvprof record first.",
-    .tp_basicsize = sizeof(EndedVC),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_vectorcall_offset = offsetof(EndedVC, vectorcall),
-    .tp_call = (ternaryfunc)Ended_call,
-    .tp_traverse = (traverseproc)Ended_traverse,
-    .tp_clear = (inquiry)Ended_clear,
-    .tp_dealloc = (destructor)Ended_dealloc,
-};
-
-/* A POST to uvicorn's request cycle (its send probed): the cycle holds the record until the
- * response's first bytes are out (the probe notes them), and its on_response, wrapped in an
- * Ended, ends it. 1 when so, 0 where the cycle has no on_response (the caller relays). */
-static int
-register_with_cycle(Hooks *self, PyObject *cycle, Record *h)
-{
-    PyObject *on_response = PyObject_GetAttr(cycle, s_on_response);
-    if (on_response == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            return -1;
-        PyErr_Clear();
-        return 0;
-    }
-    if (!PyCallable_Check(on_response)) {
-        Py_DECREF(on_response);
-        return 0;
-    }
-    EndedVC *ended = PyObject_GC_New(EndedVC, &EndedType);
-    if (ended == NULL) {
-        Py_DECREF(on_response);
-        return -1;
-    }
-    ended->vectorcall = (vectorcallfunc)Ended_vectorcall;
-    ended->base.hooks = (Hooks *)Py_NewRef(self);
-    ended->base.record = (Record *)Py_NewRef(h);
-    ended->base.on_response = on_response;
-    ended->base.ended = 1;  /* until installed */
-    PyObject_GC_Track(ended);
-    int r = -1;
-    if (PyObject_SetAttr(cycle, self->cycle_attr, (PyObject *)h) == 0) {
-        if (PyObject_SetAttr(cycle, s_on_response, (PyObject *)ended) == 0) {
-            ended->base.ended = 0;
-            r = 1;
-        }
-        else {  /* the probe must not note a response nobody ends */
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            if (PyObject_SetAttr(cycle, self->cycle_attr, Py_None) < 0)
-                PyErr_Clear();
-            PyErr_Restore(type, value, tb);
-        }
-    }
-    Py_DECREF(ended);
-    return r;
-}
-
-/* Relay: the ``send`` the app gets under a server kvprof does not probe. It notes the
- * response's status (from the message that carries one, http.response.start), the time
- * of its first body bytes and its end (the message after which no more body comes), then
- * hands the message on, returning the server's own awaitable (no coroutine of ours). A
- * response that never completes (client gone, app failed) ends when the relay is let go,
- * which is when the app has returned. */
-enum { AWAIT_STATUS, AWAIT_FIRST_BYTES, STREAMING, ENDED };
+/* Ending: what ends a record with its response, in one of two places, and at the latest
+ * when it is let go, which is when the app has returned (also when the response never
+ * completed: client gone, app failed). So the app runs with no coroutine of ours around it.
+ *
+ * - uvicorn's request cycle calls its on_response when the response is complete: wrapped
+ *   in an Ending (ON_RESPONSE) the record ends, then uvicorn's own runs. The cycle lets go
+ *   of it when run_asgi returns (it sets on_response to a no-op).
+ * - Under a server kvprof does not probe, the app's ``send`` is an Ending (a relay): it
+ *   notes the status (from the message that carries one, http.response.start), the time
+ *   of the first body bytes and the end (the message after which no more body comes),
+ *   then hands the message on, returning the server's own awaitable. */
+enum { AWAIT_STATUS, AWAIT_FIRST_BYTES, STREAMING, ON_RESPONSE, ENDED };
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     Hooks *hooks;
     Record *record;
-    PyObject *send;
+    PyObject *target;  /* uvicorn's on_response, or the server's send */
     int state;
-} Relay;
+} Ending;
+
+static PyTypeObject EndingType;
 
 static void
-Relay_end(Relay *self, const char *where)
+Ending_end(Ending *self, const char *where)
 {
     if (self->state == ENDED)
         return;
@@ -593,9 +466,9 @@ Relay_end(Relay *self, const char *where)
         report_failure(self->hooks, where);
 }
 
-/* The response as far as ``message`` tells; -1 with an error. */
+/* A relay: the response as far as ``message`` tells; -1 with an error. */
 static int
-Relay_note(Relay *self, PyObject *message)
+Ending_note(Ending *self, PyObject *message)
 {
     Record *h = self->record;
     PyObject *v;
@@ -636,71 +509,113 @@ Relay_note(Relay *self, PyObject *message)
 }
 
 static PyObject *
-Relay_vectorcall(Relay *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+Ending_vectorcall(Ending *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    if (self->state != ENDED && PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL
-            && PyDict_Check(args[0]) && Relay_note(self, args[0]) < 0) {
+    if (self->state == ON_RESPONSE)
+        Ending_end(self, "uvicorn on_response");
+    else if (self->state != ENDED && PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL
+             && PyDict_Check(args[0]) && Ending_note(self, args[0]) < 0) {
         self->state = ENDED;  /* nothing more recorded for this response */
         report_failure(self->hooks, "ASGI send");
     }
-    return PyObject_Vectorcall(self->send, args, nargsf, kwnames);
+    if (self->target == NULL)  /* cleared by the collector */
+        Py_RETURN_NONE;
+    return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
 }
 
 static int
-Relay_traverse(Relay *self, visitproc visit, void *arg)
+Ending_traverse(Ending *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->send);
+    Py_VISIT(self->target);
     return 0;
 }
 
 static int
-Relay_clear(Relay *self)
+Ending_clear(Ending *self)
 {
-    Py_CLEAR(self->send);
+    Py_CLEAR(self->target);
     return 0;
 }
 
 static void
-Relay_dealloc(Relay *self)
+Ending_dealloc(Ending *self)
 {
     PyObject_GC_UnTrack(self);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    Relay_end(self, "ASGI response");
+    Ending_end(self, "ASGI response end");
     PyErr_Restore(type, value, tb);
-    Py_CLEAR(self->send);
+    Py_CLEAR(self->target);
     Py_CLEAR(self->record);
     Py_CLEAR(self->hooks);
     PyObject_GC_Del(self);
 }
 
-static PyTypeObject RelayType = {
+static PyTypeObject EndingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kvprof.probes._fastrec.Relay",
-    .tp_doc = "The server's send, noting a kvprof record's response on the way.",
-    .tp_basicsize = sizeof(Relay),
+    .tp_name = "kvprof.probes._fastrec.Ending",
+    .tp_doc = "Ends a kvprof record with its response: uvicorn's on_response, or a send.",
+    .tp_basicsize = sizeof(Ending),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_vectorcall_offset = offsetof(Relay, vectorcall),
+    .tp_vectorcall_offset = offsetof(Ending, vectorcall),
     .tp_call = PyVectorcall_Call,
-    .tp_traverse = (traverseproc)Relay_traverse,
-    .tp_clear = (inquiry)Relay_clear,
-    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_traverse = (traverseproc)Ending_traverse,
+    .tp_clear = (inquiry)Ending_clear,
+    .tp_dealloc = (destructor)Ending_dealloc,
 };
 
-static PyObject *
-new_relay(Hooks *hooks, Record *h, PyObject *send)
+static Ending *
+new_ending(Hooks *hooks, Record *h, PyObject *target, int state)
 {
-    Relay *relay = PyObject_GC_New(Relay, &RelayType);
-    if (relay == NULL)
+    Ending *e = PyObject_GC_New(Ending, &EndingType);
+    if (e == NULL)
         return NULL;
-    relay->vectorcall = (vectorcallfunc)Relay_vectorcall;
-    relay->hooks = (Hooks *)Py_NewRef(hooks);
-    relay->record = (Record *)Py_NewRef(h);
-    relay->send = Py_NewRef(send);
-    relay->state = AWAIT_STATUS;
-    hooks->relays++;
-    PyObject_GC_Track(relay);
-    return (PyObject *)relay;
+    e->vectorcall = (vectorcallfunc)Ending_vectorcall;
+    e->hooks = (Hooks *)Py_NewRef(hooks);
+    e->record = (Record *)Py_NewRef(h);
+    e->target = Py_NewRef(target);
+    e->state = state;
+    PyObject_GC_Track(e);
+    return e;
+}
+
+/* A POST to uvicorn's request cycle (its send probed): the cycle holds the record until the
+ * response's first bytes are out (the probe notes them), and its on_response, wrapped in an
+ * Ending, ends it. 1 when so, 0 where the cycle has no on_response (the caller relays). */
+static int
+register_with_cycle(Hooks *self, PyObject *cycle, Record *h)
+{
+    PyObject *on_response = PyObject_GetAttr(cycle, s_on_response);
+    if (on_response == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    if (!PyCallable_Check(on_response)) {
+        Py_DECREF(on_response);
+        return 0;
+    }
+    Ending *e = new_ending(self, h, on_response, ENDED);  /* ENDED until installed */
+    Py_DECREF(on_response);
+    if (e == NULL)
+        return -1;
+    int r = -1;
+    if (PyObject_SetAttr(cycle, self->cycle_attr, (PyObject *)h) == 0) {
+        if (PyObject_SetAttr(cycle, s_on_response, (PyObject *)e) == 0) {
+            e->state = ON_RESPONSE;
+            r = 1;
+        }
+        else {  /* the probe must not note a response nobody ends */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            if (PyObject_SetAttr(cycle, self->cycle_attr, Py_None) < 0)
+                PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+    }
+    Py_DECREF(e);
+    return r;
 }
 
 /* Asgi: the ASGI app with kvprof's record around each POST; the record ends with the
@@ -731,7 +646,8 @@ send_for(Hooks *self, Record *h, PyObject *send)
                 report_failure(self, "ASGI request");
         }
     }
-    return new_relay(self, h, send);
+    self->relays++;
+    return (PyObject *)new_ending(self, h, send, AWAIT_STATUS);
 }
 
 static PyObject *
@@ -1232,7 +1148,7 @@ PyInit__fastrec(void)
     INTERN(s_finish_reason, "finish_reason");
 #undef INTERN
     if (PyType_Ready(&HooksType) < 0 || PyType_Ready(&RecordType) < 0
-            || PyType_Ready(&EndedType) < 0 || PyType_Ready(&RelayType) < 0
+            || PyType_Ready(&EndingType) < 0
             || PyType_Ready(&AsgiType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
