@@ -32,6 +32,20 @@ enum {
 
 #define MAX_KV_FIELDS 8
 
+/* A field read where it lies. vLLM's request, parameter and output types are msgspec
+ * structs, whose fields are slots (member descriptors): a generic attribute read looks the
+ * name up along the type's MRO and goes through the descriptor each time, cold code and
+ * data on every request. So a field's offset is looked up once per type and read directly
+ * while the type is unchanged (its version tag); anything else takes the generic path. */
+typedef struct {
+    PyTypeObject *type;  /* a strong reference, so the address cannot be reused */
+    unsigned int version;
+    Py_ssize_t offset;  /* 0: not a plain object slot of that type */
+} Field;
+
+enum { F_EXTRA_ARGS, F_REQUEST_ID, F_TRACE_HEADERS, F_OUT_REQUEST_ID, F_NEW_TOKEN_IDS,
+       F_FINISH_REASON, N_FIELDS };
+
 /* A Hooks object holds the state of one api_hooks module (the bench loads two). */
 typedef struct {
     PyObject_HEAD
@@ -40,6 +54,8 @@ typedef struct {
     PyObject *kv_fields[MAX_KV_FIELDS];
     Py_ssize_t await_limit, n_kv_fields;
     Py_ssize_t relays;  /* relays given to apps (read by tests: uvicorn's cycle needs none) */
+    PyObject *hooks_dict;  /* the hooks module's namespace (its _EMIT) */
+    Field fields[N_FIELDS];
 } Hooks;
 
 static PyObject *s_emit, *s_method, *s_post, *s_headers, *s_path, *s_empty, *s_status,
@@ -54,6 +70,41 @@ Hooks_ready(Hooks *self)
         return 0;
     }
     return 1;
+}
+
+static void
+learn_field(Field *f, PyTypeObject *tp, PyObject *name)
+{
+    Py_XSETREF(f->type, (PyTypeObject *)Py_NewRef(tp));
+    f->offset = 0;
+    if (tp->tp_getattro != PyObject_GenericGetAttr)
+        return;
+    PyObject *descr = _PyType_Lookup(tp, name);  /* borrowed; gives tp a version tag */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            || !PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG))
+        return;
+    PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+    if ((m->type == T_OBJECT_EX || m->type == T_OBJECT) && m->offset > 0) {
+        f->offset = m->offset;
+        f->version = tp->tp_version_tag;
+    }
+}
+
+/* getattr(o, name), read where it lies when o's type holds it in a slot (see Field). */
+static PyObject *
+get_field(Hooks *self, int which, PyObject *o, PyObject *name)
+{
+    Field *f = &self->fields[which];
+    PyTypeObject *tp = Py_TYPE(o);
+    if (f->type != tp)
+        learn_field(f, tp, name);
+    if (f->offset > 0 && tp->tp_version_tag == f->version
+            && PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *v = *(PyObject **)((char *)o + f->offset);
+        if (v != NULL)
+            return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(o, name);
 }
 
 static int64_t
@@ -270,9 +321,13 @@ static int
 emit(Hooks *self, PyObject *event)
 {
     /* looked up each time: set_emit may change it */
-    PyObject *target = PyObject_GetAttr(self->hooks_module, s_emit);
-    if (target == NULL)
+    PyObject *target = PyDict_GetItemWithError(self->hooks_dict, s_emit);  /* borrowed */
+    if (target == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "the hooks module has no _EMIT");
         return -1;
+    }
+    Py_INCREF(target);
     PyObject *r = PyObject_CallOneArg(target, event);
     Py_DECREF(target);
     if (r == NULL)
@@ -745,7 +800,9 @@ wrap_asgi(Hooks *self, PyObject *app)
 
 /* on_send(cycle, message): uvicorn's RequestResponseCycle.send, while the cycle holds a
  * record: the status from the first message, the time of the first body bytes (then the
- * cycle lets the record go: the rest of the stream costs one attribute test a message). */
+ * cycle lets the record go: the rest of the stream costs one attribute test a message).
+ * The probe tests the attribute and C reads it again: passing it on would cost the probe
+ * a local variable, two more instructions on every message of the stream. */
 static PyObject *
 on_send(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -797,7 +854,8 @@ fail:
 static int
 keep_kv_fields(Hooks *self, Record *c, PyObject *params)
 {
-    PyObject *extra = PyObject_GetAttr(params, s_extra_args);  /* PoolingParams have none */
+    PyObject *extra = get_field(self, F_EXTRA_ARGS, params, s_extra_args);  /* PoolingParams
+                                                                             * have none */
     if (extra == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             return -1;
@@ -926,7 +984,7 @@ on_handoff(Hooks *self, PyObject *request)
     if (c != NULL && c->rid != NULL && c->t_handoff == 0) {
         /* the first hand-off of the call (n > 1 makes several) */
         c->t_handoff = now_ns();
-        if ((rid = PyObject_GetAttr(request, s_request_id)) == NULL)
+        if ((rid = get_field(self, F_REQUEST_ID, request, s_request_id)) == NULL)
             goto fail;
         Py_XSETREF(c->internal, Py_NewRef(rid));
         if (PyDict_SetItem(self->await_dict, rid, co) < 0)
@@ -940,7 +998,7 @@ on_handoff(Hooks *self, PyObject *request)
         if (has) {
             /* AsyncLLM drops trace headers unless vLLM's own tracing is on; the
              * EngineCore needs them so its spans join the caller's trace. */
-            if ((th = PyObject_GetAttr(request, s_trace_headers)) == NULL)
+            if ((th = get_field(self, F_TRACE_HEADERS, request, s_trace_headers)) == NULL)
                 goto fail;
             int set = PyObject_IsTrue(th);
             Py_CLEAR(th);
@@ -979,7 +1037,7 @@ on_outputs(Hooks *self, PyObject *outputs)
     if ((it = PyObject_GetIter(outputs)) == NULL)
         return NULL;
     while ((o = PyIter_Next(it)) != NULL) {
-        if ((rid = PyObject_GetAttr(o, s_request_id)) == NULL)
+        if ((rid = get_field(self, F_OUT_REQUEST_ID, o, s_request_id)) == NULL)
             goto fail;
         PyObject *w = PyDict_GetItemWithError(self->await_dict, rid);  /* borrowed */
         if (w == NULL) {
@@ -988,7 +1046,7 @@ on_outputs(Hooks *self, PyObject *outputs)
         }
         else if (IS_RECORD(w)) {
             Record *c = (Record *)w;
-            if ((tokens = PyObject_GetAttr(o, s_new_token_ids)) == NULL)
+            if ((tokens = get_field(self, F_NEW_TOKEN_IDS, o, s_new_token_ids)) == NULL)
                 goto fail;
             int any = PyObject_IsTrue(tokens);
             Py_CLEAR(tokens);
@@ -996,7 +1054,7 @@ on_outputs(Hooks *self, PyObject *outputs)
                 goto fail;
             int output = any;
             if (!any) {  /* not an output yet unless finished */
-                if ((finish = PyObject_GetAttr(o, s_finish_reason)) == NULL)
+                if ((finish = get_field(self, F_FINISH_REASON, o, s_finish_reason)) == NULL)
                     goto fail;
                 output = finish != Py_None;
                 Py_CLEAR(finish);
@@ -1059,7 +1117,12 @@ Hooks_init(Hooks *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->call_var, Py_NewRef(cv));
     Py_XSETREF(self->await_dict, Py_NewRef(aw));
     Py_XSETREF(self->send_probes, Py_NewRef(sp));
+    if (!PyModule_Check(hm)) {
+        PyErr_SetString(PyExc_TypeError, "hooks_module must be a module");
+        return -1;
+    }
     Py_XSETREF(self->hooks_module, Py_NewRef(hm));
+    Py_XSETREF(self->hooks_dict, Py_NewRef(PyModule_GetDict(hm)));
     Py_XSETREF(self->api_kind, Py_NewRef(kind));
     Py_XSETREF(self->traceparent_key, Py_NewRef(tpk));
     Py_XSETREF(self->cycle_attr, Py_NewRef(attr));
@@ -1076,6 +1139,9 @@ Hooks_dealloc(Hooks *self)
     Py_XDECREF(self->await_dict);
     Py_XDECREF(self->send_probes);
     Py_XDECREF(self->hooks_module);
+    Py_XDECREF(self->hooks_dict);
+    for (int i = 0; i < N_FIELDS; i++)
+        Py_XDECREF(self->fields[i].type);
     Py_XDECREF(self->api_kind);
     Py_XDECREF(self->traceparent_key);
     Py_XDECREF(self->cycle_attr);
