@@ -376,7 +376,8 @@ def main() -> None:
     global RAW_HEADERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200, help="rounds per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="repeats, each a full measurement; the figures are their medians")
     parser.add_argument("--baseline", metavar="FILE",
                         help="another version of kvprof/probes/api_hooks.py, measured the "
                         "same way in the same repeats (before/after figures)")

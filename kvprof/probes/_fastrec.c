@@ -1025,72 +1025,82 @@ fail:
     return NULL;
 }
 
+/* One output of a step: the first of its call when it has tokens (or has finished). */
+static int
+note_output(Hooks *self, PyObject *o, int64_t t)
+{
+    PyObject *rid = get_field(self, F_OUT_REQUEST_ID, o, s_request_id);
+    if (rid == NULL)
+        return -1;
+    int r = 0;
+    PyObject *w = PyDict_GetItemWithError(self->await_dict, rid);  /* borrowed */
+    if (w == NULL) {
+        if (PyErr_Occurred())
+            r = -1;
+    }
+    else if (IS_RECORD(w)) {
+        Record *c = (Record *)Py_NewRef(w);
+        PyObject *v = get_field(self, F_NEW_TOKEN_IDS, o, s_new_token_ids);
+        int any = v == NULL ? -1 : PyObject_IsTrue(v), output = any;
+        Py_XDECREF(v);
+        if (any == 0) {  /* not an output yet unless finished */
+            v = get_field(self, F_FINISH_REASON, o, s_finish_reason);
+            output = v == NULL ? -1 : v != Py_None;
+            Py_XDECREF(v);
+        }
+        if (any < 0 || output < 0)
+            r = -1;
+        else if (output) {
+            if (PyDict_DelItem(self->await_dict, rid) < 0)
+                r = -1;
+            else {
+                c->t_first_output = t;
+                c->ok = any ? 1 : 0;
+                /* no HTTP response around it to wait for (Dynamo, LLM): out now */
+                if (c->t_recv == 0 && c->kind != Py_None)
+                    r = emit(self, (PyObject *)c);
+            }
+        }
+        Py_DECREF(c);
+    }
+    Py_DECREF(rid);
+    return r;
+}
+
 /* on_outputs(engine_core_outputs): OutputProcessor.process_outputs, while calls wait for
- * their first output. */
+ * their first output. vLLM passes a list: read in place (an iterator would be one more
+ * object a step). */
 static PyObject *
 on_outputs(Hooks *self, PyObject *outputs)
 {
     if (!Hooks_ready(self))
         return NULL;
     int64_t t = now_ns();
-    PyObject *it = NULL, *o = NULL, *rid = NULL, *tokens = NULL, *finish = NULL;
-    if ((it = PyObject_GetIter(outputs)) == NULL)
+    if (PyList_CheckExact(outputs)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(outputs); i++) {
+            PyObject *o = Py_NewRef(PyList_GET_ITEM(outputs, i));
+            int r = note_output(self, o, t);
+            Py_DECREF(o);
+            if (r < 0)
+                return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *it = PyObject_GetIter(outputs), *o;
+    if (it == NULL)
         return NULL;
     while ((o = PyIter_Next(it)) != NULL) {
-        if ((rid = get_field(self, F_OUT_REQUEST_ID, o, s_request_id)) == NULL)
-            goto fail;
-        PyObject *w = PyDict_GetItemWithError(self->await_dict, rid);  /* borrowed */
-        if (w == NULL) {
-            if (PyErr_Occurred())
-                goto fail;
+        int r = note_output(self, o, t);
+        Py_DECREF(o);
+        if (r < 0) {
+            Py_DECREF(it);
+            return NULL;
         }
-        else if (IS_RECORD(w)) {
-            Record *c = (Record *)w;
-            if ((tokens = get_field(self, F_NEW_TOKEN_IDS, o, s_new_token_ids)) == NULL)
-                goto fail;
-            int any = PyObject_IsTrue(tokens);
-            Py_CLEAR(tokens);
-            if (any < 0)
-                goto fail;
-            int output = any;
-            if (!any) {  /* not an output yet unless finished */
-                if ((finish = get_field(self, F_FINISH_REASON, o, s_finish_reason)) == NULL)
-                    goto fail;
-                output = finish != Py_None;
-                Py_CLEAR(finish);
-            }
-            if (output) {
-                Py_INCREF(c);
-                if (PyDict_DelItem(self->await_dict, rid) < 0) {
-                    Py_DECREF(c);
-                    goto fail;
-                }
-                c->t_first_output = t;
-                c->ok = any ? 1 : 0;
-                if (c->t_recv == 0 && c->kind != Py_None) {
-                    /* no HTTP response around it to wait for (Dynamo, LLM): out now */
-                    if (emit(self, (PyObject *)c) < 0) {
-                        Py_DECREF(c);
-                        goto fail;
-                    }
-                }
-                Py_DECREF(c);
-            }
-        }
-        Py_CLEAR(rid);
-        Py_CLEAR(o);
     }
-    if (PyErr_Occurred())
-        goto fail;
     Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
     Py_RETURN_NONE;
-fail:
-    Py_XDECREF(it);
-    Py_XDECREF(o);
-    Py_XDECREF(rid);
-    Py_XDECREF(tokens);
-    Py_XDECREF(finish);
-    return NULL;
 }
 
 /* -- Hooks --------------------------------------------------------------------------------- */
