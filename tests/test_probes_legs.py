@@ -414,6 +414,115 @@ def test_the_c_record_reads_as_the_python_list(monkeypatch):
     assert shape(c_spans) == shape(py_spans) and len(c_spans) == 10  # 5 a call
 
 
+class _FalsyFails:
+    """A body whose truth cannot be told: the recording of the response fails on it."""
+
+    def __bool__(self):
+        raise RuntimeError("no truth")
+
+
+def _raw_app(messages: list, seen: list):
+    """An ASGI app (no framework) that sends ``messages``, noting the API records emitted
+    so far after each (``seen`` is the event list the hooks emit into)."""
+    snapshots = []
+
+    async def app(scope, receive, send):
+        await receive()
+        for m in messages:
+            await send(m)
+            records = [e for e in seen if e[0] == ev.API]
+            snapshots.append(records[0][api_hooks.T_END] if records else "none")
+    return app, snapshots
+
+
+async def _send_nothing(message):
+    return None
+
+
+def _run_raw(app) -> None:
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [],
+             "asgi": {"version": "3.0", "spec_version": "2.3"}}
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    asyncio.run(api_hooks.asgi_wrap(app)(scope, receive, _send_nothing))
+
+
+def test_a_response_whose_recording_fails_still_ends_with_the_reason_logged(
+        api_probes, monkeypatch, caplog):
+    """The server's send carries a message the recording cannot read: the failure is
+    logged once with its traceback, the response goes on, and the record still ends (a
+    record with no end would count as in flight for ever)."""
+    monkeypatch.setattr(hooks, "_failed", set())
+    app, _ = _raw_app([{"type": "http.response.start", "status": 200, "headers": []},
+                       {"type": "http.response.body", "body": _FalsyFails(),
+                        "more_body": True},
+                       {"type": "http.response.body", "body": b"", "more_body": False}],
+                      api_probes)
+    with caplog.at_level("WARNING", logger="kvprof.probes.hooks"):
+        _run_raw(app)
+    (record,) = [e for e in api_probes if e[0] == ev.API]
+    assert record[api_hooks.STATUS] == 200 and record[api_hooks.T_END] is not None
+    (warning,) = [r for r in caplog.records if "ASGI send" in r.getMessage()]
+    assert warning.exc_info is not None and "no truth" in str(warning.exc_info[1])
+
+
+def test_the_relay_ends_a_response_only_at_its_last_body(api_probes):
+    """Messages that are not the body (an extension's, trailers) do not end the response
+    early; the last body message (more_body false) does."""
+    app, snapshots = _raw_app(
+        [{"type": "http.response.start", "status": 201, "headers": []},
+         {"type": "http.response.body", "body": b"a", "more_body": True},
+         {"type": "http.response.debug", "info": {}},
+         {"type": "http.response.body", "body": b"b", "more_body": False}], api_probes)
+    _run_raw(app)
+    assert snapshots[:3] == [None, None, None]
+    if api_hooks._C is not None:  # the relay ends it there; Python's when the app returns
+        assert snapshots[3] is not None
+    (record,) = [e for e in api_probes if e[0] == ev.API]
+    assert record[api_hooks.STATUS] == 201
+    assert record[api_hooks.T_RECV] <= record[api_hooks.T_FIRST_BYTES] <= record[api_hooks.T_END]
+
+
+def test_the_c_field_reads_follow_the_type_and_refuse_a_foreign_descriptor():
+    """The C part reads vLLM's msgspec fields at their slot offsets: a field whose class
+    changed is read the way Python reads it now, and a member descriptor copied from
+    another class is refused as getattr refuses it (read at that class's offset, it would
+    be memory past the object's end)."""
+    if api_hooks._C is None:
+        pytest.skip("kvprof.probes._fastrec is not built here (no C compiler at install)")
+    from contextvars import copy_context
+
+    import msgspec
+
+    class Params(msgspec.Struct, dict=True):
+        extra_args: dict | None = None
+
+    def kept(params) -> dict | None:
+        def run():
+            api_hooks._C.on_add_request("cmpl-f-0", params, None)
+            return api_hooks.kv_transfer_params(api_hooks._CALL.get())
+        return copy_context().run(run)
+
+    decode = {"kv_transfer_params": {"do_remote_decode": True}}
+    assert kept(Params(extra_args=decode)) == {"do_remote_decode": True}
+    assert kept(Params(extra_args=None)) is None
+    Params.extra_args = property(lambda self: {"kv_transfer_params": {
+        "do_remote_prefill": True}})
+    assert kept(Params(extra_args=decode)) == {"do_remote_prefill": True}
+
+    class Big:
+        __slots__ = ("a", "b", "c", "d", "e", "f", "g", "h")
+
+    class Small:
+        __slots__ = ()
+
+    Small.extra_args = Big.__dict__["h"]
+    with pytest.raises(TypeError):
+        kept(Small())
+
+
 def test_gets_and_health_checks_pass_untouched(api_probes):
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse

@@ -59,7 +59,8 @@ typedef struct {
 } Hooks;
 
 static PyObject *s_emit, *s_method, *s_post, *s_headers, *s_path, *s_empty, *s_status,
-    *s_body, *s_more_body, *s_on_response, *s_extra_args, *s_kv_transfer_params,
+    *s_body, *s_more_body, *s_type, *s_response_body, *s_response_pathsend, *s_on_response,
+    *s_extra_args, *s_kv_transfer_params,
     *s_request_id, *s_trace_headers, *s_new_token_ids, *s_finish_reason;
 
 static int
@@ -77,17 +78,18 @@ learn_field(Field *f, PyTypeObject *tp, PyObject *name)
 {
     Py_XSETREF(f->type, (PyTypeObject *)Py_NewRef(tp));
     f->offset = 0;
-    if (tp->tp_getattro != PyObject_GenericGetAttr)
-        return;
-    PyObject *descr = _PyType_Lookup(tp, name);  /* borrowed; gives tp a version tag */
+    PyObject *descr = NULL;  /* borrowed */
+    if (tp->tp_getattro == PyObject_GenericGetAttr)
+        descr = _PyType_Lookup(tp, name);  /* gives tp a version tag */
+    f->version = tp->tp_version_tag;
+    /* A member of tp itself or of a base (one copied from an unrelated class would read
+     * at that class's offset; getattr refuses it). */
     if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
-            || !PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG))
+            || !PyType_IsSubtype(tp, PyDescr_TYPE(descr)))
         return;
     PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
-    if ((m->type == T_OBJECT_EX || m->type == T_OBJECT) && m->offset > 0) {
+    if ((m->type == T_OBJECT_EX || m->type == T_OBJECT) && m->offset > 0)
         f->offset = m->offset;
-        f->version = tp->tp_version_tag;
-    }
 }
 
 /* getattr(o, name), read where it lies when o's type holds it in a slot (see Field). */
@@ -96,10 +98,12 @@ get_field(Hooks *self, int which, PyObject *o, PyObject *name)
 {
     Field *f = &self->fields[which];
     PyTypeObject *tp = Py_TYPE(o);
-    if (f->type != tp)
-        learn_field(f, tp, name);
-    if (f->offset > 0 && tp->tp_version_tag == f->version
-            && PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) {
+    int current = PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG);
+    if (f->type != tp || !current || f->version != tp->tp_version_tag) {
+        learn_field(f, tp, name);  /* another type, or this one changed */
+        current = PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG);
+    }
+    if (f->offset > 0 && current && f->version == tp->tp_version_tag) {
         PyObject *v = *(PyObject **)((char *)o + f->offset);
         if (v != NULL)
             return Py_NewRef(v);
@@ -117,9 +121,11 @@ now_ns(void)
 
 /* -- Record -------------------------------------------------------------------------------- */
 /* One engine call, and for the HTTP request's record its HTTP part too. A time of 0 and a
- * NULL object read as None. Not tracked by the garbage collector: it holds strings, the
- * status, the kv_transfer_params fields' values and a list of further calls, none of which
- * can lead back to it, so reference counting frees it. */
+ * NULL object read as None. Not tracked by the garbage collector: what it holds (strings,
+ * the status, the kv fields' values, further calls, the Hooks) leads back to it only
+ * through the hooks' own state (_AWAIT while a call waits, the export buffer until read),
+ * which lets go of it by itself; so reference counting frees it, and a collection never
+ * walks it. */
 typedef struct {
     PyObject_HEAD
     PyObject *kind;  /* API, or None for a further call of an HTTP request */
@@ -369,14 +375,22 @@ report_failure(Hooks *self, const char *name)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL)
+        PyException_SetTraceback(value, tb);
     if (self->failed != NULL) {
+        /* as the exception being handled, so the one-time warning shows it */
+        PyObject *handled = PyErr_GetHandledException();
+        PyErr_SetHandledException(value);
         PyObject *r = PyObject_CallFunction(self->failed, "s", name);
         Py_XDECREF(r);
         PyErr_Clear();
+        PyErr_SetHandledException(handled);
+        Py_XDECREF(handled);
     }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
 }
 
 /* A call of an ended response whose first output never came stops waiting for it. */
@@ -395,21 +409,21 @@ stop_waiting(Hooks *self, PyObject *o)
 }
 
 /* The response has ended: its calls stop waiting; then, last, the end time (the record is
- * complete once the export thread sees it). */
+ * complete once the export thread sees it), written also when the first part failed (-1):
+ * a record without one would count as in flight for ever. */
 static int
 end_record(Hooks *self, Record *h)
 {
     int64_t t = now_ns();
+    int r = 0;
     if (PyDict_GET_SIZE(self->await_dict) > 0) {
-        if (stop_waiting(self, (PyObject *)h) < 0)
-            return -1;
+        r = stop_waiting(self, (PyObject *)h);
         if (h->calls != NULL)
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(h->calls); i++)
-                if (stop_waiting(self, PyList_GET_ITEM(h->calls, i)) < 0)
-                    return -1;
+            for (Py_ssize_t i = 0; r == 0 && i < PyList_GET_SIZE(h->calls); i++)
+                r = stop_waiting(self, PyList_GET_ITEM(h->calls, i));
     }
     h->t_end = t;
-    return 0;
+    return r;
 }
 
 /* -- HTTP intake ----------------------------------------------------------------------------- */
@@ -478,9 +492,13 @@ start_record(Hooks *self, PyObject *scope)
     if (path == NULL && PyErr_Occurred())
         goto fail;
     h->path = Py_NewRef(path != NULL ? path : s_empty);
-    /* Set and not reset: the server runs each request in a task of its own. */
-    if (set_var(self->http_var, (PyObject *)h) < 0 || emit(self, (PyObject *)h) < 0)
+    if (emit(self, (PyObject *)h) < 0)
         goto fail;
+    /* Set and not reset: the server runs each request in a task of its own. */
+    if (set_var(self->http_var, (PyObject *)h) < 0) {
+        h->t_end = now_ns();  /* out already: ended, so not in flight for ever */
+        goto fail;
+    }
     return h;
 fail:
     Py_DECREF(h);
@@ -498,7 +516,9 @@ fail:
  *   notes the status (from the message that carries one, http.response.start), the time
  *   of the first body bytes and the end (the message after which no more body comes),
  *   then hands the message on, returning the server's own awaitable. */
-enum { AWAIT_STATUS, AWAIT_FIRST_BYTES, STREAMING, ON_RESPONSE, ENDED };
+/* A relay's states come first (noting while below ON_RESPONSE); SILENT: a relay whose
+ * noting failed, which still ends the record at the last message or when let go. */
+enum { AWAIT_STATUS, AWAIT_FIRST_BYTES, STREAMING, ON_RESPONSE, SILENT, ENDED };
 
 typedef struct {
     PyObject_HEAD
@@ -514,53 +534,66 @@ static PyTypeObject EndingType;
 static void
 Ending_end(Ending *self, const char *where)
 {
-    if (self->state == ENDED)
+    /* (hooks cleared: the collector is taking down a discarded module with this) */
+    if (self->state == ENDED || self->hooks->await_dict == NULL)
         return;
     self->state = ENDED;
     if (end_record(self->hooks, self->record) < 0)
         report_failure(self->hooks, where);
 }
 
-/* A relay: the response as far as ``message`` tells; -1 with an error. */
+static int
+str_is(PyObject *v, PyObject *interned)
+{
+    return v == interned || (PyUnicode_Check(v) && PyUnicode_Compare(v, interned) == 0);
+}
+
+/* A relay: the status from the message that carries one (http.response.start), and the
+ * first body bytes from any message with a body; -1 with an error. */
 static int
 Ending_note(Ending *self, PyObject *message)
 {
     Record *h = self->record;
     PyObject *v;
     if (self->state == AWAIT_STATUS) {
-        if ((v = PyDict_GetItemWithError(message, s_status)) == NULL)
+        if ((v = PyDict_GetItemWithError(message, s_status)) == NULL || v == Py_None)
             return PyErr_Occurred() ? -1 : 0;
         Py_XSETREF(h->status, Py_NewRef(v));
         self->state = AWAIT_FIRST_BYTES;
-        return 0;
     }
-    if (self->state == AWAIT_FIRST_BYTES) {
-        if ((v = PyDict_GetItemWithError(message, s_body)) == NULL) {
-            if (PyErr_Occurred())
-                return -1;
-        }
-        else {
-            int any = PyObject_IsTrue(v);
-            if (any < 0)
-                return -1;
-            if (any) {
-                h->t_first_bytes = now_ns();
-                self->state = STREAMING;
-            }
-        }
-    }
-    int more = 0;
-    if ((v = PyDict_GetItemWithError(message, s_more_body)) == NULL) {
-        if (PyErr_Occurred())
+    else if (self->state == AWAIT_FIRST_BYTES) {
+        if ((v = PyDict_GetItemWithError(message, s_body)) == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        int any = PyObject_IsTrue(v);
+        if (any < 0)
             return -1;
-    }
-    else if ((more = PyObject_IsTrue(v)) < 0)
-        return -1;
-    if (!more) {
-        self->state = ENDED;
-        return end_record(self->hooks, h);
+        if (any) {
+            h->t_first_bytes = now_ns();
+            self->state = STREAMING;
+        }
     }
     return 0;
+}
+
+/* Whether ``message`` ends the response: the last body message (more_body false), or a
+ * pathsend (the file is the body); -1 with an error. */
+static int
+Ending_is_last(Ending *self, PyObject *message)
+{
+    PyObject *type = PyDict_GetItemWithError(message, s_type), *v;
+    if (type == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (str_is(type, s_response_body)) {
+        if ((v = PyDict_GetItemWithError(message, s_more_body)) == NULL)
+            return PyErr_Occurred() ? -1 : 1;
+        return PyObject_Not(v);
+    }
+    if (str_is(type, s_response_pathsend)) {
+        if (self->record->t_first_bytes == 0)
+            self->record->t_first_bytes = now_ns();
+        return 1;
+    }
+    return PyErr_Occurred() ? -1 : 0;
 }
 
 static PyObject *
@@ -569,9 +602,17 @@ Ending_vectorcall(Ending *self, PyObject *const *args, size_t nargsf, PyObject *
     if (self->state == ON_RESPONSE)
         Ending_end(self, "uvicorn on_response");
     else if (self->state != ENDED && PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL
-             && PyDict_Check(args[0]) && Ending_note(self, args[0]) < 0) {
-        self->state = ENDED;  /* nothing more recorded for this response */
-        report_failure(self->hooks, "ASGI send");
+             && PyDict_Check(args[0])) {
+        /* a relay: a message it cannot read stops the noting (SILENT), not the end */
+        if (self->state < ON_RESPONSE && Ending_note(self, args[0]) < 0) {
+            report_failure(self->hooks, "ASGI send");
+            self->state = SILENT;
+        }
+        int last = Ending_is_last(self, args[0]);
+        if (last < 0)  /* it cannot be told when the response ends: now, then */
+            report_failure(self->hooks, "ASGI send");
+        if (last != 0)
+            Ending_end(self, "ASGI response");
     }
     if (self->target == NULL)  /* cleared by the collector */
         Py_RETURN_NONE;
@@ -713,14 +754,17 @@ Asgi_vectorcall(Asgi *self, PyObject *const *args, size_t nargsf, PyObject *kwna
     Record *h = start_record(self->hooks, args[0]);
     PyObject *send = NULL;
     if (h != NULL) {
-        send = send_for(self->hooks, h, args[2]);
+        if ((send = send_for(self->hooks, h, args[2])) == NULL) {
+            report_failure(self->hooks, "ASGI request");
+            if (end_record(self->hooks, h) < 0)  /* nothing would end it */
+                PyErr_Clear();
+        }
         Py_DECREF(h);
     }
-    if (send == NULL) {
-        if (PyErr_Occurred())
-            report_failure(self->hooks, "ASGI request");
+    else if (PyErr_Occurred())
+        report_failure(self->hooks, "ASGI request");
+    if (send == NULL)
         return PyObject_Vectorcall(self->app, args, nargsf, kwnames);
-    }
     PyObject *call[3] = {args[0], args[1], send};
     PyObject *result = PyObject_Vectorcall(self->app, call, 3, NULL);
     Py_DECREF(send);
@@ -825,7 +869,7 @@ on_send(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *status = PyDict_GetItemWithError(message, s_status);
         if (status == NULL && PyErr_Occurred())
             goto fail;
-        if (status != NULL)
+        if (status != NULL && status != Py_None)
             h->status = Py_NewRef(status);
     }
     else {
@@ -937,7 +981,7 @@ on_add_request(Hooks *self, PyObject *const *args, Py_ssize_t nargs)
     else {
         if ((c = new_record(self, Py_None)) == NULL
                 || fill_call(self, c, request_id, t, params,
-                             tp != NULL ? tp : h->http_traceparent) < 0)
+                             tp != NULL && tp != Py_None ? tp : h->http_traceparent) < 0)
             goto fail;
         if (h->calls == NULL && (h->calls = PyList_New(0)) == NULL)
             goto fail;
@@ -1109,28 +1153,24 @@ Hooks_init(Hooks *self, PyObject *args, PyObject *kwds)
 {
     PyObject *hv, *cv, *aw, *sp, *hm, *kind, *tpk, *attr, *pr, *fl, *kvf;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!OOUnUOOO!:Hooks", &PyContextVar_Type, &hv,
-                          &PyContextVar_Type, &cv, &PyDict_Type, &aw, &PySet_Type, &sp, &hm,
-                          &kind, &tpk, &limit, &attr, &pr, &fl, &PyTuple_Type, &kvf))
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OUnUOOO!:Hooks", &PyContextVar_Type, &hv,
+                          &PyContextVar_Type, &cv, &PyDict_Type, &aw, &PySet_Type, &sp,
+                          &PyModule_Type, &hm, &kind, &tpk, &limit, &attr, &pr, &fl,
+                          &PyTuple_Type, &kvf))
         return -1;
     if (PyTuple_GET_SIZE(kvf) > MAX_KV_FIELDS) {
         PyErr_Format(PyExc_ValueError, "at most %d kv_transfer_params fields", MAX_KV_FIELDS);
         return -1;
     }
     for (Py_ssize_t i = 0; i < MAX_KV_FIELDS; i++)
-        Py_CLEAR(self->kv_fields[i]);
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kvf); i++)
-        self->kv_fields[i] = Py_NewRef(PyTuple_GET_ITEM(kvf, i));
+        Py_XSETREF(self->kv_fields[i], i < PyTuple_GET_SIZE(kvf)
+                   ? Py_NewRef(PyTuple_GET_ITEM(kvf, i)) : NULL);
     self->n_kv_fields = PyTuple_GET_SIZE(kvf);
     Py_XSETREF(self->failed, Py_NewRef(fl));
     Py_XSETREF(self->http_var, Py_NewRef(hv));
     Py_XSETREF(self->call_var, Py_NewRef(cv));
     Py_XSETREF(self->await_dict, Py_NewRef(aw));
     Py_XSETREF(self->send_probes, Py_NewRef(sp));
-    if (!PyModule_Check(hm)) {
-        PyErr_SetString(PyExc_TypeError, "hooks_module must be a module");
-        return -1;
-    }
     Py_XSETREF(self->hooks_module, Py_NewRef(hm));
     Py_XSETREF(self->hooks_dict, Py_NewRef(PyModule_GetDict(hm)));
     Py_XSETREF(self->api_kind, Py_NewRef(kind));
@@ -1141,24 +1181,56 @@ Hooks_init(Hooks *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* Hooks is in the collector's sight: through its module's namespace (prune, _EMIT, _AWAIT)
+ * it is part of cycles, which a discarded module (the bench loads a second one) leaves. */
+static int
+Hooks_traverse(Hooks *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->http_var);
+    Py_VISIT(self->call_var);
+    Py_VISIT(self->await_dict);
+    Py_VISIT(self->send_probes);
+    Py_VISIT(self->hooks_module);
+    Py_VISIT(self->hooks_dict);
+    Py_VISIT(self->api_kind);
+    Py_VISIT(self->traceparent_key);
+    Py_VISIT(self->cycle_attr);
+    Py_VISIT(self->prune);
+    Py_VISIT(self->failed);
+    for (int i = 0; i < MAX_KV_FIELDS; i++)
+        Py_VISIT(self->kv_fields[i]);
+    for (int i = 0; i < N_FIELDS; i++)
+        Py_VISIT(self->fields[i].type);
+    return 0;
+}
+
+static int
+Hooks_clear(Hooks *self)
+{
+    Py_CLEAR(self->http_var);
+    Py_CLEAR(self->call_var);
+    Py_CLEAR(self->await_dict);
+    Py_CLEAR(self->send_probes);
+    Py_CLEAR(self->hooks_module);
+    Py_CLEAR(self->hooks_dict);
+    Py_CLEAR(self->api_kind);
+    Py_CLEAR(self->traceparent_key);
+    Py_CLEAR(self->cycle_attr);
+    Py_CLEAR(self->prune);
+    Py_CLEAR(self->failed);
+    for (int i = 0; i < MAX_KV_FIELDS; i++)
+        Py_CLEAR(self->kv_fields[i]);
+    self->n_kv_fields = 0;
+    for (int i = 0; i < N_FIELDS; i++)
+        Py_CLEAR(self->fields[i].type);
+    return 0;
+}
+
 static void
 Hooks_dealloc(Hooks *self)
 {
-    Py_XDECREF(self->http_var);
-    Py_XDECREF(self->call_var);
-    Py_XDECREF(self->await_dict);
-    Py_XDECREF(self->send_probes);
-    Py_XDECREF(self->hooks_module);
-    Py_XDECREF(self->hooks_dict);
-    for (int i = 0; i < N_FIELDS; i++)
-        Py_XDECREF(self->fields[i].type);
-    Py_XDECREF(self->api_kind);
-    Py_XDECREF(self->traceparent_key);
-    Py_XDECREF(self->cycle_attr);
-    Py_XDECREF(self->prune);
-    Py_XDECREF(self->failed);
-    for (Py_ssize_t i = 0; i < MAX_KV_FIELDS; i++)
-        Py_XDECREF(self->kv_fields[i]);
+    PyObject_GC_UnTrack(self);
+    Hooks_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1189,7 +1261,9 @@ static PyTypeObject HooksType = {
               "traceparent_key, await_limit, cycle_attr, prune, failed, kv_fields): one "
               "api_hooks module's request-path recording.",
     .tp_basicsize = sizeof(Hooks),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Hooks_traverse,
+    .tp_clear = (inquiry)Hooks_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Hooks_init,
     .tp_dealloc = (destructor)Hooks_dealloc,
@@ -1215,6 +1289,9 @@ PyInit__fastrec(void)
     INTERN(s_status, "status");
     INTERN(s_body, "body");
     INTERN(s_more_body, "more_body");
+    INTERN(s_type, "type");
+    INTERN(s_response_body, "http.response.body");
+    INTERN(s_response_pathsend, "http.response.pathsend");
     INTERN(s_on_response, "on_response");
     INTERN(s_extra_args, "extra_args");
     INTERN(s_kv_transfer_params, "kv_transfer_params");

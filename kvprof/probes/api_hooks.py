@@ -203,10 +203,14 @@ def _asgi_wrap_py(app: Callable[..., Any]) -> Callable[..., Any]:
                 out = _relay(h, send)
         except AttributeError:  # not a bound method: another server's send
             out = _relay(h, send)
-        # Set and not reset: the server runs each request in a task of its own, whose
-        # context goes with it; should one reuse a task, add_request sees the record ended.
-        http.set(h)
-        emitter._EMIT(h)
+        try:
+            emitter._EMIT(h)
+            # Set and not reset: the server runs each request in a task of its own, whose
+            # context goes with it; should one reuse a task, add_request sees the record
+            # ended. Not set when the record could not go out (its calls report alone).
+            http.set(h)
+        except Exception:
+            hooks._hook_failed("ASGI request")
         try:
             return await app(scope, receive, out)
         finally:
