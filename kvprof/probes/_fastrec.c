@@ -10,7 +10,9 @@
  * of the request's parameters only the kv_transfer_params fields the export thread reads
  * (not vLLM's dicts, which the collector would walk). It reads like the Python version's
  * list (record[i], len, slices; the layout is documented in api_hooks.py), so the export
- * thread treats both alike; tests run both, and count what C keeps alive.
+ * thread treats both alike; tests run both, and count what C keeps alive. For the same
+ * reason vLLM's msgspec fields are read at their slots (Field), the ASGI wrapper is C, and
+ * the response's end is noted without a coroutine of ours (Ending).
  *
  * Errors raise into the caller, whose Python try/except reports the hook failed (where no
  * caller can take one, report_failure does): nothing here may raise into vLLM.
