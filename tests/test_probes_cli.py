@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,47 @@ def test_bad_usage_exits_2_with_hint(args, needle):
     assert r.returncode == 2, r.stderr
     assert f"Error: {needle}" in r.stderr and "Hint:" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+
+KILLED_AT_ONCE = textwrap.dedent("""
+    import os, signal, time
+    from kvprof.probes import events as ev
+    from kvprof.probes.recorder import get_recorder
+    rec = get_recorder()  # configured by kvprof attach's environment
+    now = time.time_ns()
+    rec.emit((ev.ARRIVE, "r-7-abcdef07", now, now, 40, {"do_remote_decode": True}))
+    rec.emit((ev.SCHEDULED, "r-7-abcdef07", now + 1000))  # in flight when the stop comes
+    # Like vLLM's EngineCore under its process manager (SIGTERM, then SIGKILL at once):
+    # a stop ends this process with no exit flush.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_attach_has_spans_written_out_before_a_stop_reaches_the_command(tmp_path):
+    traces = tmp_path / "t"
+    proc = subprocess.Popen(KVPROF + ["attach", "--exporter", "file", "--output", str(traces),
+                                      "--", sys.executable, "-c", KILLED_AT_ONCE],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)  # ordinary flushes ran: the request is still open, nothing written
+        assert not [f for f in traces.glob("*.jsonl") if f.stat().st_size]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "kvprof: stopping: 1 of 1 probed processes wrote out their spans" in err, err
+    spans = [json.loads(x) for f in traces.glob("*.jsonl") for x in f.read_text().splitlines()]
+    names = [s["name"] for d in spans for rs in d["resourceSpans"] for ss in rs["scopeSpans"]
+             for s in ss["spans"]]
+    assert names == ["vllm.prefill"], names  # closed as cut short, not lost
 
 
 WORK = textwrap.dedent("""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 
 import pytest
@@ -375,3 +376,43 @@ def test_forked_child_exports_its_own_spans_to_its_own_file(tmp_path):
                                     semconv.SPAN_PREFILL_COMPUTE,
                                     semconv.SPAN_DECODE_FIRST_TOKEN])
     assert parent.buffer and os.getpid() != proc.pid  # the parent's event stayed here
+
+
+def _exported_spans(directory) -> list[dict]:
+    lines = [json.loads(x) for f in directory.glob("*.jsonl") for x in f.read_text().splitlines()]
+    return [s for d in lines for rs in d["resourceSpans"] for ss in rs["scopeSpans"]
+            for s in ss["spans"]]
+
+
+def test_drain_request_writes_out_what_only_an_exit_would_and_answers(tmp_path):
+    """The launcher's stop drain: a request still open (which only the exit flush would
+    write, and an engine killed at once never gets) goes out, and the stats file answers."""
+    import time
+
+    from kvprof.probes import drain
+
+    stats = tmp_path / "s"
+    cfg = ProbeConfig(enabled=True, exporter="file", output=str(tmp_path / "t"),
+                      stats_dir=str(stats), flush_interval_s=0.05)
+    rec = Recorder(cfg)
+    rec.start()
+    try:
+        now = time.time_ns()  # recent: an ordinary flush forgets requests idle for minutes
+        rec.emit((ev.ARRIVE, "r-9-abcdef09", now, now, 40, {"do_remote_decode": True}))
+        rec.emit((ev.SCHEDULED, "r-9-abcdef09", now + MS))  # and never finished
+        deadline = time.monotonic() + 10
+        while not rec.buffer and not list(stats.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a few ordinary flushes: they keep the open request open
+        assert rec.exported == 0 and not rec.buffer
+        token = drain.request(str(stats))
+        asked, left, _ = drain.wait(str(stats), token, 10.0)
+        assert (asked, left) == (1, [])
+        assert json.loads(next(stats.glob("*.json")).read_text())["drained"] == token
+        spans = {s["name"]: s for s in _exported_spans(tmp_path / "t")}
+        assert semconv.SPAN_PREFILL in spans, spans
+        assert spans[semconv.SPAN_PREFILL]["status"]["code"] == 2  # error: it was cut short
+        assert drain.pending(str(stats), token) == []
+        assert drain.pending(str(stats), "another-token") == [os.getpid()]
+    finally:
+        rec.shutdown()

@@ -26,7 +26,10 @@ def attach(
     rate: int = typer.Option(100, "--rate", help="With --pid: samples per second."),
 ) -> None:
     """Run COMMAND (after --) with kvprof's vLLM probes in every Python process it starts,
-    or, with --pid, sample an already running worker with py-spy and classify its stacks."""
+    or, with --pid, sample an already running worker with py-spy and classify its stacks.
+
+    A stop signal reaches COMMAND once every probed process has written out its spans (at
+    most 3 s; vLLM kills its EngineCore at once); a second signal stops at once."""
     from kvprof.probes.launcher import run_attach_command
 
     rc = run_attach_command(

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kvprof import semconv
 from kvprof.errors import UsageError
+from kvprof.probes import drain
 from kvprof.probes.config import ENV_STATS_DIR, EXPORTERS
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,12 @@ def run_with_probes(command: list[str], exporter: str, endpoint: str | None, out
 
         def forward(signum, _frame):
             stopping.append(time.time())
+            if len(stopping) == 1:
+                # The first stop signal waits for the spans (a second one goes at once,
+                # and the drain it interrupts then sends nothing more).
+                drain_before_stop(stats_dir, child, lambda: len(stopping) > 1)
+                if len(stopping) > 1:
+                    return
             try:
                 os.killpg(child.pid, signum)
             except ProcessLookupError:
@@ -115,6 +123,28 @@ def run_with_probes(command: list[str], exporter: str, endpoint: str | None, out
             sys.stderr.write(line + "\n")
     # A child killed by a signal exits like a shell reports it: 128 + signal number.
     return 128 - rc if rc < 0 else rc
+
+
+def drain_before_stop(stats_dir: str, child: subprocess.Popen,
+                      interrupted: Callable[[], bool],
+                      timeout_s: float = drain.DEFAULT_TIMEOUT_S) -> None:
+    """Have every probed process write out its spans before the stop signal goes on."""
+    try:
+        token = drain.request(stats_dir)
+    except OSError as exc:
+        sys.stderr.write(f"kvprof: cannot ask the probed processes to flush ({exc.strerror}); "
+                         "stopping at once\n")
+        return
+    asked, left, seconds = drain.wait(stats_dir, token, timeout_s,
+                                      lambda: interrupted() or child.poll() is not None)
+    if not asked:
+        return
+    line = (f"kvprof: stopping: {asked - len(left)} of {asked} probed processes wrote out "
+            f"their spans in {seconds:.1f} s")
+    if left:
+        line += (f"; pid {', '.join(map(str, left))} did not answer, its last spans may be "
+                 "lost")
+    sys.stderr.write(line + "\n")
 
 
 def crash_lines(stats_dir: str, child_pid: int, rc: int, stopping_since: float | None

@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any
 
 from kvprof import __version__, semconv
-from kvprof.probes import lifecycle
+from kvprof.probes import drain, lifecycle
 from kvprof.probes.assembler import ProcessFacts, SpanAssembler, SpanRecord
 from kvprof.probes.config import ProbeConfig
 
@@ -112,6 +112,8 @@ class Recorder:
         self._clean_exit = False
         self._pid = os.getpid()  # a forked child inherits this object (and its atexit entry)
         self._closed = False
+        self._drain_watch = drain.Watch(config.stats_dir)
+        self._drained: str | None = None  # the launcher's last drain token answered
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -168,7 +170,14 @@ class Recorder:
             self._wake.clear()
             if self._stop:
                 break
-            self.flush()
+            token = self._drain_watch.poll()
+            if token is None:
+                self.flush()
+                continue
+            # `kvprof attach` holds a stop signal until this answer: write out everything,
+            # as at exit (the engine may be killed without one), then say so.
+            self._drained = token
+            self.flush(final=True)
 
     def flush(self, final: bool = False) -> None:
         """Fold buffered events into spans and export them (export thread or exit only)."""
@@ -259,6 +268,7 @@ class Recorder:
             "inflight": list(self._stats_written[2]),
             "inflight_at_death": list(self._stats_written[4]),
             "open_at_exit": self._open_at_exit[:50], "clean_exit": self._clean_exit,
+            drain.STATS_KEY: self._drained,
         }
         try:
             os.makedirs(self.config.stats_dir, exist_ok=True)
