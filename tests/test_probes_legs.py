@@ -1103,6 +1103,17 @@ def test_requests_open_at_exit_end_with_the_reason():
     assert top.name == semconv.SPAN_DECODE and "SIGILL" in top.error
     assert top.attributes[semconv.ATTR_FAILURE] == "process_exit"
     assert a.open_requests() == []
+    # Closed at a stop drain, the process goes on a moment: a step already under way still
+    # reports the request, which must not open it again (same span ids, twice).
+    late = [(ev.KV_READY, "d-1-0000aaaa", 51 * MS), (ev.SCHEDULED, "d-1-0000aaaa", 52 * MS),
+            (ev.FIRST_TOKEN, "d-1-0000aaaa", 52 * MS, 53 * MS),
+            (ev.FINISH, "d-1-0000aaaa", 54 * MS, "FINISHED_ABORTED")]
+    assert a.feed(late) == [] and a.open_requests() == []
+    # Other requests are untouched.
+    later = a.feed([(ev.ARRIVE, "d-2-0000cccc", 60 * MS, 60 * MS, 5, None),
+                    (ev.SCHEDULED, "d-2-0000cccc", 61 * MS),
+                    (ev.FIRST_TOKEN, "d-2-0000cccc", 61 * MS, 62 * MS)])
+    assert semconv.SPAN_PREFILL_COMPUTE in [s.name for s in later]
 
 
 def test_the_api_server_names_the_requests_an_engine_death_hit():

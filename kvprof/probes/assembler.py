@@ -103,6 +103,11 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+# Events whose second field is a scheduler request id or a KV load's request id.
+_PER_REQUEST = frozenset({ev.ARRIVE, ev.SCHEDULED, ev.FIRST_TOKEN, ev.FINISH, ev.KV_WAIT,
+                          ev.KV_READY, ev.HOLD, ev.RELEASED, ev.LOAD_START, ev.LOAD_DONE})
+
+
 class SpanAssembler:
     """Turns the events of one process into SpanRecords as soon as each span's end is known."""
 
@@ -119,6 +124,9 @@ class SpanAssembler:
         # when it did (a response running then ends with the error).
         self.in_flight_at_death: list[str] = []
         self._deaths: list[int] = []
+        # Requests ended by close_open (a stop drain): a step already under way may still
+        # report them, which must not open them again under the same span ids.
+        self._closed: set[str] = set()
         self._out: list[SpanRecord] = []
 
     # -- public -----------------------------------------------------------------------------
@@ -174,6 +182,10 @@ class SpanAssembler:
         The scheduler's requests get their top span (and what is known of their phases); a
         KV load never finished becomes a failed kv.transfer. Nothing is dropped silently.
         """
+        if len(self._closed) > 8192:
+            self._closed.clear()
+        self._closed.update(self._loads)
+        self._closed.update(self._reqs)
         for load in list(self._loads.values()):
             load.done, load.ok = now_ns, False
             self._emit_load(load, None, error=reason)
@@ -247,6 +259,8 @@ class SpanAssembler:
 
     def _apply(self, e: tuple) -> None:
         kind = e[0]
+        if kind in _PER_REQUEST and e[1] in self._closed:
+            return
         if kind == ev.ARRIVE:
             rid, t, arrival, prompt, params = e[1:6]
             r = self._req(rid, t)
