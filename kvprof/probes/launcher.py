@@ -142,8 +142,9 @@ def drain_before_stop(stats_dir: str, child: subprocess.Popen,
     line = (f"kvprof: stopping: {asked - len(left)} of {asked} probed processes wrote out "
             f"their spans in {seconds:.1f} s")
     if left:
-        line += (f"; pid {', '.join(map(str, left))} did not answer, its last spans may be "
-                 "lost")
+        who, its = ((f"pid {left[0]}", "its") if len(left) == 1
+                    else (f"pids {', '.join(map(str, left))}", "their"))
+        line += f"; {who} did not answer: {its} latest spans may be lost"
     sys.stderr.write(line + "\n")
 
 
