@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from otlp_files import file_spans
 
 KVPROF = [sys.executable, "-m", "kvprof"]
 
@@ -95,9 +96,7 @@ def test_attach_has_spans_written_out_before_a_stop_reaches_the_command(tmp_path
             proc.wait()
     assert proc.returncode == 0, err
     assert "kvprof: stopping: 1 of 1 probed processes wrote out their spans" in err, err
-    spans = [json.loads(x) for f in traces.glob("*.jsonl") for x in f.read_text().splitlines()]
-    names = [s["name"] for d in spans for rs in d["resourceSpans"] for ss in rs["scopeSpans"]
-             for s in ss["spans"]]
+    names = [s["name"] for s in file_spans(traces)]
     assert names == ["vllm.prefill"], names  # closed as cut short, not lost
 
 

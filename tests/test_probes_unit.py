@@ -10,6 +10,7 @@ import socket
 import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from otlp_files import file_spans
 
 from kvprof import semconv
 from kvprof.probes import events as ev
@@ -368,20 +369,11 @@ def test_forked_child_exports_its_own_spans_to_its_own_file(tmp_path):
     stats = {json.loads(f.read_text())["pid"]: json.loads(f.read_text())
              for f in (tmp_path / "s").glob("*.json")}
     assert list(stats) == [proc.pid] and stats[proc.pid]["exported"] == 4
-    lines = [json.loads(x) for f in (tmp_path / "t").glob("*.jsonl")
-             for x in f.read_text().splitlines()]
-    names = [s["name"] for d in lines for rs in d["resourceSpans"] for ss in rs["scopeSpans"]
-             for s in ss["spans"]]
+    names = [s["name"] for s in file_spans(tmp_path / "t")]
     assert sorted(names) == sorted([semconv.SPAN_REQUEST, semconv.SPAN_PREFILL_QUEUE,
                                     semconv.SPAN_PREFILL_COMPUTE,
                                     semconv.SPAN_DECODE_FIRST_TOKEN])
     assert parent.buffer and os.getpid() != proc.pid  # the parent's event stayed here
-
-
-def _exported_spans(directory) -> list[dict]:
-    lines = [json.loads(x) for f in directory.glob("*.jsonl") for x in f.read_text().splitlines()]
-    return [s for d in lines for rs in d["resourceSpans"] for ss in rs["scopeSpans"]
-            for s in ss["spans"]]
 
 
 def test_drain_request_writes_out_what_only_an_exit_would_and_answers(tmp_path):
@@ -401,7 +393,7 @@ def test_drain_request_writes_out_what_only_an_exit_would_and_answers(tmp_path):
         rec.emit((ev.ARRIVE, "r-9-abcdef09", now, now, 40, {"do_remote_decode": True}))
         rec.emit((ev.SCHEDULED, "r-9-abcdef09", now + MS))  # and never finished
         deadline = time.monotonic() + 10
-        while not rec.buffer and not list(stats.glob("*.json")) and time.monotonic() < deadline:
+        while (rec.buffer or not list(stats.glob("*.json"))) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)  # a few ordinary flushes: they keep the open request open
         assert rec.exported == 0 and not rec.buffer
@@ -409,7 +401,7 @@ def test_drain_request_writes_out_what_only_an_exit_would_and_answers(tmp_path):
         asked, left, _ = drain.wait(str(stats), token, 10.0)
         assert (asked, left) == (1, [])
         assert json.loads(next(stats.glob("*.json")).read_text())["drained"] == token
-        spans = {s["name"]: s for s in _exported_spans(tmp_path / "t")}
+        spans = {s["name"]: s for s in file_spans(tmp_path / "t")}
         assert semconv.SPAN_PREFILL in spans, spans
         assert spans[semconv.SPAN_PREFILL]["status"]["code"] == 2  # error: it was cut short
         assert drain.pending(str(stats), token) == []

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from otlp_files import file_spans
 
 from kvprof import semconv
 
@@ -54,10 +55,7 @@ def upstreams():
 
 
 def _span_names(directory: Path) -> list[str]:
-    return [s["name"] for f in sorted(directory.glob("*.jsonl"))
-            for line in f.read_text().splitlines()
-            for rs in json.loads(line)["resourceSpans"]
-            for ss in rs["scopeSpans"] for s in ss["spans"]]
+    return [s["name"] for s in file_spans(directory)]
 
 
 def test_stopping_the_router_keeps_the_spans_of_the_request_it_just_answered(
