@@ -21,7 +21,21 @@ DYNAMO_MODE ?= disagg
 
 .PHONY: demo test lint bench install install-dynamo test-dynamo dynamo-smoke clean
 
+# $(call need_disk,GB,VENV): stop before pip when the disk cannot hold VENV. pip's own
+# "No space left on device" comes minutes in and leaves a half-built venv behind.
+# Measured sizes: .venv 4.5 GB, .venv-dynamo 4.6 GB, .venv-aiperf 1.2 GB, plus pip's unpacking.
+# Skipped when VENV already exists (a reinstall adds little) or KVPROF_SKIP_DISK_CHECK is set.
+define need_disk
+	@free=$$(df -Pk . | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+	if [ -z "$$KVPROF_SKIP_DISK_CHECK" ] && [ ! -x $(2)/bin/python ] && [ "$$free" -lt $(1) ]; then \
+		echo "Error: installing $(2) needs about $(1) GB of disk; $$free GB is free here ($$(pwd))." >&2; \
+		echo "Hint: free some space (old clones and their venvs, /tmp, 'python3 -m pip cache purge'), or set KVPROF_SKIP_DISK_CHECK=1 to try anyway." >&2; \
+		exit 1; \
+	fi
+endef
+
 $(BIN)/python:
+	$(call need_disk,6,$(VENV))
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
@@ -35,6 +49,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py kvprof/probes/_fastrec.c constra
 
 # aiperf (the seed's load generator) lives in its own venv: inside vLLM's it downgrades packages.
 $(AIPERF_STAMP):
+	$(call need_disk,2,$(AIPERF_VENV))
 	$(PYTHON) -m venv $(AIPERF_VENV)
 	$(AIPERF_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(AIPERF_VENV)/bin/python -m pip install aiperf==0.13.0
@@ -44,6 +59,7 @@ $(AIPERF_STAMP):
 # vllm.v1.engine.utils lacks a function dynamo.vllm imports), and it pins pydantic<=2.13.5 and
 # kubernetes<33 below what the main venv resolves. See demo/dynamo/README.md.
 $(DYNAMO_STAMP): pyproject.toml requirements-dynamo.txt constraints-dynamo.txt
+	$(call need_disk,6,$(DYNAMO_VENV))
 	test -x $(DYNAMO_VENV)/bin/python || $(PYTHON) -m venv $(DYNAMO_VENV)
 	# The venv lives in the repo; keep git from seeing it (.gitignore names only .venv/).
 	echo '*' > $(DYNAMO_VENV)/.gitignore
