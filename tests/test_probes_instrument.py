@@ -117,3 +117,35 @@ def test_classmethod_target_is_restored_exactly_and_probes_call_through():
     finally:
         inst2.uninstrument()
     assert Host.__dict__["method"] is original
+
+
+def test_a_probe_that_cannot_be_made_costs_its_hook_not_the_import(caplog):
+    """A hook is made inside vLLM's import of its module (a post-import hook): a factory
+    that raises (as the method copies did on Python 3.10, which lacks co_exceptiontable)
+    must leave the method as it was and say so, not fail vLLM's import."""
+
+    class Host:
+        def method(self):
+            return "original"
+
+        @classmethod
+        def make(cls):
+            return "made"
+
+    def broken(wrapped):
+        raise AttributeError("'code' object has no attribute 'co_exceptiontable'")
+
+    before = dict(Host.__dict__)
+    inst = VllmInstrumentor()
+    inst.is_instrumented = True
+    with caplog.at_level(logging.WARNING, logger="kvprof.probes.instrumentor"):
+        assert inst._wrap(Host, "method", broken, "Host.method") is False
+        assert inst._wrap(Host, "make", broken, "Host.make") is False
+    assert Host.__dict__["method"] is before["method"] and Host().method() == "original"
+    assert Host.__dict__["make"] is before["make"] and Host.make() == "made"
+    assert inst._patched == []
+    warned = [r for r in caplog.records if "could not hook" in r.getMessage()]
+    assert [r.getMessage() for r in warned] == [
+        "kvprof: could not hook Host.method; that hook is skipped",
+        "kvprof: could not hook Host.make; that hook is skipped"]
+    assert all("co_exceptiontable" in str(r.exc_info[1]) for r in warned)

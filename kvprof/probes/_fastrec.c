@@ -371,6 +371,37 @@ name_is(PyObject *k, const char *name, Py_ssize_t len)
         && memcmp(PyBytes_AS_STRING(k), name, (size_t)len) == 0;
 }
 
+/* The exception being handled (sys.exception()), a new reference or NULL; and setting it.
+ * Python 3.10, which vLLM images still run, has only the (type, value, traceback) form. */
+static PyObject *
+get_handled(void)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    return PyErr_GetHandledException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_GetExcInfo(&type, &value, &tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value == Py_None ? (Py_DECREF(value), NULL) : value;
+#endif
+}
+
+static void
+set_handled(PyObject *exc)  /* borrowed; NULL clears it */
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    PyErr_SetHandledException(exc);
+#else
+    if (exc == NULL || exc == Py_None) {
+        PyErr_SetExcInfo(NULL, NULL, NULL);
+        return;
+    }
+    PyErr_SetExcInfo(Py_NewRef((PyObject *)Py_TYPE(exc)), Py_NewRef(exc),
+                     PyException_GetTraceback(exc));  /* SetExcInfo steals all three */
+#endif
+}
+
 /* A recording failed where nothing may raise: hooks._hook_failed(name) (reported once). */
 static void
 report_failure(Hooks *self, const char *name)
@@ -382,12 +413,12 @@ report_failure(Hooks *self, const char *name)
         PyException_SetTraceback(value, tb);
     if (self->failed != NULL) {
         /* as the exception being handled, so the one-time warning shows it */
-        PyObject *handled = PyErr_GetHandledException();
-        PyErr_SetHandledException(value);
+        PyObject *handled = get_handled();
+        set_handled(value);
         PyObject *r = PyObject_CallFunction(self->failed, "s", name);
         Py_XDECREF(r);
         PyErr_Clear();
-        PyErr_SetHandledException(handled);
+        set_handled(handled);
         Py_XDECREF(handled);
     }
     Py_XDECREF(type);

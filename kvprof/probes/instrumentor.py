@@ -213,14 +213,21 @@ class VllmInstrumentor:
             return False
         if _is_probe(raw):
             return True  # already ours
-        if isinstance(raw, classmethod):
-            probe: Any = classmethod(_make_probe(raw.__func__, factory))
-        elif isinstance(raw, staticmethod) or not callable(raw):
+        if isinstance(raw, staticmethod) or not (isinstance(raw, classmethod) or callable(raw)):
             self._warn_once(label, "kvprof: %s is not a method kvprof can hook; that hook is "
                             "skipped", label)
             return False
-        else:
-            probe = _make_probe(raw, factory)
+        try:
+            if isinstance(raw, classmethod):
+                probe: Any = classmethod(_make_probe(raw.__func__, factory))
+            else:
+                probe = _make_probe(raw, factory)
+        except Exception:
+            # This runs inside vLLM's import of the module (a post-import hook): a probe
+            # that cannot be made costs that hook, never the import.
+            log.warning("kvprof: could not hook %s; that hook is skipped", label,
+                        exc_info=True)
+            return False
         own = owner.__dict__
         self._patched.append((owner, name, name in own, own.get(name)))
         setattr(owner, name, probe)

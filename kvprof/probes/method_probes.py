@@ -135,7 +135,8 @@ def _same_code(a: CodeType, b: CodeType) -> bool:
             or a.co_cellvars != b.co_cellvars or a.co_freevars != b.co_freevars
             or a.co_argcount != b.co_argcount or a.co_posonlyargcount != b.co_posonlyargcount
             or a.co_kwonlyargcount != b.co_kwonlyargcount
-            or a.co_exceptiontable != b.co_exceptiontable
+            # (3.11+; Python 3.10 keeps its exception handlers in the bytecode itself)
+            or getattr(a, "co_exceptiontable", b"") != getattr(b, "co_exceptiontable", b"")
             or (a.co_flags & ~_CO_NESTED) != (b.co_flags & ~_CO_NESTED)
             or len(a.co_consts) != len(b.co_consts)):
         return False
@@ -259,7 +260,8 @@ def with_prologue(wrapped: Callable[..., Any], record: Callable[..., None],
     exec(compiled, wrapped.__globals__, namespace)
     copy = namespace[fn.name]
     copy.__kvprof_globals__ = (wrapped.__globals__, tuple(values))  # see remove_globals
-    copy.__code__ = copy.__code__.replace(co_qualname=code.co_qualname)
+    if hasattr(code, "co_qualname"):  # Python 3.11+
+        copy.__code__ = copy.__code__.replace(co_qualname=code.co_qualname)
     copy.__qualname__ = wrapped.__qualname__
     copy.__defaults__, copy.__kwdefaults__ = wrapped.__defaults__, wrapped.__kwdefaults__
     copy.__annotations__ = getattr(wrapped, "__annotations__", {})
