@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
+from probes.api_fakes import FakeAsyncLLM, FakeCoreClient, FakeCycle, FakeOutputProcessor
 
 from kvprof import semconv
 from kvprof.probes import api_hooks, hooks, lifecycle, method_probes
@@ -27,36 +28,6 @@ MS = 1_000_000
 ROUTER_TRACE = 0x1234_5678_9ABC_DEF0_1234_5678_9ABC_DEF0
 ROUTER_SPAN = 0x0BAD_CAFE_0000_0001
 ROUTER_TP = format_traceparent(ROUTER_TRACE, ROUTER_SPAN)
-
-
-class FakeAsyncLLM:
-    """The two AsyncLLM-side calls the API hooks wrap, with vLLM 0.32's signatures."""
-
-    def __init__(self, client):
-        self.client = client
-
-    async def add_request(self, request_id, prompt, params, arrival_time=None,
-                          lora_request=None, tokenization_kwargs=None, trace_headers=None):
-        request = NS(request_id=request_id + "-0000abcd", trace_headers=None)
-        await self.client.add_request_async(request)
-        return request
-
-
-class FakeCoreClient:
-    def __init__(self):
-        self.sent = []
-
-    async def add_request_async(self, request):
-        self.sent.append(request)
-
-
-class FakeOutputProcessor:
-    def process_outputs(self, engine_core_outputs, engine_core_timestamp=None,
-                        iteration_stats=None):
-        return engine_core_outputs
-
-    def propagate_error(self, e):
-        return None
 
 
 @pytest.fixture(params=["c", "python"])
@@ -568,24 +539,6 @@ def test_the_c_recordings_are_built_where_a_compiler_is():
     assert api_hooks.implementation() == "c"
 
 
-class _Cycle:
-    """uvicorn's request cycle as far as the hooks meet it (its send, probed, and the
-    on_response it calls when the response is complete, dropped after the app)."""
-
-    def __init__(self, on_response):
-        self.on_response = on_response
-
-    async def run_asgi(self, app, scope, receive):
-        try:
-            await app(scope, receive, self.send)
-        finally:
-            self.on_response = lambda: None
-
-    async def send(self, message):
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            self.on_response()
-
-
 def test_the_c_recordings_leak_nothing():
     """Reference counts in kvprof/probes/_fastrec.c: 2,000 requests (a probed uvicorn-like
     cycle and a plain server's send, a streamed answer, trace headers, an n > 1 call)
@@ -598,7 +551,7 @@ def test_the_c_recordings_leak_nothing():
     hooks.set_emit(events.append)
     from starlette.applications import Starlette
 
-    class Cycle(_Cycle):
+    class Cycle(FakeCycle):
         pass
 
     Cycle._kvprof_http = None

@@ -28,57 +28,18 @@ def _failed(name: str) -> None:
 
 hooks._hook_failed = _failed  # before api_hooks binds it (its C part keeps a reference)
 
+from api_fakes import (  # noqa: E402  (this script's folder, first on sys.path)
+    FakeAsyncLLM,
+    FakeCoreClient,
+    FakeCycle,
+    FakeOutputProcessor,
+)
+
 from kvprof.probes import api_hooks  # noqa: E402
 
 ROUTER_TP = "00-123456789abcdef0123456789abcdef0-0badcafe00000001-01"
 KVP = {"do_remote_prefill": True, "remote_request_id": "cmpl-p-9-0", "remote_engine_id": "e-1",
        "remote_block_ids": [1, 2, 3], api_hooks.KV_FIELDS[-1]: ROUTER_TP}
-
-
-class CoreClient:
-    def __init__(self):
-        self.sent = []
-
-    async def add_request_async(self, request):
-        self.sent.append(request)
-
-
-class AsyncLLM:
-    """vLLM 0.32's signatures for the two calls the hooks wrap."""
-
-    def __init__(self, client):
-        self.client = client
-
-    async def add_request(self, request_id, prompt, params, arrival_time=None,
-                          lora_request=None, tokenization_kwargs=None, trace_headers=None):
-        request = NS(request_id=request_id + "-0000abcd", trace_headers=None)
-        await self.client.add_request_async(request)
-        return request
-
-
-class OutputProcessor:
-    def process_outputs(self, engine_core_outputs, engine_core_timestamp=None,
-                        iteration_stats=None):
-        return engine_core_outputs
-
-
-class Cycle:
-    """uvicorn's RequestResponseCycle as far as the hooks meet it."""
-
-    _kvprof_http = None
-
-    def __init__(self):
-        self.on_response = lambda: None
-
-    async def run_asgi(self, app, scope, receive):
-        try:
-            await app(scope, receive, self.send)
-        finally:
-            self.on_response = None
-
-    async def send(self, message):
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            self.on_response()
 
 
 class FalsyFails:
@@ -88,14 +49,17 @@ class FalsyFails:
 
 def install() -> None:
     for owner, name, factory in (
-            (AsyncLLM, "add_request", api_hooks.async_llm_add_request),
-            (CoreClient, "add_request_async", api_hooks.core_client_add_request_async),
-            (OutputProcessor, "process_outputs", api_hooks.output_processor_process_outputs),
-            (Cycle, "send", api_hooks.uvicorn_cycle_send)):
+            (FakeAsyncLLM, "add_request", api_hooks.async_llm_add_request),
+            (FakeCoreClient, "add_request_async", api_hooks.core_client_add_request_async),
+            (FakeOutputProcessor, "process_outputs",
+             api_hooks.output_processor_process_outputs),
+            (FakeCycle, "send", api_hooks.uvicorn_cycle_send)):
         setattr(owner, name, factory(owner.__dict__[name]))
+    FakeCycle._kvprof_http = None  # the default the instrumentor gives uvicorn's class
 
 
-def make_app(engine: AsyncLLM, outputs: OutputProcessor, calls: int, bad_body: bool = False):
+def make_app(engine: FakeAsyncLLM, outputs: FakeOutputProcessor, calls: int,
+             bad_body: bool = False):
     async def app(scope, receive, send):
         await receive()
         sent = [await engine.add_request(f"cmpl-xid-7-{i}", {"prompt": "p"},
@@ -127,7 +91,7 @@ async def serve(app, through_cycle: bool) -> None:
 
     loop = asyncio.get_running_loop()
     if through_cycle:
-        await loop.create_task(Cycle().run_asgi(app, scope, receive))
+        await loop.create_task(FakeCycle().run_asgi(app, scope, receive))
     else:
         await loop.create_task(app(scope, receive, plain_send))
 
@@ -156,8 +120,8 @@ def main() -> None:
     install()
     events: list = []
     hooks.set_emit(events.append)
-    client = CoreClient()
-    engine, outputs = AsyncLLM(client), OutputProcessor()
+    client = FakeCoreClient()
+    engine, outputs = FakeAsyncLLM(client), FakeOutputProcessor()
     result: dict = {"implementation": api_hooks.implementation(),
                     "python": sys.version.split()[0], "records": [], "core_requests": []}
     loop = asyncio.new_event_loop()
