@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
+# The trace a router's request brings (its traceparent header).
+ROUTER_TP = "00-123456789abcdef0123456789abcdef0-0badcafe00000001-01"
+
 
 class FakeAsyncLLM:
     """The two AsyncLLM-side calls the API hooks wrap."""

@@ -29,6 +29,7 @@ def _failed(name: str) -> None:
 hooks._hook_failed = _failed  # before api_hooks binds it (its C part keeps a reference)
 
 from api_fakes import (  # noqa: E402  (this script's folder, first on sys.path)
+    ROUTER_TP,
     FakeAsyncLLM,
     FakeCoreClient,
     FakeCycle,
@@ -37,7 +38,6 @@ from api_fakes import (  # noqa: E402  (this script's folder, first on sys.path)
 
 from kvprof.probes import api_hooks  # noqa: E402
 
-ROUTER_TP = "00-123456789abcdef0123456789abcdef0-0badcafe00000001-01"
 KVP = {"do_remote_prefill": True, "remote_request_id": "cmpl-p-9-0", "remote_engine_id": "e-1",
        "remote_block_ids": [1, 2, 3], api_hooks.KV_FIELDS[-1]: ROUTER_TP}
 

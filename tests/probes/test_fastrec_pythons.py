@@ -24,10 +24,11 @@ import pytest
 
 from kvprof.probes import api_hooks
 
+from .api_fakes import ROUTER_TP
+
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("fastrec_scenario.py")
 BUILDER = REPO / "tools" / "build_fastrec.py"
-ROUTER_TP = "00-123456789abcdef0123456789abcdef0-0badcafe00000001-01"
 
 
 def _python(minor: int) -> str | None:
