@@ -101,7 +101,7 @@ def test_bad_format_and_bad_aiperf(golden, tmp_path):
 def test_report_lists_placement_records(golden, tmp_path):
     import pandas as pd
 
-    from kvprof.analysis.views.report import ReportInputs, build_report
+    from kvprof.analysis.pipeline import ReportInputs, build_report
 
     pd.DataFrame([{"ts": 1.0, "node": "gpu-node-1", "collector": "placement",
                    "entity": "qwen32b-disagg-vllmdecodeworker-0",

@@ -1,0 +1,306 @@
+"""The report pipeline: sources -> breakdown -> causes -> capacity -> what-if, as one Report.
+
+``build_report`` is the one place that decides what a report holds; views/ only render the
+``Report`` it returns (html, md, json), and commands only call it. Each step below adds its part
+to the same JSON-able ``data`` dict, so a new analysis (step records, CPU waits, capacity, the
+what-if model) is one more step here, not a change in a renderer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kvprof import semconv as sc
+from kvprof.analysis.breakdown import LEG, PHASES, build_breakdown, leg_order
+from kvprof.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ROWS = 2000  # the JSON lists requests up to this many; counts cover all
+
+
+@dataclass
+class ReportInputs:
+    """Paths and options of one report."""
+
+    traces: str
+    samples: Path | None = None
+    aiperf: Path | None = None
+    microbench: Path | None = None
+    placement: Path | None = None
+    vllm_log: Path | list[Path] | None = None
+    vllm_metrics: Path | None = None
+    service: str | None = None
+    lookback: str = "1h"
+    client_host: str | None = None
+    one_clock: bool = False
+
+
+@dataclass
+class Report:
+    """The numbers (``data``, what the JSON holds) and the figures of one report."""
+
+    data: dict[str, Any]
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+
+def records(frame, columns: list[str], limit: int | None = None) -> list[dict]:
+    out = []
+    for row in frame[columns].head(limit).itertuples(index=False):
+        rec = {}
+        for c, v in zip(columns, row, strict=True):
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float) and math.isnan(v):
+                v = None
+            rec[c] = v
+        out.append(rec)
+    return out
+
+
+def _links_data(links) -> dict:
+    if links is None or not len(links):
+        return {"transfers": 0, "by_path": []}
+    by_path = []
+    for path, grp in links.groupby("path"):
+        by_path.append({
+            "path": path, "transfers": int(len(grp)),
+            "entities": sorted(set(grp["entity"].dropna().astype(str))),
+            "median_transfer_ms": float(grp["transfer_ms"].median()),
+            "median_achieved_gbps": float(grp["achieved_gbps"].median()),
+            "median_link_gbps": float(grp["link_gbps"].median()),
+            "link_rate_gbps": float(grp["link_rate_gbps"].median()),
+            "rate_source": ", ".join(sorted(set(grp["rate_source"].dropna().astype(str)))),
+            "median_pct_of_link_rate": float(grp["pct_of_link_rate"].median()),
+            "path_mismatches": int(grp["path_mismatch"].sum()),
+        })
+    return {"transfers": int(len(links)), "by_path": by_path}
+
+
+
+
+def _add_vllm_logs(data: dict[str, Any], logs: Path | list[Path]) -> None:
+    """Transfer-metrics lines (decode logs) and KV lease expiries (prefill logs) into the report."""
+    import pandas as pd
+
+    from kvprof.analysis.loaders.vllm_metrics import parse_kv_transfer_log, parse_lease_expiries
+
+    paths = [logs] if isinstance(logs, (str, Path)) else list(logs)
+    metrics = [parse_kv_transfer_log(p, required=False) for p in paths]
+    expiries = [parse_lease_expiries(p) for p in paths]
+    if not any(len(m) for m in metrics) and not any(len(e) for e in expiries):
+        raise BadInputError(
+            "no \"KV Transfer metrics\" or KV lease-expiry lines in "
+            + ", ".join(str(p) for p in paths),
+            hint="Pass the logs of vLLM workers using the NIXL connector (decode logs carry the "
+            "transfer metrics, prefill logs the lease expiries).",
+        )
+    kv_log = pd.concat([m for m in metrics if len(m)] or metrics[:1], ignore_index=True)
+    data["vllm_kv_transfer_log"] = records(kv_log, list(kv_log.columns))
+    leases = pd.concat(expiries, ignore_index=True)
+    data["vllm_lease_expiries"] = records(leases, list(leases.columns))
+    unretrieved = leases[leases["retrieved_by"] == 0]
+    if len(unretrieved):
+        ids = ", ".join(unretrieved["request_id"].head(5))
+        data["notes"].append(
+            f"vLLM log: the prefill side released the KV of {len(unretrieved)} request(s) when "
+            f"its NIXL send lease expired, retrieved by 0 decode workers ({ids}"
+            f"{', ...' if len(unretrieved) > 5 else ''}): their decode side never pulled that KV "
+            "in time, so their kv.hold ends at the lease and their transfer spans do not show "
+            "a completed pull."
+        )
+
+
+@dataclass
+class Sources:
+    """What the inputs held, loaded once: spans, client records, samples, microbench."""
+
+    spans_load: Any
+    aiperf: Any = None
+    samples_load: Any = None
+    should: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
+    """Step 1: read every input given; what was read (and skipped) goes into ``data['inputs']``."""
+    from kvprof.analysis.loaders.aiperf import load_aiperf_records
+    from kvprof.analysis.loaders.traces import load_spans, require_kvprof_spans
+
+    spans_load = load_spans(inputs.traces, inputs.service, inputs.lookback)
+    foreign_only = require_kvprof_spans(spans_load, inputs.traces)
+    aiperf = load_aiperf_records(inputs.aiperf) if inputs.aiperf else None
+    src = Sources(spans_load=spans_load, aiperf=aiperf)
+    src.notes = [*foreign_only, *spans_load.notes,
+                 *(aiperf.attrs.get("notes", []) if aiperf is not None else [])]
+    data["inputs"] = {"traces": {
+        "source": str(inputs.traces), "files": len(spans_load.files),
+        "spans": int(len(spans_load.spans)), "formats": sorted(spans_load.formats),
+        "skipped": [{"file": f, "why": w} for f, w in spans_load.skipped],
+        "spans_skipped": spans_load.spans_skipped,
+        "parents_dropped": spans_load.parents_dropped}}
+    if aiperf is not None:
+        data["inputs"]["aiperf"] = {"source": str(inputs.aiperf), "records": int(len(aiperf))}
+    if inputs.samples:
+        from kvprof.analysis.loaders.samples import load_samples
+
+        src.samples_load = load_samples(inputs.samples)
+        data["inputs"]["samples"] = {
+            "source": str(inputs.samples), "files": len(src.samples_load.files),
+            "samples": int(len(src.samples_load.samples)),
+            "skipped": [{"file": f, "why": w} for f, w in src.samples_load.skipped]}
+    if inputs.microbench:
+        from kvprof.analysis.loaders.microbench_results import load_microbench
+
+        src.should = load_microbench(inputs.microbench)
+        data["should_cost"] = src.should.to_dict()
+    return src
+
+
+def summarize(req, all_req, done) -> dict[str, Any]:
+    """Step 2b: the headline numbers over the measured (non-warm-up) requests."""
+    return {
+        "requests": int(len(req)),
+        "warmup_requests": int(len(all_req) - len(req)),
+        "requests_with_ttft": int(len(done)),
+        "pairs": int(req["pair"].nunique()),
+        "first_contact_requests": int(all_req["first_contact"].sum()),
+        "ttft_mean_ms": float(done["ttft_ms"].mean()) if len(done) else None,
+        "ttft_p50_ms": float(done["ttft_ms"].quantile(0.5)) if len(done) else None,
+        "ttft_p99_ms": float(done["ttft_ms"].quantile(0.99)) if len(done) else None,
+        "stacked_mean_ms": float(done["stacked_ms"].mean()) if len(done) else None,
+        "unaccounted_mean_ms": float(done["unaccounted_ms"].mean()) if len(done) else None,
+        "unaccounted_share": (float(done["unaccounted_ms"].mean() / done["ttft_ms"].mean())
+                              if len(done) and done["ttft_ms"].mean() else None),
+        "chains": {str(k): int(v) for k, v in req["chain"].value_counts().items()},
+        "failed_transfers": int(req["transfer_status"].astype(str).str.startswith(
+            ("failed", "lease")).sum()),
+        "ttft_sources": {str(k): int(v) for k, v in done["ttft_source"].value_counts().items()},
+        # NVIDIA Dynamo's frontend measures TTFT too (http-request's ttft_ms): beside the
+        # client's, the difference is the frontend -> client leg.
+        "dynamo_ttft_mean_ms": (float(done["dynamo_ttft_ms"].mean())
+                                if len(done) and done["dynamo_ttft_ms"].notna().any() else None),
+    }
+
+
+def add_links(data: dict[str, Any], bd, src: Sources, with_plots: bool):
+    """Step 3: each traced transfer against the link counters the collector sampled."""
+    from kvprof.analysis.links import link_timeline, transfer_links
+    from kvprof.analysis.views import plots
+
+    if src.samples_load is None:
+        return None
+    links = transfer_links(bd, src.spans_load.spans, src.samples_load.samples)
+    timeline = link_timeline(src.samples_load.samples, bd.skew.offsets_ns)
+    data["links"] = _links_data(links)
+    if len(links):
+        data["links"]["rows"] = records(links, list(links.columns), 200)
+        plots_ok = links.dropna(subset=["achieved_gbps"])
+        if len(plots_ok) and with_plots:
+            data.setdefault("_plots", {})["transfer_rates"] = plots.transfer_rates(plots_ok)
+    if len(timeline) and with_plots:
+        data.setdefault("_plots", {})["link_timeline"] = plots.link_timeline(timeline)
+    return links
+
+
+def add_side_inputs(data: dict[str, Any], inputs: ReportInputs) -> None:
+    """Step 4: placement records, vLLM's own logs and saved metrics, as given."""
+    if inputs.placement:
+        from kvprof.analysis.loaders.samples import load_samples, placement_records
+
+        pl = placement_records(load_samples(inputs.placement).samples)
+        data["placement"] = records(pl, list(pl.columns))
+    if inputs.vllm_log:
+        _add_vllm_logs(data, inputs.vllm_log)
+    if inputs.vllm_metrics:
+        from kvprof.analysis.loaders.vllm_metrics import nixl_summary, parse_nixl_prometheus
+
+        data["nixl_metrics"] = nixl_summary(parse_nixl_prometheus(inputs.vllm_metrics))
+
+
+def add_causes(data: dict[str, Any], req, done, links, should) -> None:
+    """Step 5: the ranked verdict, overall and per concurrency level, and the should-cost."""
+    from kvprof.analysis.views.verdict import (
+        rank_by_level,
+        rank_causes,
+        should_cost_line,
+        traced_transfer,
+    )
+
+    data["verdict"] = rank_causes(req, links, should)
+    data["verdict_by_level"] = rank_by_level(req)
+    if should is not None:
+        data["should_cost"]["against_traces"] = should.against(*traced_transfer(done))
+        data["should_cost"]["summary"] = should_cost_line(should, done)
+
+
+def add_requests(data: dict[str, Any], req, all_req) -> None:
+    """Step 7: the per-request rows (up to MAX_REQUEST_ROWS), each with its legs in path order."""
+    legs = [c for c in leg_order() if c in all_req and all_req[c].notna().any()]
+    cols = ["key", "x_request_id", "trace_id", "chain", "concurrency", "pair", "first_contact",
+            "prefill_pod", "decode_pod", "prefill_node", "decode_node", "kv_path", "kv_bytes",
+            *[p for p in PHASES if p in req], sc.SPAN_DECODE_KV_WAIT, "stacked_ms", "ttft_ms",
+            "ttft_source", "unaccounted_ms", "unaccounted_detail", "transfer_gbps",
+            "transfer_status", "dynamo_ttft_ms", "client_error"]
+    data["requests"] = records(all_req, [*cols, "warmup"], MAX_REQUEST_ROWS)
+    for row, (_, legs_row) in zip(data["requests"], all_req[legs].head(MAX_REQUEST_ROWS).iterrows(),
+                                  strict=False):
+        # Path order, one entry per leg the request has: legs + unaccounted = TTFT.
+        row["legs_ms"] = {c.removeprefix(LEG): float(v) for c, v in legs_row.items()
+                          if v == v}
+    if len(all_req) > MAX_REQUEST_ROWS:
+        data["notes"].append(f"requests lists the first {MAX_REQUEST_ROWS} of {len(req)} "
+                             "requests; every statistic covers all of them.")
+
+
+def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
+    """Everything the report shows, as JSON-able data plus PNG figures.
+
+    The steps, in order: sources -> breakdown (legs per request) -> links -> causes
+    (-> capacity -> what-if, as they arrive) -> request rows -> figures.
+    """
+    from kvprof.analysis.views import plots
+    from kvprof.analysis.views.summaries import (
+        leg_stats,
+        level_view,
+        pair_view,
+        percentile_view,
+        phase_stats,
+    )
+
+    data: dict[str, Any] = {
+        "title": "kvprof TTFT breakdown",
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {}, "notes": [],  # filled below; keys first so the JSON reads top-down
+    }
+    src = load_sources(inputs, data)
+    bd = build_breakdown(src.spans_load.spans, src.aiperf, inputs.client_host, inputs.one_clock)
+    data["notes"] = [*src.notes, *bd.notes]
+    # aiperf's warm-up requests stay in the request list and the first-contact view (one may
+    # be a pair's first contact); every statistic is over the measured ones, as aiperf's.
+    all_req = bd.requests
+    req = all_req[~all_req["warmup"].astype(bool)]
+    done = req[req["ttft_ms"].notna()]
+    data["summary"] = summarize(req, all_req, done)
+    data["skew"] = bd.skew.to_dict()
+    data["propagation"] = bd.propagation
+    data["percentiles"] = percentile_view(req)
+    data["legs"] = leg_stats(req)
+    data["levels"] = level_view(req)
+    data["phase_stats"] = phase_stats(req)
+    data["pairs"] = pair_view(all_req)
+    links = add_links(data, bd, src, with_plots)
+    add_side_inputs(data, inputs)
+    add_causes(data, req, done, links, src.should)
+    add_requests(data, req, all_req)
+    figures = data.pop("_plots", {})
+    if data["percentiles"] and with_plots:
+        figures["stacked_percentiles"] = plots.stacked_percentiles(data["percentiles"])
+    if len(done) and with_plots:
+        figures["ttft_by_pair"] = plots.ttft_by_pair(all_req)
+    return Report(data=data, plots=figures)
