@@ -19,7 +19,7 @@ DEMO ?= full
 ENGINE_LOCK ?=
 DYNAMO_MODE ?= disagg
 
-.PHONY: demo test lint bench install install-dynamo test-dynamo dynamo-smoke clean
+.PHONY: demo test lint bench install install-dynamo test-dynamo dynamo-smoke clean gpu-check gpu-wheels
 
 # $(call need_disk,GB,VENV): stop before pip when the disk cannot hold VENV. pip's own
 # "No space left on device" comes minutes in and leaves a half-built venv behind.
@@ -95,8 +95,20 @@ dynamo-smoke: $(DYNAMO_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Every benchmark but the GPU check (it exits 4 without a GPU: `make gpu-check`).
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/*.py; do [ $$b = bench/gpu_check.py ] || $(BIN)/python $$b || exit 1; done
+
+# The prepared GPU check (bench/gpu_check.py): every GPU path in one command, <= 8 minutes.
+# Without a GPU it says so in one line and the script exits 4 (make then reports "Error 4");
+# `GPU_CHECK_ARGS=--device cpu` is the dry run. `make gpu-wheels` gathers what a GPU machine
+# without network needs (.whl/) and prints the one command to run there.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	@$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP)
+	$(BIN)/python tools/gpu_wheels.py
 
 clean:
 	rm -rf out .pytest_cache
