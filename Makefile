@@ -80,7 +80,14 @@ install: $(STAMP) $(AIPERF_STAMP) $(DYNAMO_STAMP)
 demo: install
 	$(BIN)/python demo/run_demo.py --mode $(DEMO)
 
-test: install
+# Headless Chromium for the report's browser test (tests/analysis/test_report_browser.py).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium \
+		>/dev/null || { echo "Error: could not install Chromium (Debian package chromium) with apt-get." >&2; \
+		echo "Hint: install it yourself (sudo apt-get install chromium) and rerun make test." >&2; exit 1; }
+
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -x -q --timeout=900
 
 # NVIDIA Dynamo 1.6.1 + vLLM workers on the CPU, each worker under kvprof attach: the

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -42,6 +41,8 @@ HEALTH_TIMEOUT_S = 3.0
 # A 2-core machine under load has starved an engine's API server for over 15 s without
 # anything being wrong; this long without a 200 (and still running) is a hang.
 HEALTH_GRACE_S = 16.0
+# A listener that is gone stays gone; a few looks rule out a socket being re-created.
+LISTEN_GRACE_S = 3.0
 # Lines of a log that say why a process died (kvprof attach's crash report first).
 _FATAL = re.compile(r"kvprof: .*died from|Fatal Python error|died unexpectedly|"
                     r"\b[A-Z][A-Za-z]*Error\b|ERROR|Traceback|Killed|Segmentation fault|"
@@ -84,10 +85,11 @@ class DemoProcessError(KvprofError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nobody listens on right now, outside the ephemeral range, so no outgoing
+    connection (a UCX loopback socket, once) can take it before the engine binds it."""
+    from kvprof.ports import free_port as outside_ephemeral
+
+    return outside_ephemeral(host)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -181,6 +183,7 @@ class ProcessManager:
         # check() and every wait of the main thread.
         self._watched: dict[ManagedProcess, str | None] = {}
         self._last_ok: dict[ManagedProcess, float] = {}
+        self._ports: dict[ManagedProcess, dict[int, float]] = {}  # port -> last seen listening
         self._watch_lock = threading.Lock()
         self._watch_thread: threading.Thread | None = None
         self._failed = threading.Event()
@@ -316,11 +319,15 @@ class ProcessManager:
                     return None
 
     # -- watchdog ------------------------------------------------------------------------------
-    def watch(self, proc: ManagedProcess, health_url: str | None = None) -> None:
-        """Fail the demo when proc exits, or stops answering health_url (200) for a while."""
+    def watch(self, proc: ManagedProcess, health_url: str | None = None,
+              listen_ports: Sequence[int] = ()) -> None:
+        """Fail the demo when proc exits, stops answering health_url (200) for a while, or
+        no longer listens on one of ``listen_ports`` (e.g. its NIXL side channel: alive but
+        unable to hand over any KV cache is as dead as an exit)."""
         with self._watch_lock:
             self._watched[proc] = health_url
             self._last_ok[proc] = time.monotonic()
+            self._ports[proc] = {p: time.monotonic() for p in listen_ports}
             if self._watch_thread is None or not self._watch_thread.is_alive():
                 self._watch_thread = threading.Thread(target=self._watch_loop, daemon=True,
                                                       name="demo-watchdog")
@@ -364,6 +371,9 @@ class ProcessManager:
                 what = None
                 if not proc.alive():
                     what = exit_description(proc.popen.returncode)
+                elif (port := self._port_gone(proc)) is not None:
+                    what = (f"is alive but nothing listens on its port {port} (its NIXL side "
+                            f"channel) for {LISTEN_GRACE_S:.0f} s: no KV hand-off can start")
                 elif url is not None:
                     if http_ok(url, timeout_s=HEALTH_TIMEOUT_S):
                         self._last_ok[proc] = time.monotonic()
@@ -373,6 +383,21 @@ class ProcessManager:
                     log.error("%s", self.fail(proc, what).message.splitlines()[0])
                     return
             self._failed.wait(WATCH_INTERVAL_S)
+
+    def _port_gone(self, proc: ManagedProcess) -> int | None:
+        """A watched port of proc that has not been listening for LISTEN_GRACE_S, or None."""
+        ports = self._ports.get(proc)
+        if not ports:
+            return None
+        from kvprof.ports import listening_ports
+
+        now, listening = time.monotonic(), listening_ports()
+        for port in ports:
+            if port in listening:
+                ports[port] = now
+            elif now - ports[port] > LISTEN_GRACE_S:
+                return port
+        return None
 
     # -- readiness ---------------------------------------------------------------------------
     def wait_http_ok(

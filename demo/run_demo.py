@@ -66,7 +66,9 @@ class DemoConfig:
 
     mode: str = "full"
     out: Path = Path("out")
-    concurrencies: tuple[int, ...] = (1, 2, 4)
+    # From one request at a time to past saturation: 16 in flight against engines that run
+    # 4 sequences each (demo/limits.py), so the top level queues.
+    concurrencies: tuple[int, ...] = (1, 4, 16)
     requests: int = 8
     input_tokens: int = 512
     output_tokens: int = 16
@@ -308,7 +310,12 @@ class Demo:
     def start_collector(self) -> list[str]:
         port = free_port()
         args = [self.python, "-m", "kvprof", "collect", "--output", str(self.cfg.samples),
-                "--listen", f"127.0.0.1:{port}", "--interval", "0.1", "--rotate", "30"]
+                "--listen", f"127.0.0.1:{port}", "--interval", "0.1", "--rotate", "30",
+                # CPU waits: the engines are found by kvprof attach's environment; the load
+                # generator and the router by their command lines ("[ ]" and "[.]" keep the
+                # patterns from matching the collector's own command line).
+                "--watch-name", "client=aiperf[ ]profile",
+                "--watch-name", "router=demo/router[.]py"]
         self.collector = self.pm.start("collector", args, cwd=ROOT)
         self.pm.wait_http_ok(self.collector, f"http://127.0.0.1:{port}/metrics", 60)
         self.pm.watch(self.collector)
@@ -451,8 +458,10 @@ class Demo:
         waited = self._wait_ready([(p_proc, prefill.base_url + "/health"),
                                    (d_proc, decode.base_url + "/health")],
                                   "the prefill and decode servers")
-        self.pm.watch(p_proc, prefill.base_url + "/health")
-        self.pm.watch(d_proc, decode.base_url + "/health")
+        # A side-channel listener that died (its port taken) leaves the engine alive and
+        # answering /health while no hand-off can start: watched like a dead process.
+        self.pm.watch(p_proc, prefill.base_url + "/health", [prefill.side_channel_port])
+        self.pm.watch(d_proc, decode.base_url + "/health", [decode.side_channel_port])
         router_port = free_port()
         # The router records its own legs (OpenTelemetry SDK) beside the engines' spans and
         # forwards a traceparent, so each request is one trace from router to first token.
@@ -527,7 +536,7 @@ class Demo:
             base += ["--microbench", str(self.report_microbench())]
         if list(self.cfg.samples.glob("**/*.parquet")):
             base += ["--samples", str(self.cfg.samples)]
-        for log in nixl_worker_logs(self.cfg.logs):
+        for log in report_engine_logs(self.cfg.logs):
             base += ["--vllm-log", str(log)]
         lines = []
         for fmt in ("html", "md", "json"):
@@ -647,6 +656,18 @@ def nixl_worker_logs(logs: Path) -> list[Path]:
     return found
 
 
+def report_engine_logs(logs: Path) -> list[Path]:
+    """The logs `kvprof report --vllm-log` reads: those with NIXL lines, plus both
+    disaggregated engines' own logs (their KV pool size gives the capacity section its KV
+    occupancy). None when no log has NIXL lines (the report would refuse them)."""
+    nixl = nixl_worker_logs(logs)
+    if not nixl:
+        return []
+    pair = [logs / f"{stack}-{role}.log" for stack in ("dynamo", "vllm")
+            for role in ("prefill", "decode")]
+    return sorted({*nixl, *[p for p in pair if p.exists()]})
+
+
 def _dist_version(exe: Path, dist: str) -> str:
     """A package's version in another venv, from its dist-info folder (no interpreter start)."""
     for info in exe.parent.parent.glob(f"lib/python*/site-packages/{dist}-[0-9]*.dist-info"):
@@ -727,7 +748,9 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
                         help="full: live deployments (about 5 min); quick: analysis only, on "
                              "the files of the previous full run")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder")
-    parser.add_argument("--concurrency", default="1,2,4", help="aiperf concurrency levels")
+    parser.add_argument("--concurrency", default="1,4,16",
+                        help="aiperf concurrency levels (the engines run 4 sequences each, so "
+                             "16 saturates them)")
     parser.add_argument("--requests", type=int, default=8,
                         help="requests per concurrency level (at least 2 x concurrency)")
     parser.add_argument("--input-tokens", type=int, default=512)

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from demo.limits import engine_limit_args
 from kvprof.cpu_quirks import PORTABLE_DTYPE
 
 SERVED_MODEL_NAME = "tiny"
@@ -55,7 +56,8 @@ def vllm_argv(spec: ServerSpec, model_dir: Path, python: str = sys.executable) -
         # bf16 NIXL decode engines die with SIGILL on AMX CPUs (kvprof/cpu_quirks.py);
         # float16 serves on every x86-64 CPU, with or without AMX.
         "--dtype", PORTABLE_DTYPE,
-        "--max-num-seqs", "16",
+        # Small enough that the demo's top level queues (demo/limits.py).
+        *engine_limit_args(),
         # torch.compile warm-up doubles engine start on 2 cores and the tiny model gains
         # nothing from it; eager keeps the demo near its 5-minute budget.
         "--enforce-eager",

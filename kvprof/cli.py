@@ -14,6 +14,7 @@ from kvprof.commands import attach as attach_command
 from kvprof.commands import check as check_command
 from kvprof.commands import collect as collect_command
 from kvprof.commands import microbench as microbench_command
+from kvprof.commands import whatif as whatif_command
 from kvprof.errors import EXIT_FAILED, EXIT_USAGE, KvprofError
 
 app = typer.Typer(
@@ -27,6 +28,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    # Inherited by every subcommand and group (click copies it to child contexts).
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -55,6 +58,9 @@ app.command("collect", context_settings={"help_option_names": ["-h", "--help"]})
     collect_command.collect
 )
 analysis_commands.register(app)
+app.command("whatif", context_settings={"help_option_names": ["-h", "--help"]})(
+    whatif_command.whatif
+)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -74,15 +80,22 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 def print_error(err: KvprofError) -> None:
     """The one place that turns a KvprofError into the documented stderr lines."""
     sys.stderr.write(f"Error: {err.message}\n")
-    if err.hint:
-        sys.stderr.write(f"Hint: {err.hint}\n")
+    # Every error gets its Hint: line (the contract scripts and people rely on, issue 21).
+    hint = err.hint or ("run 'kvprof COMMAND --help' for the options and their ranges."
+                        if err.exit_code == EXIT_USAGE else
+                        "check the input named above; 'kvprof COMMAND --help' says what each "
+                        "option expects.")
+    sys.stderr.write(f"Hint: {hint}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; never shows a traceback for an expected failure."""
     click_errors, aborts = _click_exception_types()
     try:
-        rc = app(args=argv, prog_name="kvprof", standalone_mode=False)
+        from kvprof.help_words import word_placeholders
+
+        command = word_placeholders(typer.main.get_command(app))
+        rc = command.main(args=argv, prog_name="kvprof", standalone_mode=False)
     except KvprofError as err:
         print_error(err)
         sys.exit(err.exit_code)
@@ -106,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"Error: internal error: {type(err).__name__}: {err}\n")
         sys.stderr.write("Hint: rerun with KVPROF_DEBUG=1 for the traceback and report it.\n")
         sys.exit(EXIT_FAILED)
+    if rc == 130:
+        # Typer turns Ctrl-C into a silent exit code 130: say it (issue 21).
+        sys.stderr.write("Interrupted.\n")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

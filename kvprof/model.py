@@ -53,6 +53,26 @@ def get_preset(name: str) -> ModelShape:
     return PRESETS[key]
 
 
+# Far above any real model (Llama-3-405B: 126 layers, 128 heads, hidden 16384); a value
+# beyond them is a broken config, not a model to size buffers for.
+MAX_SHAPE = 100_000
+MAX_HIDDEN = 10_000_000
+
+
+def _shape_int(config: dict, key: str, name: str, maximum: int = MAX_SHAPE) -> int:
+    """A positive whole number field of a config; a BadInputError naming the field otherwise."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (
+            isinstance(value, float) and not value.is_integer()):
+        raise BadInputError(f"config {name!r} has a non-integer shape field: {key} is "
+                            f"{json.dumps(value)[:40]}, expected a whole number",
+                            hint=_preset_hint())
+    if not 0 < value <= maximum:
+        raise BadInputError(f"config {name!r}: {key} is {value:g}, expected 1 to {maximum:,}",
+                            hint=_preset_hint())
+    return int(value)
+
+
 def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
     """Read layers, KV heads and head dim from a Hugging Face config.json mapping."""
     # Multimodal configs nest the language model under text_config / llm_config.
@@ -67,14 +87,15 @@ def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
             "head_dim (or hidden_size). " + _preset_hint(),
         )
     try:
-        layers = int(config["num_hidden_layers"])
-        attn_heads = int(config["num_attention_heads"])
+        layers = _shape_int(config, "num_hidden_layers", name)
+        attn_heads = _shape_int(config, "num_attention_heads", name)
         # A config without num_key_value_heads is plain multi-head attention.
-        kv_heads = int(config.get("num_key_value_heads") or attn_heads)
+        kv_heads = (_shape_int(config, "num_key_value_heads", name)
+                    if config.get("num_key_value_heads") is not None else attn_heads)
         if config.get("head_dim"):
-            head_dim = int(config["head_dim"])
+            head_dim = _shape_int(config, "head_dim", name)
         elif config.get("hidden_size"):
-            head_dim = int(config["hidden_size"]) // attn_heads
+            head_dim = _shape_int(config, "hidden_size", name, MAX_HIDDEN) // attn_heads
         else:
             raise BadInputError(
                 f"config {name!r} has neither head_dim nor hidden_size",
@@ -93,24 +114,19 @@ def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
 
 def load_hf_config(path: str | Path) -> ModelShape:
     """Read a config.json file (or a model folder holding one) into a ModelShape."""
+    from kvprof.inputs import load_json_file, path_problem
+
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
+        if path_problem(p) == "not found":
+            raise BadInputError(f"--model-config {path} is a directory without a config.json",
+                                hint="Pass the path of a Hugging Face config.json.")
+    if path_problem(p) == "not found":
         raise BadInputError(
             f"model config not found: {p}", hint="Pass the path of a Hugging Face config.json."
-        ) from None
-    except OSError as exc:
-        raise BadInputError(f"cannot read model config {p}: {exc.strerror}") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadInputError(
-            f"{p} is not valid JSON (line {exc.lineno}: {exc.msg})",
-            hint="Pass a Hugging Face config.json.",
-        ) from None
+        )
+    config = load_json_file(p, "model config", "a Hugging Face config.json")
     if not isinstance(config, dict):
         raise BadInputError(
             f"{p} is JSON but not an object", hint="Pass a Hugging Face config.json."
@@ -250,6 +266,10 @@ class KvGeometry:
         }
 
 
+MAX_TOKENS = 1_000_000_000  # a thousand times the longest context windows of today; a
+# larger count is a typo, while 100M is a real question the memory check answers (exit 4)
+
+
 def resolve_geometry(
     tokens: int,
     model: str | None = "qwen3-32b",
@@ -258,10 +278,12 @@ def resolve_geometry(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> KvGeometry:
     """Build a KvGeometry from CLI-style options (a config file wins over a preset name)."""
-    if tokens <= 0:
-        raise UsageError(f"--tokens must be >= 1, got {tokens}")
-    if block_size <= 0:
-        raise UsageError(f"--block-size must be >= 1, got {block_size}")
+    if not 0 < tokens <= MAX_TOKENS:
+        raise UsageError(f"--tokens must be 1 to {MAX_TOKENS:,}, got {tokens}",
+                         hint="The prompt tokens of one request, e.g. --tokens 4000.")
+    if not 0 < block_size <= 65_536:
+        raise UsageError(f"--block-size must be 1 to 65536, got {block_size}",
+                         hint="vLLM's default is 16 tokens per block.")
     dtype_bytes(kv_dtype)  # validate early
     shape = load_hf_config(model_config) if model_config else get_preset(model or "qwen3-32b")
     return KvGeometry(model=shape, kv_dtype=kv_dtype.lower(), block_size=block_size, tokens=tokens)

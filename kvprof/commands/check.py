@@ -26,6 +26,13 @@ def check(
     from kvprof.setup_check import render, run_checks
 
     if proc:
+        from kvprof.errors import UsageError
+        from kvprof.inputs import path_problem
+
+        why = path_problem(proc, "dir")
+        if why:
+            raise UsageError(f"--proc {proc}: {why}",
+                             hint="Pass the folder where the host's /proc is mounted.")
         os.environ[ENV_PROC] = proc
     args = list(ctx.args)
     if args and args[0] == "--":

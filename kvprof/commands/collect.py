@@ -32,8 +32,23 @@ def collect(
     duration: float | None = typer.Option(
         None, "--duration", help="Stop after this many seconds (default: until SIGTERM)."
     ),
+    watch_pid: list[str] = typer.Option(
+        [], "--watch-pid", help="[ROLE=]PID: sample this process's CPU waits (run-queue wait, "
+        "CPU time, involuntary switches per thread); repeatable.",
+    ),
+    watch_name: list[str] = typer.Option(
+        [], "--watch-name", help="[ROLE=]REGEX: sample the CPU waits of processes whose command "
+        "line matches, and of their descendants, e.g. 'client=aiperf profile' for the load "
+        "generator; repeatable.",
+    ),
+    watch_attach: bool = typer.Option(
+        True, "--watch-attach/--no-watch-attach",
+        help="Sample the CPU waits of every process started under `kvprof attach` (found by "
+        "its environment; needs root or CAP_SYS_PTRACE for other users' processes).",
+    ),
 ) -> None:
-    """Sample GPU, NVLink, InfiniBand and host counters at 10 Hz and record pod placement;
+    """Sample GPU, NVLink, InfiniBand and host counters and the CPU waits of the serving
+    processes at 10 Hz and record pod placement;
     serve them as Prometheus metrics and write them as Parquet.
 
     Start with `kvprof collect --once`: one sample set as JSON, with the reason for every
@@ -44,5 +59,6 @@ def collect(
     run_collect_command(
         interval=interval, once=once, fmt=fmt, listen=listen, output=output, rotate=rotate,
         sysfs=sysfs, proc=proc, no_nvml=no_nvml, kubelet_socket=kubelet_socket,
-        duration=duration,
+        duration=duration, watch_pids=tuple(watch_pid), watch_names=tuple(watch_name),
+        watch_attach=watch_attach,
     )

@@ -233,7 +233,13 @@ def check_memory(geometry_args: dict, tokens: int, prefill_tp: int, decode_tp: i
     what = (f"the largest --sweep point ({tokens:,} tokens)" if sweep
             else f"--tokens {tokens:,}")
     if not best:
-        advice = f"Not even 1 token fits ({keep}): free some memory or use another machine."
+        # Nothing fits whatever --tokens says: the per-rank buffers of the TP sizes do not.
+        what = (f"--prefill-tp {prefill_tp} --decode-tp {decode_tp} (with --tokens {tokens:,})"
+                if max(prefill_tp, decode_tp) > 1 else what)
+        advice = (f"Not even 1 token fits ({keep}): lower --decode-tp / --prefill-tp (each "
+                  "rank has its own buffers), free some memory or use another machine."
+                  if max(prefill_tp, decode_tp) > 1 else
+                  f"Not even 1 token fits ({keep}): free some memory or use another machine.")
     elif sweep:
         advice = (f"The largest --sweep point that fits on this machine is {best:,} ({keep}); "
                   "drop the larger points, or use a machine with more memory.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -61,10 +62,27 @@ def _num(v: float | None, fmt: str = "{:,.2f}") -> str:
 
 def breakdown_table(result: dict) -> Table:
     """One row per step: ms (median, p10, p90), GB/s, the measured limit and % of it."""
-    table = Table(title="KV hand-off, step by step", title_justify="left")
-    for col in ("step", "median ms", "p10 ms", "p90 ms", "GB/s", "limit GB/s", "% of limit"):
-        table.add_column(col, justify="left" if col == "step" else "right")
-    table.add_column("what it is")
+    # Fits 80 columns: two-line headers, no free-text column (step_notes() prints those).
+    table = Table(title="KV hand-off, step by step", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for col in ("step", "median\nms", "p10\nms", "p90\nms", "GB/s", "limit\nGB/s", "% of\nlimit"):
+        table.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
+    for name, s in result["steps"].items():
+        table.add_row(
+            name,
+            _num(s["median_ms"]),
+            _num(s["p10_ms"]),
+            _num(s["p90_ms"]),
+            _num(s["gbps"]),
+            _num(s["limit_gbps"]),
+            _num(s["pct_of_limit"], "{:.0f}%"),
+        )
+    return table
+
+
+def step_notes(result: dict) -> list[str]:
+    """What each step of the breakdown is, one line per step (wrapped by the console)."""
+    lines = []
     for name, s in result["steps"].items():
         note = STEP_NOTES.get(name, "")
         if s.get("scaled"):
@@ -75,17 +93,9 @@ def breakdown_table(result: dict) -> Table:
             )
         if name != "setup" and s["samples"] < result["iters"]:
             note += f" ({s['samples']} timed runs)"
-        table.add_row(
-            name,
-            _num(s["median_ms"]),
-            _num(s["p10_ms"]),
-            _num(s["p90_ms"]),
-            _num(s["gbps"]),
-            _num(s["limit_gbps"]),
-            _num(s["pct_of_limit"], "{:.0f}%"),
-            note,
-        )
-    return table
+        if note:
+            lines.append(f"  {name}: {note}")
+    return lines
 
 
 def links_table(result: dict) -> Table:
@@ -99,7 +109,7 @@ def links_table(result: dict) -> Table:
         ),
         title_justify="left",
     )
-    for col in ("link", "GB/s", "ms", "% of seed's overhead"):
+    for col in ("link", "GB/s", "ms", "% of seed's\noverhead"):
         table.add_column(col, justify="left" if col == "link" else "right")
     measured = links.get("measured")
     if measured:
@@ -122,7 +132,7 @@ def links_table(result: dict) -> Table:
 def sweep_table(result: dict) -> Table:
     """How the cost grows with the token count."""
     table = Table(title="How the cost grows with the prompt", title_justify="left")
-    for col in ("tokens", "MB", "total ms", "wire ms", "per_descriptor ms", "GB/s"):
+    for col in ("tokens", "MB", "total ms", "wire ms", "per descriptor ms", "GB/s"):
         table.add_column(col, justify="right")
     for p in result["sweep"]["points"]:
         table.add_row(
@@ -154,6 +164,8 @@ def render(console: Console, result: dict) -> None:
         f"{result['iters']} timed runs after {result['warmup']} warm-up, each verified byte-exact"
     )
     console.print(breakdown_table(result))
+    for line in step_notes(result):
+        console.print(line)
     steps = result["steps"]
     parts = steps["setup"].get("parts_ms") or {}
     if parts:

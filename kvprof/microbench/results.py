@@ -46,14 +46,12 @@ import json
 import os
 import platform
 import socket
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from kvprof.errors import BadInputError
 from kvprof.model import NOMINAL_LINKS, link_cost_ms, resolve_geometry
 
 SCHEMA = "kvprof.microbench/1"
@@ -186,16 +184,7 @@ def _cpu_model() -> str | None:
 
 def write_json(path: str | Path, result: dict) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a file."""
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-    except OSError as exc:
-        raise BadInputError(
-            f"cannot write {p}: {exc.strerror or exc}",
-            hint="Pass a --json path in a writable directory.",
-        ) from None
+    from kvprof.outputs import atomic_write
+
+    # The temp file goes on any failure, a full disk included (issue 21).
+    atomic_write(path, json.dumps(result, indent=2) + "\n", "--json")

@@ -334,6 +334,10 @@ def run_microbench_command(
     from kvprof.microbench.render import ProgressBar, render
     from kvprof.microbench.results import write_json
 
+    if json_out is not None:
+        from kvprof.outputs import check_output
+
+        check_output(json_out, "--json")  # before the measurement, not after it
     opts = MicrobenchOptions(
         tokens=tokens,
         model=model,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvprof import semconv
 from kvprof.probes import api_hooks as A
 from kvprof.probes import events as ev
-from kvprof.probes.ids import effective_trace, external_request_id, span_id_for
+from kvprof.probes.ids import effective_trace, external_request_id, span_id_for, trace_id_for
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ STATS_WAIT_NS = 1_000_000_000
 # ... and this long for its trace: the decode request reaches the worker (with the
 # traceparent the prefill side named) only when it is scheduled, after its KV arrived.
 TRACE_WAIT_NS = 5_000_000_000
+# Engine step spans share one trace per this many steps of a process (a trace viewer copes).
+STEPS_PER_TRACE = 1000
 
 
 @dataclass
@@ -72,6 +75,10 @@ class _Load:
     ok: bool = True
     stats: tuple[int, int, float] | None = None
     stats_seen: bool = False  # the step's NIXL stats came (matched 1:1 or not)
+    # NIXL's getXferTelemetry per finished handle: (wall - steady clock offset ns, start_us,
+    # post_us, xfer_us, bytes, descriptors); the last worker poll that saw it in flight.
+    telemetry: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
+    last_inflight_poll: int | None = None
 
 
 @dataclass
@@ -128,6 +135,7 @@ class SpanAssembler:
         # report them, which must not open them again under the same span ids.
         self._closed: set[str] = set()
         self._out: list[SpanRecord] = []
+        self._steps = 0  # EngineCore steps seen (vllm.engine.step index)
 
     # -- public -----------------------------------------------------------------------------
     def feed(self, events: list[tuple], taken_ns: int | None = None) -> list[SpanRecord]:
@@ -325,6 +333,17 @@ class SpanAssembler:
             self._on_engine_dead(e[1])
         elif kind == ev.HANDSHAKE:
             self._handshakes[e[1]] = (e[2], e[3], e[4])
+        elif kind == ev.STEP:
+            self._on_step(*e[1:])
+        elif kind == ev.XFER_TELEMETRY:
+            load = self._loads.get(e[1])
+            if load is not None:
+                load.telemetry.append((e[2] - e[3], *e[4:9]))
+        elif kind == ev.XFER_POLL:
+            for rid in e[2]:
+                load = self._loads.get(rid)
+                if load is not None:
+                    load.last_inflight_poll = e[1]
         elif kind == ev.XFER_STATS:
             self._on_stats(e[1], e[2], e[3], e[4])
         elif kind in (ev.SERIALIZE, ev.DESERIALIZE):
@@ -466,6 +485,12 @@ class SpanAssembler:
             a["nixl.transfer_duration_s"] = stats[2]
             if stats[2] > 0:
                 seconds = stats[2]
+        split = self._split(load, start) if error is None and load.done else None
+        if split is not None:
+            # NIXL's own figures for this very request, not the step's matched 1:1.
+            a["nixl.bytes_transferred"], a["nixl.descriptors"] = split[3], split[4]
+            a["nixl.transfer_duration_s"] = (split[1] - split[0]) / 1e9
+            seconds = (split[1] - split[0]) / 1e9
         if a.get(semconv.ATTR_KV_BYTES) and seconds > 0:
             a[semconv.ATTR_KV_GBPS] = a[semconv.ATTR_KV_BYTES] / seconds / 1e9
         if _is_loopback(load.remote_host):
@@ -474,6 +499,94 @@ class SpanAssembler:
             a[semconv.ATTR_FAILURE] = "transfer_failed" if load.done else "process_exit"
         self._child(semconv.SPAN_KV_TRANSFER, trace_id, parent, start, load.done, a, key,
                     error=error)
+        if split is not None:
+            self._emit_split(load, split, start, trace_id, key, base, a)
+
+    @staticmethod
+    def _split(load: _Load, start: int) -> tuple[int, int, float, int, int, bool] | None:
+        """(NIXL started, NIXL saw it done, post seconds, bytes, descriptors, done inside
+        the post call) on the wall clock, from the telemetry of the load's handles; None
+        without telemetry."""
+        if not load.telemetry:
+            return None
+        off = load.telemetry[0][0]
+        t0 = min(x[1] for x in load.telemetry) * 1000 + off
+        t1 = max(x[1] + x[3] for x in load.telemetry) * 1000 + off
+        post_s = max(x[2] for x in load.telemetry) / 1e6
+        done = int(load.done or t1)
+        # Both clocks were read a few hundred ns apart: keep the split inside the span.
+        t0 = min(max(int(t0), start), done)
+        t1 = min(max(int(t1), t0), done)
+        return (t0, t1, post_s, sum(x[4] for x in load.telemetry),
+                sum(x[5] for x in load.telemetry),
+                all(x[3] <= x[2] for x in load.telemetry))
+
+    def _emit_split(self, load: _Load, split: tuple, start: int, trace_id: int, key: str,
+                    base: dict[str, Any], xfer_attrs: dict[str, Any]) -> None:
+        """kv.transfer.post / .wire / .notice: consecutive children of the kv.transfer."""
+        t0, t1, post_s, nbytes, descs, in_post = split
+        parent = span_id_for(key + "/" + load.req_id, semconv.SPAN_KV_TRANSFER)
+        wire = dict(base)
+        wire["nixl.bytes_transferred"], wire["nixl.descriptors"] = int(nbytes), int(descs)
+        wire["nixl.post_duration_s"] = float(post_s)
+        wire["nixl.transfer_duration_s"] = (t1 - t0) / 1e9
+        if xfer_attrs.get(semconv.ATTR_KV_GBPS) is not None:
+            wire[semconv.ATTR_KV_GBPS] = xfer_attrs[semconv.ATTR_KV_GBPS]
+        poll = load.last_inflight_poll
+        if not in_post:
+            # NIXL learns of a completion when the worker polls (once per step): the bytes
+            # were in flight until the last poll that saw them so (else the start), and
+            # landed at some point after it: up to this much of the wire is that wait.
+            since = poll if poll is not None and t0 <= poll <= t1 else t0
+            wire[semconv.ATTR_NIXL_POLL_GAP_MS] = (t1 - since) / 1e6
+        for name, s0, s1, attrs in ((semconv.SPAN_KV_POST, start, t0, dict(base)),
+                                    (semconv.SPAN_KV_WIRE, t0, t1, wire),
+                                    (semconv.SPAN_KV_NOTICE, t1, load.done, dict(base))):
+            self._span(name, trace_id, span_id_for(key + "/" + load.req_id, name), parent,
+                       s0, s1, attrs)
+
+    # -- engine steps -------------------------------------------------------------------------
+    def _on_step(self, info: tuple | None, t_update: int, t_end: int, so: Any,
+                 kvo: Any) -> None:
+        """One vllm.engine.step span: the step's timing and its batch."""
+        n = self._steps
+        self._steps += 1
+        sched = so.num_scheduled_tokens or {}
+        meta = getattr(so, "kv_connector_metadata", None)
+        recv = getattr(meta, "reqs_to_recv", None)
+        if not sched and not recv and not (kvo is not None and kvo.finished_recving):
+            # An idle step (a decode engine spins through thousands while it waits for KV):
+            # not recorded; the index counts it, so a gap in the index is such steps.
+            return
+        prefill = decode = 0
+        for v in sched.values():
+            if v > 1:
+                prefill += v
+            else:
+                decode += 1
+        p = semconv.STEP_ATTR_PREFIX
+        a: dict[str, Any] = {p + "index": n, p + "prefill_tokens": prefill,
+                             p + "decode_seqs": decode, p + "num_reqs": len(sched),
+                             p + "tokens": int(so.total_num_scheduled_tokens),
+                             p + "request_ids": ",".join(sched),
+                             p + "preempted": len(getattr(so, "preempted_req_ids", None) or ()),
+                             p + "output_ms": (t_end - t_update) / 1e6}
+        if recv is not None:
+            a[p + "kv_loads_started"] = len(recv)
+        if kvo is not None:
+            a[p + "kv_loads_finished"] = len(kvo.finished_recving or ())
+        start = t_update
+        if info is not None:
+            start, t_sched, running, waiting, free, total = info
+            a[p + "schedule_ms"] = (t_sched - start) / 1e6
+            a[p + "execute_ms"] = (t_update - t_sched) / 1e6
+            a[p + "running"], a[p + "waiting"] = int(running), int(waiting)
+            a[p + "kv_blocks_free"], a[p + "kv_blocks_total"] = int(free), int(total)
+        if self.facts.engine_id:
+            a[semconv.ATTR_ENGINE_ID] = self.facts.engine_id
+        key = f"steps/{self.facts.engine_id or ''}/{os.getpid()}/{n // STEPS_PER_TRACE}"
+        self._span(semconv.SPAN_ENGINE_STEP, trace_id_for(key), span_id_for(key, str(n)), None,
+                   start, t_end, a)
 
     def _on_file_io(self, kind: int, rid: str, t0: int, t1: int, nbytes: int, tokens: int):
         serialize = kind == ev.SERIALIZE

@@ -17,6 +17,10 @@ KV_WAIT = 5  # (KV_WAIT, req, t, external_tokens): KV will arrive asynchronously
 KV_READY = 6  # (KV_READY, req, t): scheduler saw finished_recving
 HOLD = 7  # (HOLD, req, t): blocks kept for the decode side
 RELEASED = 8  # (RELEASED, req, t): scheduler saw finished_sending
+# (STEP, (t_sched, t_sched_end, running, waiting, kv_free, kv_total) | None, t_update,
+#  t_update_end, scheduler_output, kv_connector_output | None): one EngineCore step. The
+# objects are vLLM's own, done with by then; the export thread reads their counts.
+STEP = 9
 # Worker process
 LOAD_START = 20  # (LOAD_START, req, t, blocks, remote_req, remote_engine, remote_host, handshake)
 LOAD_DONE = 21  # (LOAD_DONE, req, t, ok): ok False when NIXL reported the receive failed
@@ -26,6 +30,12 @@ SERIALIZE = 24  # (SERIALIZE, req, t0, t1, nbytes, tokens)
 DESERIALIZE = 25  # (DESERIALIZE, req, t0, t1, nbytes, tokens)
 LEASE_EXPIRED = 26  # (LEASE_EXPIRED, req, t, retrieved_by): prefill released unpulled KV
 REQ_TRACE = 27  # (REQ_TRACE, req, traceparent): the trace a request's worker-side spans join
+# (XFER_TELEMETRY, req, t_wall_ns, t_mono_ns, start_us, post_us, xfer_us, bytes, descs):
+# NIXL's getXferTelemetry of one finished transfer handle of a KV load (start_us on the
+# steady clock, which t_wall_ns / t_mono_ns, read together, place on the wall clock).
+XFER_TELEMETRY = 28
+# (XFER_POLL, t, req ids still in flight after the poll): a worker poll of its KV loads.
+XFER_POLL = 29
 # API-server process (vLLM's OpenAI frontend, or a Dynamo worker hosting AsyncLLM)
 # One list per HTTP request (or per engine call outside one), emitted when it starts and
 # filled in place until its end time is set; positions and meaning in api_hooks' docstring.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from time import time_ns
+from time import monotonic_ns, time_ns
 from typing import Any
 
 from kvprof import semconv
@@ -35,7 +35,10 @@ from kvprof.probes.events import (
     REQ_TRACE,
     SCHEDULED,
     SERIALIZE,
+    STEP,
+    XFER_POLL,
     XFER_STATS,
+    XFER_TELEMETRY,
 )
 from kvprof.probes.ids import (
     effective_trace,
@@ -56,8 +59,12 @@ def _discard(event: tuple) -> None:
 
 _EMIT = _discard  # replaced by the recorder's deque.append while instrumented
 _failed: set[str] = set()
-# id(SchedulerOutput) -> time schedule() started, for the step that produces a first token.
-_STEP_START: dict[int, int] = {}
+# id(SchedulerOutput) -> (schedule() started, returned, running, waiting, KV blocks free,
+# KV blocks total): the step's start (a first token's step) and the batch's surroundings.
+_STEP_START: dict[int, tuple] = {}
+# NIXL transfer handle -> request id, set around the worker's poll of its KV loads
+# (_pop_done_transfers), read by the getXferTelemetry probe inside that poll.
+_HANDLE_OWNER: dict[int, str] = {}
 # Requests scheduled that have not produced a token yet: update_from_output looks at the
 # step's outputs only while this is non-empty (steady decode steps skip the scan).
 _AWAIT_FIRST: set[str] = set()
@@ -85,6 +92,7 @@ def emit_target() -> Callable[[tuple], Any]:
 def reset_state() -> None:
     """Forget per-step state (used when instrumentation is removed)."""
     _STEP_START.clear()
+    _HANDLE_OWNER.clear()
     _AWAIT_FIRST.clear()
     _FREED.clear()
     _BLOCK_OWNER.clear()
@@ -127,8 +135,17 @@ def scheduler_schedule(wrapped: Callable[..., Any]) -> Probe:
         t = time_ns()
         out = wrapped(self, *args, **kwargs)
         try:
+            # What the step's record needs from the scheduler at this moment; the batch
+            # itself is read from `out` in the export thread.
+            try:
+                pool = self.kv_cache_manager.block_pool
+                running, waiting = self.get_request_counts()
+                info = (t, time_ns(), running, waiting, pool.free_block_queue.num_free_blocks,
+                        pool.num_gpu_blocks)
+            except Exception:  # a scheduler without these: the step's timing alone
+                info = (t, time_ns(), -1, -1, -1, -1)
             starts = _STEP_START
-            starts[id(out)] = t
+            starts[id(out)] = info
             if len(starts) > 64:  # outputs never passed back (shutdown) must not pile up
                 del starts[next(iter(starts))]
             new = out.scheduled_new_reqs
@@ -156,7 +173,11 @@ def scheduler_update_from_output(wrapped: Callable[..., Any]) -> Probe:
         t = time_ns()
         out = wrapped(self, *args, **kwargs)
         try:
-            step = _STEP_START.pop(id(args[0] if args else kwargs.get("scheduler_output")), t)
+            so = args[0] if args else kwargs.get("scheduler_output")
+            info = _STEP_START.pop(id(so), None)
+            step = info[0] if info is not None else t
+            mro = args[1] if len(args) > 1 else kwargs.get("model_runner_output")
+            _EMIT((STEP, info, t, time_ns(), so, getattr(mro, "kv_connector_output", None)))
             waiting = _AWAIT_FIRST
             if waiting:  # some request is still before its first token
                 for outs in out.values():
@@ -388,6 +409,49 @@ def nixl_kv_connector_stats(wrapped: Callable[..., Any]) -> Probe:
             _hook_failed("NixlConnector.get_kv_connector_stats")
         return out
     return get_kv_connector_stats
+
+
+def nixl_pop_done_transfers(wrapped: Callable[..., Any]) -> Probe:
+    # Decode worker, every step: polls its KV loads' NIXL handles. Only while loads are in
+    # flight does the probe do anything: it names each handle's request for the
+    # getXferTelemetry probe, and notes the poll (which loads were still in flight).
+    def _pop_done_transfers(self, *args, **kwargs):
+        transfers = args[0] if args else kwargs.get("transfers")
+        if not transfers or transfers is not getattr(self, "_recving_transfers", None):
+            return wrapped(self, *args, **kwargs)
+        owners = _HANDLE_OWNER
+        try:
+            for rid, handles in transfers.items():
+                for h in handles:
+                    owners[h] = rid
+        except Exception:
+            _hook_failed("NixlConnectorWorker._pop_done_transfers")
+        try:
+            return wrapped(self, *args, **kwargs)
+        finally:
+            try:
+                owners.clear()
+                _EMIT((XFER_POLL, time_ns(), tuple(transfers)))
+            except Exception:
+                _hook_failed("NixlConnectorWorker._pop_done_transfers")
+    return _pop_done_transfers
+
+
+def nixl_get_xfer_telemetry(wrapped: Callable[..., Any]) -> Probe:
+    # nixl_agent.get_xfer_telemetry: vLLM asks once per finished handle; the probe keeps a
+    # copy for the handle's request (known only inside the poll above).
+    def get_xfer_telemetry(self, *args, **kwargs):
+        out = wrapped(self, *args, **kwargs)
+        try:
+            rid = _HANDLE_OWNER.get(args[0] if args else kwargs.get("handle"))
+            if rid is not None and out is not None:
+                _EMIT((XFER_TELEMETRY, rid, time_ns(), monotonic_ns(), int(out.startTime),
+                       int(out.postDuration), int(out.xferDuration), int(out.totalBytes),
+                       int(out.descCount)))
+        except Exception:
+            _hook_failed("nixl_agent.get_xfer_telemetry")
+        return out
+    return get_xfer_telemetry
 
 
 def nixl_handshake(wrapped: Callable[..., Any]) -> Probe:

@@ -102,6 +102,15 @@ class VllmInstrumentor:
             Target(NIXL_WORKER, "NixlBaseConnectorWorker._nixl_handshake", hooks.nixl_handshake),
             Target(NIXL_WORKER, "NixlBaseConnectorWorker._reap_expired_send_leases",
                    hooks.nixl_reap_expired_send_leases),
+            # The transfer split: which request each finished NIXL handle belongs to, and
+            # NIXL's own telemetry of it (post, transfer durations).
+            Target(NIXL_WORKER, "NixlBaseConnectorWorker._pop_done_transfers",
+                   hooks.nixl_pop_done_transfers),
+            # nixl is a meta package: nixl._api is nixl_cu12._api / nixl_cu13._api (an
+            # alias in sys.modules, which fires no import hook of its own) or nixl_rocm's.
+            *(Target(f"{pkg}._api", "nixl_agent.get_xfer_telemetry",
+                     hooks.nixl_get_xfer_telemetry)
+              for pkg in ("nixl", "nixl_cu12", "nixl_cu13", "nixl_rocm")),
             # The API-server process: HTTP intake, hand-off to the EngineCore, first output.
             Target("fastapi.applications", "FastAPI.build_middleware_stack",
                    api_hooks.starlette_build_middleware_stack),

@@ -14,13 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvprof import semconv
-from kvprof.errors import UsageError
+from kvprof.errors import EXIT_RESOURCE_ABSENT, KvprofError, UsageError
 from kvprof.probes import drain
 from kvprof.probes.config import ENV_STATS_DIR, EXPORTERS
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "bootstrap"
+
+
+class ProbesNotLoadedError(KvprofError):
+    """The command ran, but kvprof's probes could not load in it (no kvprof in its Python)."""
+
+    exit_code = EXIT_RESOURCE_ABSENT
 ROLES = ("prefill", "decode", "auto")
 
 
@@ -118,11 +124,36 @@ def run_with_probes(command: list[str], exporter: str, endpoint: str | None, out
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+        probes_not_loaded(stats_dir)
         sys.stderr.write(summarize(stats_dir, exporter, output, endpoint) + "\n")
         for line in crash_lines(stats_dir, child.pid, rc, stopping[0] if stopping else None):
             sys.stderr.write(line + "\n")
     # A child killed by a signal exits like a shell reports it: 128 + signal number.
     return 128 - rc if rc < 0 else rc
+
+
+def probes_not_loaded(stats_dir: str) -> None:
+    """Fail loudly when the probes could not load in the command's Python and no process was
+    probed (its spans would silently be missing); warn when only some processes missed them."""
+    failed = []
+    for path in sorted(Path(stats_dir).glob("load-failed-*.txt")):
+        try:
+            exe, why = (path.read_text(encoding="utf-8").splitlines() + ["", ""])[:2]
+        except OSError:
+            continue
+        failed.append((path.stem.removeprefix("load-failed-"), exe, why))
+    if not failed:
+        return
+    probed = list(Path(stats_dir).glob("[0-9]*.json"))
+    pid, exe, why = failed[0]
+    if probed:
+        for pid, exe, why in failed:
+            sys.stderr.write(f"kvprof: warning: no probes in pid {pid} ({exe}): {why}\n")
+        return
+    raise ProbesNotLoadedError(
+        f"the probes could not load in {exe or 'the command'} ({why}): nothing was probed",
+        hint=f"Run the command with the Python kvprof is installed in: "
+        f"kvprof attach -- {sys.executable} ... (or activate that venv first).")
 
 
 def drain_before_stop(stats_dir: str, child: subprocess.Popen,
@@ -183,9 +214,15 @@ def run_attach_command(command: list[str], exporter: str, endpoint: str | None, 
         if command:
             raise UsageError("--pid and a command after -- exclude each other",
                              hint="Sample a running process with --pid, or launch one after --.")
-        if duration <= 0 or rate <= 0:
-            raise UsageError("--duration and --rate must be positive")
+        from kvprof.inputs import option_number
+
+        option_number(pid, "--pid", minimum=1, strict=False)
+        option_number(duration, "--duration", maximum=86400)  # nan would pass `<= 0`
+        option_number(rate, "--rate", maximum=10_000)
+        from kvprof.outputs import make_dir
         from kvprof.probes.pyspy import sample_process
+
+        make_dir(output, "--output")
 
         return sample_process(pid, duration=duration, rate=rate, output=output)
     if command and command[0] == "--":
@@ -194,4 +231,8 @@ def run_attach_command(command: list[str], exporter: str, endpoint: str | None, 
         raise UsageError("no command to run",
                          hint="kvprof attach [OPTIONS] -- python -m vllm.entrypoints.openai."
                          "api_server --model M   (or --pid PID to sample a running worker)")
+    if exporter == "file":
+        from kvprof.outputs import make_dir
+
+        make_dir(output, "--output")  # the probes in the children could only log it
     return run_with_probes(command, exporter, endpoint, output, service_name, role)

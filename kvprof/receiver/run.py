@@ -94,7 +94,13 @@ def run_receive_command(
                          hint="raise --max-queue-bytes or lower --max-payload-bytes")
     if duration is not None and duration < 0:
         raise UsageError(f"--duration must be >= 0, got {duration}", hint="e.g. --duration 60")
+    from kvprof.inputs import option_number
+    from kvprof.outputs import check_output
+
+    option_number(duration, "--duration", strict=False)  # nan would wait forever
+    check_output(output, "--output", want="dir")  # a file, a path under one, read-only
     if ready_file is not None:
+        check_output(ready_file, "--ready-file")
         ready_file.unlink(missing_ok=True)  # a stale one would hand a script the old ports
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -167,6 +173,13 @@ def run_receive_command(
     if json_out:
         sys.stdout.write(json.dumps(summary) + "\n")
         sys.stdout.flush()
+    if stats.spans_lost:
+        from kvprof.errors import KvprofError
+
+        raise KvprofError(
+            f"{stats.spans_lost} received span(s) could not be written under {output} "
+            f"({writer.last_error or 'write error'}); the senders were told to retry",
+            hint="Free space on that filesystem (df -h) or pass another --output.")
     return summary
 
 

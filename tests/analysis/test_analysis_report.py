@@ -18,7 +18,7 @@ def report_json(golden, tmp_path_factory):
                    "--vllm-log", FIXTURES / "kv_transfer_log_lines.txt",
                    "--out", out, "--json")
     assert r.returncode == 0, r.stderr
-    assert "24 requests" in r.stderr and "top cause prefill.compute" in r.stderr
+    assert "24 requests" in r.stderr and "top cause: prefill compute (" in r.stderr
     return json.loads(out.read_text())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,23 +140,40 @@ def test_sigkill_leaves_no_partial_file_under_final_name(tmp_path):
         assert len(read_samples(final)) > 0  # every final-named file is whole
 
 
-def test_unwritable_output_keeps_serving(tmp_path):
+def test_unwritable_output_fails_at_start(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    proc, base = _start(tmp_path, "--output", str(blocker / "samples"), "--rotate", "3600")
+    r = subprocess.run([sys.executable, "-m", "kvprof", "collect", "--listen", "", "--no-nvml",
+                        "--output", str(blocker / "samples"), "--duration", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and str(blocker) in errors[0] and "is a file" in errors[0]
+    assert "Hint:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_lost_mid_run_keeps_serving_then_exits_nonzero(tmp_path):
+    out = tmp_path / "samples"
+    proc, base = _start(tmp_path, "--output", str(out), "--rotate", "3600")
     try:
         lines = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
         reader.start()
-        _wait_for(lambda: any("Error: cannot write Parquet file" in x for x in lines))
+        shutil.rmtree(out)
+        out.write_text("a file where the folder was")
+        time.sleep(1)
         body = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-        assert "kvprof_ib_port_xmit_bytes_total" in body
+        assert "kvprof_ib_port_xmit_bytes_total" in body  # still serving
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 1  # files asked for were not written
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert any("cannot write Parquet file" in x for x in lines), lines
+    errors = [x for x in lines if x.startswith("Error:")]
+    assert len(errors) == 1 and "could not be written" in errors[0], lines
     assert any(x.startswith("Hint:") for x in lines)
 
 

@@ -11,7 +11,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,9 +28,11 @@ BLOCK_SIZE = 32
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Outside the ephemeral range: no outgoing connection can take it before the engine binds
+    it (a UCX loopback socket once took a side-channel port that way)."""
+    from kvprof.ports import free_port as outside_ephemeral
+
+    return outside_ephemeral("127.0.0.1")
 
 
 def engine_env(core: int, side_port: int | None = None,

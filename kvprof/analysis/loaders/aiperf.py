@@ -68,7 +68,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,8 +152,20 @@ class AiperfSummary(dict):
         self.recomputed = recomputed
 
 
+class _BadMetric(ValueError):
+    """A record's metric value that is not a number (a string, an object)."""
+
+    def __init__(self, key: str, value: Any):
+        super().__init__(f"{key} is {json.dumps(value, default=str)[:40]}, expected a number")
+
+
 def _to_ms(value: Any, unit: str | None, key: str) -> float:
-    v = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _BadMetric(key, value) from None
+    if isinstance(value, str) and not math.isfinite(v):  # "NaN", "inf": text, not a time
+        raise _BadMetric(key, value)
     if unit:
         factor = _unit_factor(unit)
         return v * factor if factor is not None else v
@@ -211,7 +223,18 @@ def _column_values(metrics: dict, found: dict[str, str]) -> list[float]:
     (``found``) and each unit's factor once per process (``_FACTORS``).
     """
     out = []
+    # The metrics a record lacks depend only on its keys (the alias search finds nothing
+    # whatever ``found`` holds): looked up once per key set, not once per record.
+    sig = tuple(metrics)
+    absent = _ABSENT.get(sig)
+    if absent is None:
+        absent = frozenset(n for n in _COLUMN_METRICS if _find_key(metrics, n) is None)
+        if len(_ABSENT) < 4096:  # bounded: records of odd, varying schemas stay correct
+            _ABSENT[sig] = absent
     for name in _COLUMN_METRICS:
+        if name in absent:
+            out.append(math.nan)
+            continue
         key = found.get(name)
         m = metrics.get(key, _MISSING) if key is not None else _MISSING
         if m is _MISSING:
@@ -232,6 +255,7 @@ def _column_values(metrics: dict, found: dict[str, str]) -> list[float]:
 
 
 _FACTORS: dict[Any, float | None] = {}
+_ABSENT: dict[tuple, frozenset] = {}  # a record's metric keys -> column metrics it lacks
 
 
 def _json_loads():
@@ -352,6 +376,7 @@ class _RecordsFile:
     errors: int
     schema: str
     collected: _Collected | None
+    range_notes: list[str] = field(default_factory=list)
 
 
 def _read_records(path: Path, collect: bool = False) -> _RecordsFile:
@@ -366,6 +391,7 @@ def _read_records(path: Path, collect: bool = False) -> _RecordsFile:
     n_bad = n_lines = n_errors = 0
     short_schema = long_schema = False
     collected = _Collected() if collect else None
+    nonstandard: list[tuple[int, list[str]]] = []  # lines with NaN / Infinity, and where
     loads = _json_loads()
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -378,7 +404,9 @@ def _read_records(path: Path, collect: bool = False) -> _RecordsFile:
             except ValueError:
                 try:  # orjson refuses what the stdlib takes (NaN, huge ints): ask it too
                     doc = json.loads(line)
-                except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                    if b"NaN" in line or b"Infinity" in line:
+                        nonstandard.append((lineno, _non_finite_metrics(doc)))
+                except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
                     doc = None
                     why = (f"{path} line {lineno} is truncated (the file ends mid-record)"
                            if not line.endswith(b"\n") else f"{path} line {lineno} is not JSON")
@@ -394,8 +422,12 @@ def _read_records(path: Path, collect: bool = False) -> _RecordsFile:
                 if err is None:
                     err = meta.get("error")  # how aiperf's 0.1 docs drew it
                 is_error = bool(err)
-                values = _column_values(metrics, seen)
-                if not is_error and math.isnan(values[0]) and math.isnan(values[2]):
+                try:
+                    values = _column_values(metrics, seen)
+                except _BadMetric as exc:
+                    values = [math.nan] * len(_COLUMN_METRICS)
+                    why = f"{path} line {lineno}: {exc}"
+                if why is None and not is_error and math.isnan(values[0]) and math.isnan(values[2]):
                     keys = ", ".join(list(metrics)[:8])
                     why = (f"{path} line {lineno}: unknown aiperf record schema (metrics: "
                            f"{keys}); expected time_to_first_token (aiperf 1.x) or ttft (0.x)")
@@ -433,6 +465,7 @@ def _read_records(path: Path, collect: bool = False) -> _RecordsFile:
     start_ns = np.asarray(columns[1], dtype=np.int64)
     floats = {name: np.asarray(columns[i], dtype=np.float64)
               for i, (name, _) in enumerate(_FLOAT_COLUMNS, start=7)}
+    range_notes = _blank_out_of_range(floats, path, nonstandard)
     ttft = floats["ttft_ms"]
     has_ttft = np.isfinite(ttft)
     first = start_ns + np.rint(np.where(has_ttft, ttft, 0.0) * 1e6).astype(np.int64)
@@ -454,7 +487,49 @@ def _read_records(path: Path, collect: bool = False) -> _RecordsFile:
     schema = ("aiperf 0.1.x (timestamp_ns, ttft)" if short_schema and not long_schema
               else "aiperf 1.x (request_start_ns, time_to_first_token)")
     return _RecordsFile(frame=frame, lines=n_lines, bad=n_bad, bad_shown=bad_shown,
-                        errors=n_errors, schema=schema, collected=collected)
+                        errors=n_errors, schema=schema, collected=collected,
+                        range_notes=range_notes)
+
+
+# A time above this is no request's (11.6 days); 1e300 ms would be printed as a result.
+_MAX_MS = 1e9
+
+
+def _non_finite_metrics(doc: Any) -> list[str]:
+    """The metrics of a record whose value is NaN or infinite (for the warning)."""
+    metrics = doc.get("metrics") if isinstance(doc, dict) else None
+    out = []
+    for key, m in (metrics.items() if isinstance(metrics, dict) else ()):
+        v = m.get("value") if isinstance(m, dict) else m
+        if isinstance(v, float) and not math.isfinite(v):
+            out.append(key)
+    return out
+
+
+def _blank_out_of_range(floats: dict[str, np.ndarray], path: Path,
+                        nonstandard: list[tuple[int, list[str]]]) -> list[str]:
+    """Blank (NaN) the times that are infinite, negative or absurd; a note per metric."""
+    import numpy as np
+
+    notes = []
+    names = dict(_FLOAT_COLUMNS)
+    for col, arr in floats.items():
+        if col == "http_req_connection_reused":
+            continue
+        limit = _MAX_MS if col.endswith("_ms") else 1e12
+        with np.errstate(invalid="ignore"):
+            bad = np.isinf(arr) | (arr < 0) | (arr > limit)
+        if bad.any():
+            notes.append(f"{path}: {int(bad.sum())} {names.get(col, col)} value(s) out of range "
+                         f"(first: {arr[bad][0]:g}; expected 0 to {limit:g}) were left out")
+            arr[bad] = np.nan
+    if nonstandard:
+        line, where = nonstandard[0]
+        notes.append(f"{path} line {line}" + (f" ({', '.join(where[:3])})" if where else "")
+                     + (f" and {len(nonstandard) - 1} more line(s)" if len(nonstandard) > 1
+                        else "")
+                     + ": NaN or Infinity is not a JSON number; those values were left out")
+    return notes
 
 
 def _nullable_ns(values: tuple) -> pd.api.extensions.ExtensionArray:
@@ -486,7 +561,7 @@ def _file_notes(f: _RecordsFile, path: Path) -> list[str]:
     if f.errors:
         notes.append(f"{path}: {f.errors} error records flagged (error=True); their TTFT is "
                      "not used.")
-    return notes
+    return notes + f.range_notes
 
 
 def load_aiperf_records(source: str | Path) -> pd.DataFrame:
@@ -516,6 +591,8 @@ def load_aiperf_records(source: str | Path) -> pd.DataFrame:
         if r.bad:  # error records are normal (cancellation runs); skipped lines are not
             log.warning("%s: %d of %d lines skipped; first: %s", f, r.bad, r.lines,
                         r.bad_shown[0])
+        for note in r.range_notes:
+            log.warning("%s", note)
     frame.attrs = {"files": [str(f) for f, _ in files], "records": int(len(frame)),
                    "error_records": sum(r.errors for _, r in files),
                    "bad_lines": sum(r.bad for _, r in files),
@@ -549,9 +626,18 @@ def _summary_only(path: Path) -> pd.DataFrame:
 def _normalise_summary(doc: dict, where: str, kind: str) -> AiperfSummary:
     out: dict[str, dict[str, float]] = {}
     units: dict[str, str] = {}
+    bad: list[str] = []
     for key, m in doc.items():
+        if not isinstance(m, dict) and key in _CANONICAL:
+            bad.append(f"{key} is {json.dumps(m, default=str)[:30]}, expected an object")
+            continue
         if not isinstance(m, dict) or key in ("input_config", "telemetry_data", "run_info"):
             continue
+        for k, v in list(m.items()):
+            limit = _MAX_TIMESTAMP if key.endswith("_timestamp") else _MAX_SUMMARY
+            if _is_stat_value(v) and not (math.isfinite(v) and 0 <= v <= limit):
+                bad.append(f"{key}.{k} is {v!r}")
+                m = {**m, k: None}  # left out, not printed as a result
         stats = {k: v for k, v in m.items() if k not in ("unit", "tag", "header")}
         if not any(_is_stat_value(v) for v in stats.values()):
             continue
@@ -566,11 +652,23 @@ def _normalise_summary(doc: dict, where: str, kind: str) -> AiperfSummary:
             for k, v in stats.items() if _is_stat_value(v)
         }
         units[name] = "ms" if timed else (unit or "")
+    notes = []
+    if bad:
+        notes.append(f"{where}: left out {len(bad)} value(s) of the wrong type or out of range "
+                     f"(NaN, infinite, negative or absurd): {'; '.join(bad[:4])}")
+        log.warning("%s", notes[-1])
     if "time_to_first_token" not in out and "request_latency" not in out:
         keys = ", ".join(list(doc)[:8])
         raise BadInputError(f"{where}: unknown aiperf summary schema (keys: {keys})",
                             hint="Expected time_to_first_token/ttft and request_latency. " + HINT)
-    return AiperfSummary(out, source=where, kind=kind, units=units)
+    return AiperfSummary(out, source=where, kind=kind, units=units, notes=notes)
+
+
+# No summary statistic (ms, tokens, tokens/s, counts) of a real run comes near this.
+_MAX_SUMMARY = 1e12
+# Wall-clock timestamps (min_request_timestamp, max_response_timestamp) are ns since the epoch,
+# ~1.8e18 today; 1e20 is the year 5138.
+_MAX_TIMESTAMP = 1e20
 
 
 def _csv_key(label: str) -> tuple[str, str | None]:
@@ -782,7 +880,9 @@ def concurrency_of(run_dir: Path, summary_path: Path | None = None) -> int | Non
     """The concurrency of one run folder: c100 / concurrency_100 / its input_config."""
     match = re.search(r"(?:^|[_-])c(?:oncurrency)?[_-]?(\d+)$", run_dir.name)
     if match:
-        return int(match.group(1))
+        # c0 or c99999...: no run has that many (or no) requests in flight.
+        n = int(match.group(1))
+        return n if 0 < n <= MAX_CONCURRENCY else None
     if summary_path and summary_path.suffix == ".json":
         try:
             doc = json.loads(summary_path.read_text())
@@ -790,10 +890,23 @@ def concurrency_of(run_dir: Path, summary_path: Path | None = None) -> int | Non
             # schema 1.x keeps it per phase; 0.1.x under loadgen.
             for phase in cfg.get("phases") or ():
                 if phase.get("kind", "profiling") == "profiling" and phase.get("concurrency"):
-                    return int(phase["concurrency"])
+                    return _concurrency(phase["concurrency"])
             loadgen = cfg.get("loadgen") or {}
             if loadgen.get("concurrency"):
-                return int(loadgen["concurrency"])
-        except (json.JSONDecodeError, OSError, ValueError, AttributeError, TypeError):
+                return _concurrency(loadgen["concurrency"])
+        except (json.JSONDecodeError, OSError, ValueError, AttributeError, TypeError,
+                OverflowError, RecursionError):
             return None
     return None
+
+
+MAX_CONCURRENCY = 1_000_000
+
+
+def _concurrency(value: Any) -> int | None:
+    """A concurrency from a config: a whole number from 1 to MAX_CONCURRENCY, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (math.isfinite(value) and value == int(value) and 0 < value <= MAX_CONCURRENCY):
+        return None
+    return int(value)

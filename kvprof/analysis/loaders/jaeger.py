@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -244,6 +245,9 @@ def fetch_jaeger(
 ) -> dict:
     """GET the traces of one service from a Jaeger query endpoint (``/api/traces``)."""
     base = url.rstrip("/")
+    if not re.fullmatch(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h|d|w))+", lookback.strip()):
+        raise UsageError(f"--lookback {lookback!r} is not a duration",
+                         hint="e.g. --lookback 1h, 30m or 2d (a number and a unit).")
     if not service:
         services = _get_json(f"{base}/api/services", timeout).get("data") or []
         raise UsageError(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvprof.errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 HINT = "Pass the file `kvprof microbench --json FILE` wrote."
 
@@ -66,14 +69,18 @@ class ShouldCost:
 
 
 def load_microbench(path: str | Path) -> ShouldCost:
-    """Parse the microbench JSON tolerantly (unknown extra keys are ignored)."""
+    """Parse the microbench JSON tolerantly (unknown extra keys are ignored).
+
+    Values of the wrong type or out of range (NaN, infinities, negative, absurd) are left out
+    with a warning naming the file and the field; a file with no usable step is an error.
+    """
+    from kvprof.inputs import load_json_file, path_problem
+
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8", errors="replace"))
-    except FileNotFoundError:
-        raise BadInputError(f"microbench file not found: {p}", hint=HINT) from None
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{p} is not JSON (line {exc.lineno}: {exc.msg})", hint=HINT) from None
+    if path_problem(p) == "not found":
+        raise BadInputError(f"microbench file not found: {p}", hint=HINT)
+    doc = load_json_file(p, "microbench file", "`kvprof microbench --json FILE` output")
+    bad: list[str] = []
     steps_raw = doc.get("steps") if isinstance(doc, dict) else None
     if isinstance(steps_raw, list):  # a list of {"name": ..., "median_ms": ...} also counts
         steps_raw = {s.get("name", f"step{i}"): s for i, s in enumerate(steps_raw)
@@ -82,18 +89,59 @@ def load_microbench(path: str | Path) -> ShouldCost:
         raise BadInputError(f"{p} has no \"steps\" object of microbench results", hint=HINT)
     steps: dict[str, dict[str, float]] = {}
     for name, stats in steps_raw.items():
-        if isinstance(stats, dict) and isinstance(stats.get("median_ms"), (int, float)):
-            steps[str(name)] = {k: float(v) for k, v in stats.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not isinstance(stats, dict):
+            bad.append(f"steps.{name} is {_show(stats)}, expected an object")
+            continue
+        values = {}
+        for k, v in stats.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not _plausible(v):
+                bad.append(f"steps.{name}.{k} is {_show(v)}")
+                continue
+            values[k] = float(v)
+        if "median_ms" in values:
+            steps[str(name)] = values
     if not steps:
-        raise BadInputError(f"{p}: no step carries median_ms", hint=HINT)
+        raise BadInputError(f"{p}: no step carries a usable median_ms"
+                            + (f" ({'; '.join(bad[:3])})" if bad else ""), hint=HINT)
     # A "total" step, when the microbench reports one, already is the end-to-end cost.
     total = steps.get("total", {}).get("median_ms")
     if total is None:
         total = sum(s["median_ms"] for s in steps.values())
-    geometry = doc.get("geometry") or {}
+    geometry = doc.get("geometry")
+    if geometry is not None and not isinstance(geometry, dict):
+        bad.append(f"geometry is {_show(geometry)}, expected an object")
     kv_bytes = geometry.get("total_bytes") if isinstance(geometry, dict) else None
+    if kv_bytes is not None and (isinstance(kv_bytes, bool) or not isinstance(
+            kv_bytes, (int, float)) or not _plausible(kv_bytes)):
+        bad.append(f"geometry.total_bytes is {_show(kv_bytes)}")
+        kv_bytes = None
+    environment = doc.get("environment") or {}
+    if not isinstance(environment, dict):
+        bad.append(f"environment is {_show(environment)}, expected an object")
+        environment = {}
+    links = doc.get("links") or []
+    if not isinstance(links, list) or not all(isinstance(x, dict) for x in links):
+        bad.append(f"links is {_show(links)}, expected a list of objects")
+        links = []
+    if bad:
+        log.warning("%s: left out %d value(s) of the wrong type or out of range: %s", p,
+                    len(bad), "; ".join(bad[:5]))
     return ShouldCost(
         steps=steps, total_ms=float(total) if not math.isnan(total) else math.nan,
         kv_bytes=float(kv_bytes) if kv_bytes else None,
-        environment=doc.get("environment") or {}, links=doc.get("links") or [], source=str(p))
+        environment=environment, links=links, source=str(p))
+
+
+# No microbench figure (ms, bytes, GB/s, %) comes near this; 1e300 would print as a result.
+_MAX_VALUE = 1e15
+
+
+def _plausible(v: float) -> bool:
+    return math.isfinite(v) and 0 <= v <= _MAX_VALUE
+
+
+def _show(v: Any) -> str:
+    text = repr(v) if isinstance(v, float) else json.dumps(v, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."

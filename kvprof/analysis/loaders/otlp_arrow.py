@@ -167,7 +167,10 @@ def read_otlp_jsonl(path: Path, problems: SpanProblems | None = None) -> pa.Tabl
 
     try:
         return _read(path, problems)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError,
+            AttributeError, TypeError, IndexError) as exc:
+        # A field of the wrong JSON type gives Arrow a type flatten_otlp does not expect
+        # (a list where a struct goes): the stdlib reader names the bad spans (issue 21).
         log.debug("arrow path failed for %s (%s); using the stdlib reader", path, exc)
         return None
 

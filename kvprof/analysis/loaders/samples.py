@@ -52,6 +52,7 @@ def sample_files(path: Path) -> list[Path]:
 
 
 def _read_one(path: Path) -> pd.DataFrame:
+    import numpy as np
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -65,6 +66,10 @@ def _read_one(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"missing columns {', '.join(missing)}; expected "
                          + ", ".join(SAMPLE_COLUMNS))
+    wrong = [f"{c} is {table.schema.field(c).type}, expected {_EXPECTED[c][0]}"
+             for c in SAMPLE_COLUMNS if not _EXPECTED[c][1](table.schema.field(c).type)]
+    if wrong:
+        raise ValueError("wrong column type: " + "; ".join(wrong))
     df = table.select(list(SAMPLE_COLUMNS)).to_pandas()
     if pd.api.types.is_datetime64_any_dtype(df["ts"]):
         ts = df["ts"]
@@ -74,16 +79,54 @@ def _read_one(path: Path) -> pd.DataFrame:
     df["ts"] = pd.to_numeric(df["ts"], errors="coerce").astype("float64")
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
     df["labels"] = df["labels"].fillna("{}").astype(str)
+    bad = ~np.isfinite(df["ts"]) | np.isinf(df["value"])
+    if bad.any():
+        log.warning("%s: left out %d sample row(s) with a timestamp that is not a number or an "
+                    "infinite value", path, int(bad.sum()))
+        df = df[~bad]
     return df
+
+
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_number(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _is_time(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_timestamp(t) or _is_number(t)
+
+
+# What each column of the collectors' Parquet must hold (kvprof/collectors/parquet_schema.py).
+_EXPECTED = {"ts": ("a timestamp or seconds", _is_time), "node": ("text", _is_text),
+             "collector": ("text", _is_text), "entity": ("text", _is_text),
+             "metric": ("text", _is_text), "value": ("a number", _is_number),
+             "labels": ("JSON text", _is_text)}
 
 
 def load_samples(source: str | Path) -> SampleLoad:
     """Every readable sample under a directory (or one file); unreadable files are listed."""
     import pandas as pd
 
+    from kvprof.inputs import path_problem
+
     path = Path(source)
-    if not path.exists():
+    why = path_problem(path, "any")
+    if why == "not found":
         raise BadInputError(f"samples path not found: {path}",
+                            hint="Pass the collectors' --output directory of *.parquet files.")
+    if why:
+        raise BadInputError(f"samples path {path}: {why}",
                             hint="Pass the collectors' --output directory of *.parquet files.")
     paths = sample_files(path) if path.is_dir() else [path]
     if not paths:

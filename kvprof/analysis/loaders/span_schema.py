@@ -15,7 +15,8 @@ pid                float64   resource process.pid (NaN when absent)
 role, request_id, remote_request_id, engine_id, remote_engine_id, remote_host, connector,
 kv_path, pod, namespace, node, gpu_uuid
                    str/cat   the kvprof.* / kv.* / k8s.* attributes (span first, then resource)
-kv_bytes, kv_blocks, kv_descriptors, prompt_tokens
+kv_bytes, kv_blocks, kv_descriptors, prompt_tokens, dynamo_ttft_ms, vllm_ttft_s,
+vllm_queue_s, vllm_prefill_s, busy_ns, idle_ns
                    float64   numeric attributes (NaN when absent)
 clock              category  the clock domain: node, else host, else service
 source             category  file the span came from
@@ -54,15 +55,26 @@ ATTR_COLUMNS: dict[str, str] = {
     "request_id": "foreign_request_id",  # Dynamo's own id (vLLM's request id in its workers)
     "gen_ai.request.id": "foreign_request_id",  # vLLM's llm_request span
     sc.ATTR_DYNAMO_TTFT_MS: "dynamo_ttft_ms",
+    sc.ATTR_VLLM_TTFT_S: "vllm_ttft_s",
+    sc.ATTR_VLLM_QUEUE_S: "vllm_queue_s",
+    sc.ATTR_VLLM_PREFILL_S: "vllm_prefill_s",
+    sc.ATTR_DYNAMO_BUSY_NS: "busy_ns",
+    sc.ATTR_DYNAMO_IDLE_NS: "idle_ns",
     "component": "component",  # Dynamo worker component (prefill / backend)
     sc.ATTR_FAILURE: "failure",
     sc.ATTR_HTTP_STATUS: "http_status",
     sc.RES_SERVICE_NAME: "service",
     sc.RES_HOST_NAME: "host",
     sc.RES_PROCESS_PID: "pid",
+    sc.ATTR_NIXL_POLL_GAP_MS: "nixl_poll_gap_ms",
+    # vllm.engine.step's batch (kvprof.analysis.loaders.steps): columns step_<attribute>.
+    **{sc.STEP_ATTR_PREFIX + a: "step_" + a for a in sc.STEP_ATTRS},
 }
+# (issue 19) the engine-step columns and the transfer split's poll gap.
+STEP_NUMERIC = tuple("step_" + a for a in sc.STEP_ATTRS if a != "request_ids")
 NUMERIC_COLUMNS = ("kv_bytes", "kv_blocks", "kv_descriptors", "prompt_tokens", "pid",
-                   "dynamo_ttft_ms", "http_status")
+                   "dynamo_ttft_ms", "http_status", "vllm_ttft_s", "vllm_queue_s",
+                   "vllm_prefill_s", "busy_ns", "idle_ns", "nixl_poll_gap_ms", *STEP_NUMERIC)
 CATEGORY_COLUMNS = ("name", "service", "host", "clock", "source", "role", "node", "connector",
                     "kv_path", "namespace", "engine_id", "remote_engine_id", "pod",
                     "remote_host", "gpu_uuid", "component", "failure")

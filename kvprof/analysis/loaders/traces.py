@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvprof import semconv as sc
+from kvprof.analysis.loaders.dedup import drop_duplicate_spans
 from kvprof.analysis.loaders.jaeger import fetch_jaeger, is_jaeger_document, jaeger_to_records
 from kvprof.analysis.loaders.otlp import (
     MAX_UNIX_NANOS,
@@ -30,6 +31,7 @@ from kvprof.analysis.loaders.span_schema import (
     finalize_spans,
 )
 from kvprof.errors import BadInputError
+from kvprof.inputs import path_problem
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -327,7 +329,7 @@ def _load_file(path: Path, cols: _Columns, formats: set[str],
         problems.append("not text (binary file?)")
     except OSError as exc:
         problems.append(f"cannot read: {exc.strerror}")
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         problems.append(f"malformed span data ({type(exc).__name__}: {exc})")
     cols.mark_source(first, path.name)
     return problems
@@ -393,14 +395,17 @@ def load_spans(source: str | Path, service: str | None = None, lookback: str = "
         files.append(text)
     else:
         path = Path(source)
-        if not path.exists():
-            raise BadInputError(f"trace path not found: {path}",
+        why_path = path_problem(path, "any")
+        if why_path:
+            raise BadInputError(f"trace path {path}: {why_path}",
                                 hint="Pass a trace file, a directory of *.jsonl/*.json, or a "
                                 "Jaeger URL (http://HOST:16686 --service NAME).")
         paths = trace_files(path) if path.is_dir() else [path]
         if not paths:
             raise BadInputError(f"no trace files (*.json, *.jsonl) in {path}",
                                 hint="Point --traces at the probes' output directory.")
+        paths, too_deep = _without_deep(paths)  # before Arrow, which crashes on them
+        skipped += too_deep
         for p, fast in zip(paths, _read_arrow_all(paths), strict=True):
             if fast is not None:
                 # Arrow read the file: its table (maybe empty) and bad spans are the answer.
@@ -428,8 +433,13 @@ def load_spans(source: str | Path, service: str | None = None, lookback: str = "
                 f"no spans could be read from {path}" + (f" ({detail})" if detail else ""),
                 hint=SPAN_HINT if any_spans else f"Expected {EXPECTED}.",
             )
+    from kvprof.analysis.loaders.dynamo_records import holds_records
+
     for f, why in skipped:
-        log.warning("skipped %s: %s", f, why)
+        if holds_records(f):  # NVIDIA Dynamo's request_end records: the report reads them
+            log.info("%s: NVIDIA Dynamo request_end records, not spans", f)
+        else:
+            log.warning("skipped %s: %s", f, why)
     for f, spans in per_file:
         if spans.parents_dropped:
             log.warning("%s: %s", f, spans.parent_text())
@@ -441,10 +451,25 @@ def load_spans(source: str | Path, service: str | None = None, lookback: str = "
     if len(cols):
         frames.append(cols.frame())
     spans_df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    return SpanLoad(spans=finalize_spans(spans_df), files=files, skipped=skipped,
+    spans_df, dup_note = drop_duplicate_spans(finalize_spans(spans_df))
+    return SpanLoad(spans=spans_df, files=files, skipped=skipped,
                     formats=formats, spans_skipped=sum(sp.skipped for _, sp in per_file),
                     parents_dropped=sum(sp.parents_dropped for _, sp in per_file),
-                    notes=_span_notes(per_file))
+                    notes=_span_notes(per_file) + ([dup_note] if dup_note else []))
+
+
+def _without_deep(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files a JSON parser can read safely, and (file, why) for those nested too deeply."""
+    from kvprof.inputs import nesting_problem
+
+    keep, deep = [], []
+    for p in paths:
+        why = nesting_problem(p)
+        if why:
+            deep.append((str(p), why))
+        else:
+            keep.append(p)
+    return keep, deep
 
 
 def _read_arrow_all(paths: list[Path]) -> list:
@@ -492,11 +517,12 @@ def load_records(source: str | Path) -> tuple[list[dict], list[tuple[str, str]]]
     from kvprof.analysis.loaders.perfetto import is_perfetto_document, perfetto_to_records
 
     path = Path(source)
-    if not path.exists():
-        raise BadInputError(f"trace path not found: {path}", hint="Pass a trace file or directory.")
-    paths = trace_files(path) if path.is_dir() else [path]
+    why_path = path_problem(path, "any")
+    if why_path:
+        raise BadInputError(f"trace path {path}: {why_path}",
+                            hint="Pass a trace file or directory.")
+    paths, skipped = _without_deep(trace_files(path) if path.is_dir() else [path])
     records: list[dict] = []
-    skipped: list[tuple[str, str]] = []
     any_spans = False
     for p in paths:
         before = len(records)
@@ -514,7 +540,7 @@ def load_records(source: str | Path) -> tuple[list[dict], list[tuple[str, str]]]
                 else:
                     skipped.append((str(p), f"JSON of another kind; expected {EXPECTED}"))
         except (UnicodeDecodeError, OSError, KeyError, TypeError, ValueError,
-                AttributeError) as exc:
+                AttributeError, RecursionError) as exc:
             del records[before:]
             skipped.append((str(p), f"unreadable ({type(exc).__name__}: {exc})"))
             continue

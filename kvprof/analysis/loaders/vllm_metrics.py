@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvprof.errors import BadInputError
 
+log = logging.getLogger(__name__)
+# No transfer time, size, rate or count of a real run comes near this.
+_MAX_VALUE = 1e15
+
 if TYPE_CHECKING:
     import pandas as pd
 
 _LINE = re.compile(r"KV Transfer metrics:\s*(?P<body>.*)$")
-_FIELD = re.compile(r"\s*(?P<key>[^=,]+?)\s*=\s*(?P<value>[-+0-9.eE]+)")
+_FIELD = re.compile(r"\s*(?P<key>[^=,]+?)\s*=\s*(?P<value>[^,\s]+)")
 # vLLM's labels -> column names (units in the column names).
 _FIELDS = {
     "Num successful transfers": "transfers",
@@ -36,6 +42,9 @@ _LEASE_EXPIRY = re.compile(
 
 
 def _read_log(p: Path) -> str:
+    from kvprof.inputs import check_input
+
+    check_input(p, "vLLM log", hint="Pass a vLLM worker's log file (saved stdout/stderr).")
     try:
         return p.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -66,6 +75,7 @@ def parse_kv_transfer_log(path: str | Path, required: bool = True) -> pd.DataFra
     p = Path(path)
     text = _read_log(p)
     rows = []
+    bad: list[str] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         match = _LINE.search(line)
         if not match:
@@ -74,8 +84,16 @@ def parse_kv_transfer_log(path: str | Path, required: bool = True) -> pd.DataFra
         for field in _FIELD.finditer(match.group("body")):
             col = _FIELDS.get(field.group("key").strip())
             if col:
-                row[col] = float(field.group("value"))
+                value = _plausible(field.group("value"))
+                if value is None:
+                    bad.append(f"line {lineno}: {field.group('key').strip()}="
+                               f"{field.group('value')}")
+                else:
+                    row[col] = value
         rows.append(row)
+    if bad:
+        log.warning("%s: left out %d value(s) that are not numbers in range: %s", p, len(bad),
+                    "; ".join(bad[:3]))
     if not rows and required:
         raise BadInputError(f"{p} holds no \"KV Transfer metrics\" lines",
                             hint="Pass a log of a vLLM decode worker using the NIXL connector.")
@@ -87,22 +105,33 @@ def parse_nixl_prometheus(path: str | Path) -> pd.DataFrame:
     import pandas as pd
     from prometheus_client.parser import text_string_to_metric_families
 
-    p = Path(path)
+    from kvprof.inputs import check_input
+
+    p = check_input(path, "metrics file",
+                    hint="Save a worker's /metrics: curl -s HOST:PORT/metrics")
     try:
         text = p.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise BadInputError(f"cannot read metrics file {p}: {exc.strerror}") from None
     rows = []
+    bad: list[str] = []
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name.startswith(("vllm:nixl_", "vllm_nixl_")):
+                    if _plausible(s.value) is None:
+                        bad.append(f"{s.name}={s.value}")
+                        continue
                     rows.append({"name": s.name, "labels": dict(s.labels), "value": s.value})
     except ValueError as exc:
         raise BadInputError(f"{p} is not Prometheus text format ({exc})",
                             hint="Save a worker's /metrics: curl -s HOST:PORT/metrics") from None
+    if bad:
+        log.warning("%s: left out %d sample(s) that are NaN, infinite, negative or absurd: %s",
+                    p, len(bad), "; ".join(bad[:3]))
     if not rows:
-        raise BadInputError(f"{p} holds no vllm:nixl_* samples",
+        raise BadInputError(f"{p} holds no vllm:nixl_* samples"
+                            + (f" in range ({'; '.join(bad[:3])})" if bad else ""),
                             hint="NIXL metrics appear on decode workers using NixlConnector.")
     return pd.DataFrame(rows, columns=["name", "labels", "value"])
 
@@ -122,3 +151,12 @@ def nixl_summary(samples: pd.DataFrame) -> dict[str, float]:
             "value"].sum().items():
         out[name] = float(value)
     return out
+
+
+def _plausible(text: str | float) -> float | None:
+    """A finite, non-negative, not absurd number, or None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and 0 <= value <= _MAX_VALUE else None

@@ -7,19 +7,21 @@ from typing import TYPE_CHECKING
 
 from kvprof.analysis.breakdown import UNACCOUNTED
 from kvprof.analysis.legs import STAGES
+from kvprof.analysis.views.words import stage_colour, stage_words
 
 if TYPE_CHECKING:
     import pandas as pd
 
-STAGE_COLOURS = {
-    "client": "#aec7e8", "router": "#c5b0d5", "prefill.intake": "#ffbb78",
-    "prefill.queue": "#c7c7c7", "prefill.compute": "#1f77b4", "prefill.response": "#98df8a",
-    "decode.intake": "#ff9896", "kv.wait": "#e377c2", "kv.handshake": "#d62728",
-    "kv.transfer": "#ff7f0e", "kv.copy": "#8c564b", "kv.ready": "#bcbd22",
-    "decode.compute": "#2ca02c", "decode.response": "#17becf",
-    "engine.intake": "#ffbb78", "engine.queue": "#c7c7c7", "engine.compute": "#1f77b4",
-    "engine.response": "#17becf", UNACCOUNTED: "#7f7f7f",
-}
+
+
+def _mpl_colour(colour: str):
+    """A CSS colour matplotlib can read (hsl() of a new stage -> an RGB tuple)."""
+    if not colour.startswith("hsl("):
+        return colour
+    import colorsys
+
+    h, sat, light = (float(x.strip("%")) for x in colour[4:-1].split(","))
+    return colorsys.hls_to_rgb(h / 360, light / 100, sat / 100)
 
 
 def _pyplot():
@@ -42,15 +44,16 @@ def stacked_percentiles(view: list[dict]) -> bytes:
     """Horizontal stacked bars: the stages of the p50 / p90 / p99 TTFT requests."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 0.9 + 0.7 * len(view)))
-    labels = [f"p{v['percentile']} ({v['ttft_ms']:.0f} ms)" for v in view]
+    labels = [f"p{v['percentile']} request ({v['ttft_ms']:.0f} ms)" for v in view]
     for row, v in enumerate(view):
         left = 0.0
-        for stage in (*STAGES, UNACCOUNTED):
+        # Known stages in path order, then any a newer analysis added, unaccounted last.
+        for stage in dict.fromkeys([*STAGES, *v["stages_ms"], UNACCOUNTED]):
             width = v["stages_ms"].get(stage) or 0.0
             if width <= 0:
                 continue
-            name = STAGES.get(stage, stage)
-            ax.barh(row, width, left=left, color=STAGE_COLOURS.get(stage),
+            name = stage_words(stage)
+            ax.barh(row, width, left=left, color=_mpl_colour(stage_colour(stage)),
                     label=name if name not in ax.get_legend_handles_labels()[1] else None,
                     edgecolor="white", linewidth=0.5)
             left += width
@@ -78,7 +81,8 @@ def ttft_by_pair(req: pd.DataFrame) -> bytes:
                   "pairs with equal TTFTs overlap)")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("TTFT per prefill -> decode pair")
-    ax.legend(fontsize=8, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # one file may hold no pair with a TTFT
+        ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     return _png(fig)
 

@@ -8,14 +8,22 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kvprof import semconv as sc
 from kvprof.analysis.breakdown import UNACCOUNTED
-from kvprof.analysis.legs import STAGES
 from kvprof.analysis.pipeline import (  # noqa: F401 (ReportInputs, build_report: re-exported)
     MAX_REQUEST_ROWS,
     Report,
     ReportInputs,
     build_report,
 )
+from kvprof.analysis.views import (
+    capacity_view,
+    causes_view,
+    cpu_waits_view,
+    figures,
+    whatif_view,
+)
+from kvprof.analysis.views.outputs import resolve_output, write_public
 from kvprof.analysis.views.render import (
     NO_DATA,
     esc,
@@ -26,11 +34,12 @@ from kvprof.analysis.views.render import (
     md_table,
     sig,
 )
-from kvprof.errors import UsageError
+from kvprof.analysis.views.words import span_words, stage_words
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("html", "md", "json")
+DEFAULT_OUT = Path("out/report.html")  # its suffix follows --format
 
 
 def _steady_handshake(pair: dict):
@@ -71,20 +80,23 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
     stages = list(dict.fromkeys(k for v in view for k in v["stages_ms"] if k != UNACCOUNTED))
     # Stages as rows, percentiles as columns: stays narrow however long the request ids are.
     dynamo = any(v.get("dynamo_ttft_ms") is not None for v in view)
-    t["percentiles"] = (["", *[f"p{v['percentile']}" for v in view]],
+    # The request AT each percentile (nearest rank), not the percentile of the distribution.
+    t["percentiles"] = (["", *[f"p{v['percentile']} request" for v in view]],
                         [["TTFT ms", *[v["ttft_ms"] for v in view]],
-                         *([["Dynamo frontend's ttft_ms (not stacked)",
+                         *([["Dynamo frontend's own TTFT ms (not stacked)",
                              *[v.get("dynamo_ttft_ms") for v in view]]] if dynamo else []),
-                         *[[p, *[v["stages_ms"].get(p) for v in view]]
+                         *[[f"{stage_words(p)} ms", *[v["stages_ms"].get(p) for v in view]]
                            for p in [*stages, UNACCOUNTED]],
-                         ["kv.hold ms (overlaps, not stacked)", *[v["kv_hold_ms"] for v in view]],
-                         ["pair", *[v["pair"] for v in view]],
+                         [f"{span_words(sc.SPAN_KV_HOLD)} ms (overlaps, not stacked)",
+                          *[v["kv_hold_ms"] for v in view]],
+                         ["prefill -> decode pair", *[v["pair"] for v in view]],
                          ["first contact", *[v["first_contact"] for v in view]],
                          ["TTFT source", *[v["ttft_source"] for v in view]],
                          ["request", *[v["key"] for v in view]]])
     t["legs"] = (["leg (in path order)", "stage", "requests", "mean ms", "p50 ms", "p99 ms",
                   "max ms", "% of mean TTFT"],
-                 [[x["label"], x["stage"], x["count"], x["mean_ms"], x["p50_ms"], x["p99_ms"],
+                 [[x["label"], stage_words(x["stage"]) if x["stage"] == UNACCOUNTED
+                   else x["stage"], x["count"], x["mean_ms"], x["p50_ms"], x["p99_ms"],
                    x["max_ms"], fmt(100 * x["share_of_ttft"]) if x["share_of_ttft"] is not None
                    else None] for x in data["legs"]])
     dyn_levels = any(lv.get("dynamo_ttft_mean_ms") is not None for lv in data["levels"])
@@ -96,10 +108,10 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
                      lv["unaccounted_mean_ms"],
                      fmt(100 * lv["unaccounted_share"]) if lv["unaccounted_share"] is not None
                      else None,
-                     next((f"{STAGES.get(k, k)} ({fmt(v)} ms)" for k, v in lv["stages_ms"].items()
+                     next((f"{stage_words(k)} ({fmt(v)} ms)" for k, v in lv["stages_ms"].items()
                            if k != UNACCOUNTED), None)] for lv in data["levels"]])
-    t["phases"] = (["phase", "requests", "mean ms", "p50 ms", "p99 ms", "max ms"],
-                   [[s["phase"], s["count"], s["mean_ms"], s["p50_ms"], s["p99_ms"],
+    t["phases"] = (["span", "requests", "mean ms", "p50 ms", "p99 ms", "max ms"],
+                   [[span_words(s["phase"]), s["count"], s["mean_ms"], s["p50_ms"], s["p99_ms"],
                      s["max_ms"]] for s in data["phase_stats"]])
     t["pairs"] = (["pair", "requests", "path", "first TTFT ms", "first handshake ms",
                    "steady TTFT ms (median)", "steady handshake ms", "steady transfer ms",
@@ -127,8 +139,9 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
                         for i in skew["pair_intervals"]])
     if "links" in data:
         t["links"] = (["path seen on counters", "transfers", "links", "median ms",
-                       "achieved GB/s (kv.bytes)", "link GB/s (counters)", "link rate GB/s",
-                       "% of rate", "rate from", "kv.path mismatches"],
+                       "achieved GB/s (traced bytes)", "link GB/s (counters)",
+                       "link rate GB/s", "% of rate", "rate from",
+                       "transfers on another link than traced"],
                       [[b["path"], b["transfers"], ", ".join(b["entities"]) or NO_DATA,
                         b["median_transfer_ms"], sig(b["median_achieved_gbps"]),
                         sig(b["median_link_gbps"]), sig(b["link_rate_gbps"]),
@@ -161,6 +174,12 @@ def _tables(data: dict) -> dict[str, tuple[list[str], list[list]]]:
     if data.get("placement"):
         rows = data["placement"]
         t["placement"] = (list(rows[0].keys()), [list(r.values()) for r in rows])
+    cap = capacity_view.capacity_table(data)
+    if cap is not None:
+        t["capacity"] = cap
+    wif = whatif_view.whatif_table(data)
+    if wif is not None:
+        t["whatif"] = wif
     inputs = data["inputs"]
     skipped = inputs["traces"]["skipped"] + inputs.get("samples", {}).get("skipped", [])
     t["skipped"] = (["skipped file", "why"], [[s["file"], s["why"]] for s in skipped])
@@ -179,14 +198,35 @@ def _empty_sentences(d: dict) -> dict[str, str]:
     }
 
 
+def _say(text: str) -> str:
+    """The sentence under a figure: what to look at."""
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def _percentile_note(d: dict) -> str:
+    """Which p50 is which: the request at a percentile vs the percentile of all TTFTs."""
+    s = d["summary"]
+    view = {v["percentile"]: v for v in d["percentiles"]}
+    if 50 not in view or s.get("ttft_p50_ms") is None:
+        return ""
+    return (f"Each column is one real request: the one at that percentile of TTFT (nearest "
+            f"rank), so its legs add up. The p50 request's TTFT is "
+            f"{fmt(view[50]['ttft_ms'])} ms; the summary's p50 of all TTFTs is "
+            f"{fmt(s['ttft_p50_ms'])} ms, interpolated between the two middle requests.")
+
+
 def _summary_sentence(d: dict) -> str:
     s = d["summary"]
     share = s.get("unaccounted_share")
     return (f"{s['requests']} requests over {s['pairs']} prefill->decode pairs "
             f"({s['first_contact_requests']} first contacts) from "
-            f"{d['inputs']['traces']['spans']} spans; TTFT mean {fmt(s['ttft_mean_ms'])} ms, "
-            f"p50 {fmt(s['ttft_p50_ms'])} ms, p99 {fmt(s['ttft_p99_ms'])} ms. The legs cover "
-            f"{fmt(s['stacked_mean_ms'])} ms on average; {fmt(s['unaccounted_mean_ms'])} ms"
+            f"{d['inputs']['traces']['spans']} spans; over all requests TTFT mean "
+            f"{fmt(s['ttft_mean_ms'])} ms, p50 {fmt(s['ttft_p50_ms'])} ms, p99 "
+            f"{fmt(s['ttft_p99_ms'])} ms (percentiles of the distribution). The legs cover "
+            f"{fmt(s['stacked_mean_ms'])} ms on average"
+            + (f" ({fmt(s['coarse_mean_ms'])} ms of it only in coarse legs, from Dynamo's and "
+               "vLLM's own telemetry)" if s.get("coarse_mean_ms") else "")
+            + f"; {fmt(s['unaccounted_mean_ms'])} ms"
             + (f" ({fmt(100 * share)}% of TTFT)" if share is not None else "")
             + " is unaccounted. TTFT sources: "
             + ", ".join(f"{v} x {k}" for k, v in s["ttft_sources"].items()) + "."
@@ -207,8 +247,12 @@ def render_markdown(report: Report) -> str:
     levels = _level_lines(d)
     if levels:
         out += ["", "Per concurrency level:", ""] + [f"- {x}" for x in levels]
+    out += causes_view.markdown(d)  # issue 19: why the legs were long
+    out += cpu_waits_view.markdown(d)  # issue 19: which process waited for a core
     sections = [("TTFT per concurrency level", "levels"),
-                ("Percentile view (stages stacked, ms)", "percentiles"),
+                (capacity_view.TITLE, "capacity"),
+                (whatif_view.TITLE, "whatif"),
+                ("The requests at p50, p90 and p99 (stages stacked, ms)", "percentiles"),
                 ("Every leg of TTFT, in path order", "legs"),
                 ("Each span on its own", "phases"),
                 ("First contact vs steady state per pair", "pairs"),
@@ -225,8 +269,14 @@ def render_markdown(report: Report) -> str:
     for title, key in sections:
         if key in t and (t[key][1] or key in empty):
             out += ["", f"## {title}", "", md_table(*t[key], empty=empty.get(key))]
+            if key == "percentiles" and _percentile_note(d):
+                out += ["", _percentile_note(d)]
             if key == "should_cost" and d["should_cost"].get("summary"):
                 out += ["", d["should_cost"]["summary"]]
+            if key == "capacity":
+                out += [""] + capacity_view.capacity_text(d)
+            if key == "whatif":
+                out += [""] + [f"- {x}" for x in whatif_view.whatif_text(d)]
     sk = d["skew"]
     out += ["", f"Residual causal violations after skew correction: "
             f"{sk['residual_violations']} (before: {sk['violations_before_correction']}); "
@@ -243,6 +293,12 @@ def render_html(report: Report) -> str:
     p = report.plots
     sections: list[tuple[str, str]] = []
     summary = f"<p>{esc(_summary_sentence(d))}</p>"
+    # Picture first (issue 22): the figures open the page, above the verdict.
+    glance = figures.waterfall_block(d.get("waterfall", [])) + figures.levels_block(
+        d.get("stages_by_level", []))
+    if glance:
+        sections.append(("At a glance: where one request's time goes, and what load costs",
+                         f"<style>{figures.CSS}</style>{glance}"))
     items = "".join(
         f"<li><b>{esc(line)}</b><ul>" + "".join(f"<li>{esc(e)}</li>" for e in c["evidence"])
         + "</ul></li>" for c, line in _verdict_lines(d))
@@ -255,16 +311,32 @@ def render_html(report: Report) -> str:
                      "TTFT. Stages sum the legs between milestones of the request's path; "
                      "unaccounted is what no leg covers. Lines marked estimate rest on "
                      "something not measured in these traces.</p>"))
+    if causes_view.html(d, esc):
+        sections.append((causes_view.TITLE, causes_view.html(d, esc)))
+    if cpu_waits_view.html(d, esc):
+        sections.append((cpu_waits_view.TITLE, cpu_waits_view.html(d, esc)))
     sections.append(("TTFT per concurrency level", html_table(*t["levels"])))
+    if "capacity" in t:
+        sections.append((capacity_view.TITLE, html_table(*t["capacity"]) + "".join(
+            f"<p class=\"note\">{esc(x)}</p>" for x in capacity_view.capacity_text(d))))
+    if "whatif" in t:
+        sections.append((whatif_view.TITLE, html_table(*t["whatif"]) + "".join(
+            f"<p class=\"note\">{esc(x)}</p>" for x in whatif_view.whatif_text(d))))
     block = ""
     if "stacked_percentiles" in p:
-        block += html_img(p["stacked_percentiles"], "stacked breakdown per percentile")
-    sections.append(("Percentile view", block + html_table(*t["percentiles"])))
+        block += html_img(p["stacked_percentiles"], "stacked breakdown per percentile") + _say(
+            "The p50, p90 and p99 requests side by side, stages stacked: look at which colour "
+            "makes the slow request slow; the table below has the numbers.")
+    sections.append(("Percentile view", block + html_table(*t["percentiles"])
+                     + f"<p class=\"note\">{esc(_percentile_note(d))}</p>"))
     sections.append(("Every leg of TTFT, in path order", html_table(*t["legs"])))
     sections.append(("Each span on its own", html_table(*t["phases"])
-                     + "<p class=\"note\">Spans overlap (kv.hold runs beside the decode "
-                     "side's handshake and transfer); the legs above do not.</p>"))
-    block = html_img(p["ttft_by_pair"], "TTFT per pair") if "ttft_by_pair" in p else ""
+                     + "<p class=\"note\">Spans overlap (the KV held by prefill runs beside "
+                     "the decode side's handshake and transfer); the legs above do not.</p>"))
+    block = html_img(p["ttft_by_pair"], "TTFT per pair") + _say(
+        "TTFT of each request in the order it reached its prefill -> decode pair, the first "
+        "contact circled: a first point far above the rest is the one-time cost of a new "
+        "pair (handshake, registration).") if "ttft_by_pair" in p else ""
     sections.append(("First contact vs steady state per pair", block + html_table(*t["pairs"])))
     if t["propagation"][1]:
         sections.append(("Trace propagation, hop by hop", html_table(*t["propagation"])
@@ -285,9 +357,13 @@ def render_html(report: Report) -> str:
     if "links" in t:
         block = html_table(*t["links"], empty=empty["links"])
         if "transfer_rates" in p:
-            block += html_img(p["transfer_rates"], "transfer GB/s vs link rate")
+            block += html_img(p["transfer_rates"], "transfer GB/s vs link rate") + _say(
+                "Each transfer's achieved GB/s against the dashed rate of its link: points far "
+                "below the line are transfers that did not use the link's bandwidth.")
         if "link_timeline" in p:
-            block += html_img(p["link_timeline"], "link utilisation timeline")
+            block += html_img(p["link_timeline"], "link utilisation timeline") + _say(
+                "GB/s on each link counter over the run: bursts line up with KV transfers; a "
+                "busy link outside them is other traffic sharing it.")
         sections.append(("Links during transfer windows", block))
     else:
         sections.append(("Links during transfer windows",
@@ -323,10 +399,7 @@ def write_report(report: Report, out: Path, fmt_name: str) -> Path:
         text = render_markdown(report)
     else:
         text = render_html(report)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_public(out, text)
 
 
 def _no_nan(value: Any) -> Any:
@@ -341,31 +414,44 @@ def _no_nan(value: Any) -> Any:
 
 def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,
                        microbench: Path | None, placement: Path | None, service: str | None,
-                       lookback: str, out: Path, fmt: str,
+                       lookback: str, out: Path | None, fmt: str | None,
                        vllm_log: Path | list[Path] | None = None,
                        vllm_metrics: Path | None = None, client_host: str | None = None,
-                       one_clock: bool = False) -> str:
-    """The body of `kvprof report`; returns the one-line summary the CLI prints."""
-    fmt_name = fmt.lower()
-    if fmt_name == "markdown":
-        fmt_name = "md"
-    if fmt_name not in FORMATS:
-        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+                       one_clock: bool = False,
+                       dynamo_log: Path | list[Path] | None = None) -> str:
+    """The body of `kvprof report`; returns the one-line summary the CLI prints.
+
+    ``fmt`` None: from ``out``'s suffix (html without one); ``out`` None: out/report.<fmt>."""
+    out, fmt_name = resolve_output(out, fmt, FORMATS, "html", DEFAULT_OUT)
+    from kvprof.outputs import check_output
+
+    check_output(out, "--out")  # before minutes of work, not after (issue 21)
     report = build_report(ReportInputs(
         traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
         placement=placement, vllm_log=vllm_log, vllm_metrics=vllm_metrics, service=service,
-        lookback=lookback, client_host=client_host, one_clock=one_clock),
+        lookback=lookback, client_host=client_host, one_clock=one_clock,
+        dynamo_log=dynamo_log),
         with_plots=fmt_name == "html")
     path = write_report(report, out, fmt_name)
     s = report.data["summary"]
     top = report.data["verdict"][0] if report.data["verdict"] else None
     skipped = len(report.data["inputs"]["traces"]["skipped"])
     line = (f"Wrote {path}: {s['requests']} requests, TTFT p99 {_ms(s['ttft_p99_ms'])}"
-            + (f"; top cause {top['cause']} ({100 * top['share']:.0f}%)" if top else ""))
+            + (_blind_spot_words(top) if top and top["cause"] == "blind_spot" else
+               f"; top cause: {stage_words(top['cause'])} ({100 * top['share']:.0f}% of mean "
+               "TTFT)" if top else ""))
     if skipped:
         line += f"; skipped {skipped} trace file(s): " + ", ".join(
             Path(x["file"]).name for x in report.data["inputs"]["traces"]["skipped"])
     return line
+
+
+def _blind_spot_words(top: dict) -> str:
+    """The verdict's blind-spot lead (kvprof.analysis.blind_spot), short: how much of TTFT is
+    not measured finely and the command that would measure it, before any named cause."""
+    return (f"; {100 * top['share']:.0f}% of mean TTFT not measured finely "
+            f"({top['unaccounted_ms']:.1f} ms unaccounted, {top['coarse_ms']:.1f} ms coarse);"
+            f" measure it: {top['command']}")
 
 
 def _ms(v) -> str:

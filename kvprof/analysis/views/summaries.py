@@ -35,12 +35,21 @@ def legs_of(row: pd.Series) -> dict[str, float]:
     """One request's legs in path order, by their words, unaccounted last."""
     chain = row.get("chain")
     out = {}
-    for col in leg_order():
+    for col in _path_columns(chain):
         v = _num(row.get(col))
         if v is not None:
             out[leg_label(col, chain)] = v
     out[UNACCOUNTED] = _num(row.get("unaccounted_ms")) or 0.0
     return out
+
+
+def _path_columns(chain: str | None) -> list[str]:
+    """Leg columns in the path order of ``chain`` (the other chains' legs after), so a table
+    "in path order" follows the path its requests took, not the union of every chain."""
+    from kvprof.analysis.views.words import path_order
+
+    cols = [LEG + lid for lid in path_order(str(chain) if chain is not None else None)]
+    return cols + [c for c in leg_order() if c not in cols]
 
 
 def percentile_view(req: pd.DataFrame, pcts: tuple[int, ...] = (50, 90, 99)) -> list[dict]:
@@ -65,7 +74,7 @@ def stages_of(row: pd.Series) -> dict[str, float]:
     """One request's time per stage (legs summed by stage), unaccounted last."""
     chain = row.get("chain")
     out: dict[str, float] = {}
-    for col in leg_order():
+    for col in _path_columns(chain):
         v = _num(row.get(col))
         if v is not None:
             stage = leg_stage(col, chain)
@@ -88,7 +97,8 @@ def leg_stats(req: pd.DataFrame) -> list[dict]:
         return []
     ttft_mean = float(done["ttft_ms"].mean())
     out = []
-    for col in leg_order():
+    main_chain = done["chain"].astype(str).mode().iloc[0] if "chain" in done else None
+    for col in _path_columns(main_chain):
         if col not in done:
             continue
         s = done[col].dropna()

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from kvprof import semconv as sc
 from kvprof.analysis import legs as lg
+from kvprof.analysis.blind_spot import lead_with_blind_spot
 from kvprof.analysis.breakdown import SOURCE_ID, SOURCE_SPANS, UNACCOUNTED, leg_order
 from kvprof.analysis.views.render import fmt, fmt_sig
 from kvprof.analysis.views.summaries import leg_label, leg_stage, stage_table
@@ -44,6 +45,18 @@ SENTENCES = {
     "engine.compute": "prefill compute took {ms} ms to the first token",
     "engine.response": "{ms} ms passed from the first token to the API server's first bytes",
     UNACCOUNTED: "{ms} ms per request are covered by no leg",
+    # Coarse stages (kvprof.analysis.coarse): bounded only by Dynamo's / vLLM's own telemetry.
+    "coarse.frontend": "coarse: {ms} ms per request in the Dynamo frontend and its request "
+                       "plane, as Dynamo's own spans bound them",
+    "coarse.prefill.queue": "coarse: {ms} ms per request between the prefill worker's handler "
+                            "and vLLM's scheduler (intake and queue), as vLLM's llm_request "
+                            "bounds them",
+    "coarse.prefill": "coarse: {ms} ms per request in the prefill worker, as Dynamo's and "
+                      "vLLM's own spans and records bound it",
+    "coarse.handoff": "coarse: {ms} ms per request in the prefill -> decode hand-off (KV pull, "
+                      "decode queue) as Dynamo and vLLM bound it, an upper bound",
+    "coarse.decode": "coarse: {ms} ms per request in the decode worker to its first token, as "
+                     "vLLM's llm_request bounds it",
 }
 # The same stages behind NVIDIA Dynamo: its frontend replaces the router, each worker hosts
 # AsyncLLM behind Dynamo's request plane instead of vLLM's API server.
@@ -117,9 +130,8 @@ def rank_causes(req: pd.DataFrame, links: pd.DataFrame | None = None,
     unacc = [c for c in causes if c["cause"] == UNACCOUNTED]
     causes = sorted((c for c in causes if c["cause"] != UNACCOUNTED),
                     key=lambda c: c["mean_ms"], reverse=True) + unacc
-    for rank, c in enumerate(causes, start=1):
-        c["rank"] = rank
-    return causes
+    # Never a named leg first while more time is unaccounted or only coarse (blind_spot.py).
+    return lead_with_blind_spot(causes, done)
 
 
 def rank_by_level(req: pd.DataFrame) -> list[dict]:

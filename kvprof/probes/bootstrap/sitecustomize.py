@@ -34,6 +34,21 @@ def _activate() -> None:
         activate()
     except Exception as exc:
         sys.stderr.write(f"kvprof: probes not activated: {exc!r}\n")
+        _tell_the_launcher(exc)
+
+
+def _tell_the_launcher(exc: Exception) -> None:
+    """Leave `kvprof attach` a note, so it fails loudly instead of reporting 0 spans and
+    exit 0 (a Python without kvprof, e.g. the system's instead of the venv's)."""
+    stats_dir = os.environ.get("KVPROF_STATS_DIR")  # kvprof.probes.config.ENV_STATS_DIR
+    if not stats_dir:
+        return
+    try:
+        path = os.path.join(stats_dir, f"load-failed-{os.getpid()}.txt")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(f"{sys.executable}\n{type(exc).__name__}: {exc}\n")
+    except OSError:
+        pass
 
 
 _chain_existing_sitecustomize()

@@ -1,0 +1,50 @@
+"""The report's what-if section (report.json ``whatif``): measured rows beside predicted ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TITLE = "What-if model: calibrated on the lower levels, predicting the highest"
+
+
+def _ms(v: float | None) -> str | None:
+    return None if v is None else f"{v:,.0f}"
+
+
+def _pct(v: float | None) -> str | None:
+    return None if v is None else f"{v:+.0f}%"
+
+
+def whatif_table(data: dict[str, Any]) -> tuple[list[str], list[list]] | None:
+    """(header, rows), every predicted row labelled so; None when the report has no what-if."""
+    w = data.get("whatif") or {}
+    if not w.get("levels"):
+        return None
+    header = ["concurrency", "source", "requests", "TTFT mean ms", "TTFT p50 ms", "TTFT p99 ms",
+              "error on mean", "error on p99"]
+    rows = [[r["concurrency"], "predicted (model)" if r["source"] == "predicted" else "measured",
+             r["requests"], _ms(r["ttft_mean_ms"]), _ms(r["ttft_p50_ms"]), _ms(r["ttft_p99_ms"]),
+             _pct(r.get("error_mean_pct")) or "", _pct(r.get("error_p99_pct")) or ""]
+            for r in w["levels"]]
+    return header, rows
+
+
+def whatif_text(data: dict[str, Any]) -> list[str]:
+    """The validation sentence and where the calibration is thin."""
+    w = data.get("whatif") or {}
+    if w.get("error"):
+        return [f"The what-if model could not run: {w['error']}"]
+    out = []
+    if w.get("predicted_level") is not None and w.get("error_pct") is not None:
+        out.append(
+            f"Calibrated on concurrency {', '.join(map(str, w['calibrated_on']))} and asked to "
+            f"predict {w['predicted_level']}: predicted mean TTFT "
+            f"{_ms(w['predicted_ttft_mean_ms'])} ms against "
+            f"{_ms(w['measured_ttft_mean_ms'])} ms measured ({_pct(w['error_pct'])}), "
+            f"p99 {_ms(w['predicted_ttft_p99_ms'])} ms against "
+            f"{_ms(w['measured_ttft_p99_ms'])} ms ({_pct(w['error_p99_pct'])}). Predicted figures "
+            "are the model's, not measurements; `kvprof whatif` asks it about other deployments.")
+    cal = w.get("calibration") or {}
+    out += [f"Calibration thin: {t}" for t in cal.get("thin", [])]
+    out += list(w.get("notes", []))
+    return out

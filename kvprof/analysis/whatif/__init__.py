@@ -1,0 +1,1 @@
+"""The what-if model: calibrate from a run's traces, simulate deployments, compare with measured."""
