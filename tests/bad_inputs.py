@@ -663,9 +663,8 @@ def cases() -> list[Case]:
         add(Case(f"{cmd}{''.join(extra).replace('--', '-')}", "numeric_options", build,
                  expect="error", timeout=30))
     # Ctrl-C: "Interrupted." and exit 130, no half-written output
-    add(Case("report-sigint", "signals",
-             lambda d, e: _report(d, e, None, "--aiperf", str(e.golden / "aiperf")),
-             expect="interrupted", outputs=("report.json",), during=_sigint_after(1.5)))
+    add(Case("report-sigint", "signals", _big_report, expect="interrupted",
+             outputs=("report.json",), during=_sigint_while_reading("big")))
     add(Case("compare-sigint", "signals",
              lambda d, e: _compare(d, SEED_AIPERF / "agg", SEED_AIPERF / "disagg"),
              expect="interrupted", outputs=("cmp/compare.json",), during=_sigint_after(0.8)))
@@ -774,6 +773,31 @@ def _limit(fsize: int | None):
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     return pre
+
+
+def _big_report(d: Path, env: Env) -> list[str]:
+    """A report with enough spans (2,000 requests) that it is still working when Ctrl-C comes."""
+    from kvprof.analysis.scenario import ScenarioSpec, write_scenario
+
+    write_scenario(d / "big", ScenarioSpec(requests=2000), samples=False)
+    return _report(d, env, d / "big" / "traces", "--aiperf", str(d / "big" / "aiperf"))
+
+
+def _sigint_while_reading(subdir: str, timeout: float = 60.0):
+    """Ctrl-C once the command has one of its input files open: its work is under way, so the
+    signal tests the interrupt path, not a race with start-up or with a run already done
+    (a fixed sleep did both on machines of other speeds)."""
+    def during(d: Path, proc: subprocess.Popen) -> None:
+        inputs = str(d / subdir)
+        fds = Path(f"/proc/{proc.pid}/fd")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd).startswith(inputs) for fd in fds.iterdir()):
+                    break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+    return during
 
 
 def _sigint_after(delay: float):
