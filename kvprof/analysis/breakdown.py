@@ -396,39 +396,54 @@ def _slot_matrices(key, slot, n_slots, n_keys, start, end, clock) -> dict[str, n
     return out
 
 
+def first_available(points, n: int, resolve) -> tuple[np.ndarray, np.ndarray]:
+    """(times, clocks) of ``points`` for n requests: per point, per request, the first of its
+    ``sources`` (slot, edge) that ``resolve(slot, edge)`` gives a value for (NaN / -1 absent).
+    ``resolve`` returns (values, clocks) arrays of length n, or None for a source not here."""
+    import numpy as np
+
+    t = np.full((n, len(points)), np.nan)
+    c = np.full((n, len(points)), -1, dtype=np.int64)
+    for j, point in enumerate(points):
+        for slot, edge in point.sources:
+            found = resolve(slot, edge)
+            if found is None:
+                continue
+            values, clk = found
+            fill = np.isnan(t[:, j]) & ~np.isnan(values)
+            t[fill, j] = values[fill]
+            c[fill, j] = clk[fill]
+    return t, c
+
+
 def _milestones(chain, rows, starts, ends, clock_mat, slot_names, client, base, client_clock,
                 dynamo_ttft_ms):
     """(times, clocks) of the chain's milestones for the given requests (NaN / -1 absent)."""
     import numpy as np
 
-    n, m = len(rows), len(chain)
-    t = np.full((n, m), np.nan)
-    c = np.full((n, m), -1, dtype=np.int64)
+    n = len(rows)
     slot_index = {s: i for i, s in enumerate(slot_names)}
-    for j, ms in enumerate(chain):
-        for slot, edge in ms.sources:
-            if slot == lg.CLIENT:
-                if client is None:
-                    continue
-                values = (client.send_ns if edge == "send" else client.first_ns)[rows] - base
-                clk = np.full(n, client_clock)
-            elif slot == lg.DYNAMO_FIRST:
-                # Dynamo's frontend saw the first token ttft_ms after it got the request.
-                if sc.DYNAMO_HTTP_REQUEST not in slot_index:
-                    continue
-                i = slot_index[sc.DYNAMO_HTTP_REQUEST]
-                values = starts.iloc[rows, i].to_numpy(dtype=float) + dynamo_ttft_ms[rows] * 1e6
-                clk = clock_mat[rows, i]
-            elif slot in slot_index:
-                frame = starts if edge == "start" else ends
-                values = frame.iloc[rows, slot_index[slot]].to_numpy(dtype=float)
-                clk = clock_mat[rows, slot_index[slot]]
-            else:
-                continue
-            fill = np.isnan(t[:, j]) & ~np.isnan(values)
-            t[fill, j] = values[fill]
-            c[fill, j] = clk[fill]
-    return t, c
+
+    def resolve(slot, edge):
+        if slot == lg.CLIENT:
+            if client is None:
+                return None
+            values = (client.send_ns if edge == "send" else client.first_ns)[rows] - base
+            return values, np.full(n, client_clock)
+        if slot == lg.DYNAMO_FIRST:
+            # Dynamo's frontend saw the first token ttft_ms after it got the request.
+            if sc.DYNAMO_HTTP_REQUEST not in slot_index:
+                return None
+            i = slot_index[sc.DYNAMO_HTTP_REQUEST]
+            values = starts.iloc[rows, i].to_numpy(dtype=float) + dynamo_ttft_ms[rows] * 1e6
+            return values, clock_mat[rows, i]
+        if slot in slot_index:
+            frame = starts if edge == "start" else ends
+            values = frame.iloc[rows, slot_index[slot]].to_numpy(dtype=float)
+            return values, clock_mat[rows, slot_index[slot]]
+        return None
+
+    return first_available(chain, n, resolve)
 
 
 def _path_constraints(chain, rows, t, c, clocks, labels) -> pd.DataFrame:

@@ -219,9 +219,9 @@ def coarse_times(points: tuple[CoarsePoint, ...], rows: np.ndarray, starts: pd.D
     same relative ns scale as the breakdown's milestone times."""
     import numpy as np
 
-    n, m = len(rows), len(points)
-    t = np.full((n, m), np.nan)
-    c = np.full((n, m), -1, dtype=np.int64)
+    from kvprof.analysis.breakdown import first_available  # breakdown imports this module
+
+    n = len(rows)
     idx = {s: i for i, s in enumerate(slot_names)}
 
     def col(frame, slot):
@@ -230,35 +230,30 @@ def coarse_times(points: tuple[CoarsePoint, ...], rows: np.ndarray, starts: pd.D
     http = idx.get(sc.DYNAMO_HTTP_REQUEST)
     http_start = col(starts, sc.DYNAMO_HTTP_REQUEST) if http is not None else np.full(n, np.nan)
     http_clock = clock_mat[rows, http] if http is not None else np.full(n, -1)
-    for j, p in enumerate(points):
-        for slot, edge in p.sources:
-            if slot == FIRST:
-                values, clk = http_start + dynamo_ttft_ms[rows] * 1e6, http_clock
-            elif slot == RECORD:
-                wait = rec["prefill_wait_time_ms"][rows]
-                values = http_start + wait * 1e6
-                if edge == "prefill_done":
-                    values = values + rec["prefill_time_ms"][rows] * 1e6
-                clk = http_clock
-            elif slot == LLM:
-                llm, what = edge.split(":")
-                if llm not in idx:
-                    continue
-                arrive = col(starts, llm)
-                ttft = col(attrs["vllm_ttft_s"], llm) * 1e9
-                values = {"arrive": arrive, "first": arrive + ttft,
-                          "scheduled": arrive + ttft - col(attrs["vllm_prefill_s"], llm) * 1e9
-                          }[what]
-                clk = clock_mat[rows, idx[llm]]
-            elif slot in idx:
-                values = col(starts if edge == "start" else ends, slot)
-                clk = clock_mat[rows, idx[slot]]
-            else:
-                continue
-            fill = np.isnan(t[:, j]) & ~np.isnan(values)
-            t[fill, j] = values[fill]
-            c[fill, j] = clk[fill]
-    return t, c
+
+    def resolve(slot, edge):
+        if slot == FIRST:
+            return http_start + dynamo_ttft_ms[rows] * 1e6, http_clock
+        if slot == RECORD:
+            values = http_start + rec["prefill_wait_time_ms"][rows] * 1e6
+            if edge == "prefill_done":
+                values = values + rec["prefill_time_ms"][rows] * 1e6
+            return values, http_clock
+        if slot == LLM:
+            llm, what = edge.split(":")
+            if llm not in idx:
+                return None
+            arrive = col(starts, llm)
+            ttft = col(attrs["vllm_ttft_s"], llm) * 1e9
+            values = {"arrive": arrive, "first": arrive + ttft,
+                      "scheduled": arrive + ttft - col(attrs["vllm_prefill_s"], llm) * 1e9
+                      }[what]
+            return values, clock_mat[rows, idx[llm]]
+        if slot in idx:
+            return col(starts if edge == "start" else ends, slot), clock_mat[rows, idx[slot]]
+        return None
+
+    return first_available(points, n, resolve)
 
 
 @dataclass
