@@ -119,6 +119,15 @@ def run_aiperf(
     return summary
 
 
+def failed_requests(summary: dict) -> int:
+    """Requests aiperf counted as errors in one run (its error_summary; 0 when it has none)."""
+    total = 0
+    for entry in summary.get("error_summary") or ():
+        count = entry.get("count") if isinstance(entry, dict) else None
+        total += int(count) if isinstance(count, int | float) else 1
+    return total
+
+
 def headline(summary: dict) -> str:
     """One line per run: requests, TTFT avg/p99 and output tokens/s, read from aiperf's JSON."""
     def stat(key: str, field: str) -> float | None:

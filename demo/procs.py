@@ -347,6 +347,13 @@ class ProcessManager:
         if self.failure_error is not None:
             raise self.failure_error
 
+    def await_failure(self, timeout_s: float) -> None:
+        """Give the watchdog up to timeout_s to name a failed process, and raise its failure
+        if it does (e.g. after requests failed: a dead server is the likely reason, and its
+        exit is a better error than the symptom)."""
+        self._failed.wait(timeout_s)
+        self.check()
+
     def fail(self, proc: ManagedProcess, what: str) -> DemoProcessError:
         """Record proc's failure (the first one wins) and return it: stop_all then gives every
         process the short FAILURE_GRACE_S."""

@@ -31,7 +31,14 @@ if str(ROOT) not in sys.path:  # run as a script: make `demo` and `kvprof` impor
 from demo import headline as headline_mod  # noqa: E402
 from demo import load, servers  # noqa: E402
 from demo.microbench_summary import microbench_lines  # noqa: E402
-from demo.procs import ManagedProcess, ProcessManager, free_port, log_tail  # noqa: E402
+from demo.procs import (  # noqa: E402
+    HEALTH_GRACE_S,
+    HEALTH_TIMEOUT_S,
+    ManagedProcess,
+    ProcessManager,
+    free_port,
+    log_tail,
+)
 from kvprof.errors import (  # noqa: E402
     EXIT_FAILED,
     BadInputError,
@@ -364,6 +371,15 @@ class Demo:
                                       f"{self.cfg.output_tokens} out tokens)"):
                 summary = load.run_aiperf(self.pm, aiperf, url, servers.SERVED_MODEL_NAME,
                                           self.cfg.model_dir, conc, self.cfg.plan, run_dir)
+            if failed := load.failed_requests(summary):
+                # Under load a failed request almost always means a server died or hung, and
+                # aiperf can finish its remaining requests (failing fast) before the watchdog
+                # sees the death: give it its health grace to name the process first.
+                self.pm.await_failure(HEALTH_GRACE_S + HEALTH_TIMEOUT_S + 2)
+                raise load.LoadGeneratorError(
+                    f"{failed} of {n} requests failed at concurrency {conc} against {url}",
+                    hint=f"See {run_dir}/profile_export_aiperf.json (error_summary) and the "
+                         f"servers' logs in {self.cfg.logs}.")
             lines.append(self.say(f"c={conc}: {load.headline(summary)} -> {run_dir}"))
         return lines
 

@@ -341,3 +341,47 @@ def test_fatal_lines_pick_what_says_why_not_every_warning(tmp_path: Path) -> Non
     assert not any("ulimit" in ln or "design" in ln for ln in lines)
     assert any("EngineDeadError" in ln for ln in lines)
     assert any("Fatal Python error" in ln for ln in lines)
+
+
+def test_await_failure_names_a_server_that_dies_after_its_requests_failed(tmp_path: Path) -> None:
+    """aiperf can finish (its requests failing fast) before the watchdog has seen the server
+    die; the demo then waits for the watchdog, so the error names the death, not the symptom."""
+    pm = ProcessManager(tmp_path)
+    proc = pm.start("server", [sys.executable, "-c",
+                               "import os, signal, time; time.sleep(1.5); "
+                               "os.kill(os.getpid(), signal.SIGILL)"])
+    pm.watch(proc)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DemoProcessError) as err:
+            pm.await_failure(timeout_s=30)
+        assert time.monotonic() - started < 10  # the death, not the timeout, ended the wait
+        assert "died from SIGILL" in err.value.message
+    finally:
+        pm.stop_all()
+
+
+def test_await_failure_returns_when_nothing_failed(tmp_path: Path) -> None:
+    pm = ProcessManager(tmp_path)
+    proc = pm.start("server", [sys.executable, "-c", "import time; time.sleep(60)"])
+    pm.watch(proc)
+    try:
+        started = time.monotonic()
+        pm.await_failure(timeout_s=1.0)
+        assert time.monotonic() - started >= 1.0
+    finally:
+        pm.stop_all()
+
+
+def test_failed_requests_reads_aiperfs_error_summary() -> None:
+    import json
+
+    from demo import load
+
+    fixtures = REPO / "tests" / "fixtures" / "analysis"
+    errors = json.loads((fixtures / "aiperf_v0_1_1_run1" / "profile_export_aiperf.json")
+                        .read_text())
+    clean = json.loads((fixtures / "aiperf_c2" / "profile_export_aiperf.json").read_text())
+    assert load.failed_requests(errors) == 11
+    assert load.failed_requests(clean) == 0
+    assert load.failed_requests({}) == 0
