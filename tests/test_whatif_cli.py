@@ -85,3 +85,8 @@ def test_what_if_on_the_demo_run_labels_every_prediction():
     assert text.returncode == 0
     assert "prediction of kvprof's what-if model" in text.stdout
     assert "Validation: calibrated on [1, 2], level 4" in text.stdout
+    # The per-leg comparison at the predicted level: measured beside predicted, per leg.
+    assert "Per leg at C=4, mean ms" in text.stdout
+    legs = text.stdout.split("Per leg at C=4")[1]
+    for leg in ("in ", "prefill.queue", "prefill.compute", "decode.queue", "out "):
+        assert f"\n  {leg}" in legs, leg

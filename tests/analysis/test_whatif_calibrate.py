@@ -179,29 +179,74 @@ def test_report_json_carries_the_whatif_section():
     assert [r[1] for r in rows] == ["measured", "predicted (model)"] * 3
     sentence = " ".join(whatif_text(data))
     assert "predict 4: predicted mean TTFT" in sentence and "not measurements" in sentence
+    assert "Per leg at 4 (predicted - measured, mean ms per request): " in sentence
 
 
-def test_saturating_sweep_with_step_records_predicts_the_top_level():
-    # A real sweep to saturation (1, 4, 16 users on one engine of 4 sequences), with engine
-    # step records: calibrated on 1 and 4, the model must predict 16 within the goal
-    # (mean TTFT within 25%, p99 within 40%).
+def _sweep(name: str, kind: str):
     from kvprof.analysis.breakdown import build_breakdown
     from kvprof.analysis.loaders.aiperf import load_aiperf_records
     from kvprof.analysis.loaders.traces import load_spans
     from kvprof.analysis.pipeline import load_steps_if_any
     from kvprof.analysis.whatif.calibrate import block_tokens_from_spans
 
-    sweep = REPO / "tests" / "fixtures" / "whatif" / "sweep"
-    spans = load_spans(str(sweep / "traces" / "agg"), None, "1h")
-    ap = load_aiperf_records(sweep / "aiperf" / "agg")
+    sweep = REPO / "tests" / "fixtures" / "whatif" / name
+    spans = load_spans(str(sweep / "traces" / kind), None, "1h")
+    ap = load_aiperf_records(sweep / "aiperf" / kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         req = build_breakdown(spans.spans, ap, None, True).requests
     steps = load_steps_if_any(spans.spans)
     assert steps is not None and len(steps) > 100
-    out = validate(req, ap, steps, block_tokens=block_tokens_from_spans(spans.spans, ap))
+    return req, ap, steps, block_tokens_from_spans(spans.spans, ap)
+
+
+def test_saturating_disaggregated_sweep_predicts_the_top_level():
+    # A real disaggregated sweep to saturation on a quiet machine (1, 4, 16 users; one prefill
+    # and one decode engine of 4 sequences each), with engine step records: calibrated on 1
+    # and 4, the model must predict 16 within the goal (mean TTFT within 25%, p99
+    # within 40%). Before helper 20c's changes (trimmed-mean costs with the kernel-build
+    # steps in them, one step-ratio pool for both roles) it predicted +81% / +71% here.
+    req, ap, steps, bt = _sweep("sweep-disagg", "disagg")
+    out = validate(req, ap, steps, block_tokens=bt)
     cal = out["calibration"]
-    assert cal["step_source"] == "step records" and cal["max_batch"] == 4
+    assert cal["kind"] == "disaggregated" and cal["max_batch"] == 4
+    assert cal["kv_blocks"] == {"prefill": 128, "decode": 128}
     assert out["calibrated_on"] == [1, 4] and out["predicted_level"] == 16
     assert abs(out["error_pct"]) <= 25, out
     assert abs(out["error_p99_pct"]) <= 40, out
+    legs = out["predicted_legs_ms"]
+    assert sum(legs.values()) == pytest.approx(out["predicted_ttft_mean_ms"])
+    # The measured side of the per-leg comparison: the breakdown's legs in the model's
+    # groups add up to the measured mean TTFT too.
+    meas = out["measured_legs_ms"]
+    assert sum(meas.values()) == pytest.approx(out["measured_ttft_mean_ms"], rel=1e-6)
+    assert {"in", "prefill.queue", "prefill.compute", "mid", "kv.transfer", "decode.queue",
+            "decode.compute", "out"} <= set(meas)
+
+
+def test_saturating_sweep_on_a_loaded_machine_is_underpredicted():
+    # The aggregated half of a sweep recorded while other jobs loaded the 2-core machine
+    # (load average 10-27): there the same 4-sequence decode step took 14 ms at 4 users and
+    # 36 ms at 16, a slowdown levels 1 and 4 do not show, so no model calibrated on them can
+    # see it coming. The model under-predicts 16 (-37% / -40% when written); this pins that
+    # honestly rather than a bound it does not meet, and catches a change that swings it.
+    req, ap, steps, bt = _sweep("sweep", "agg")
+    out = validate(req, ap, steps, block_tokens=bt)
+    assert out["calibration"]["step_source"] == "step records"
+    assert out["calibrated_on"] == [1, 4] and out["predicted_level"] == 16
+    assert -50 <= out["error_pct"] <= -25, out
+    assert -55 <= out["error_p99_pct"] <= -25, out
+
+
+def test_first_step_at_a_new_shape_is_left_out_of_the_cost_law():
+    # Each engine's first step at a token count builds that shape's kernels: it is marked,
+    # per engine, in time order, whatever the row order; later steps of the shape are not.
+    import pandas as pd
+
+    from kvprof.analysis.whatif.calibrate import first_of_shape
+
+    steps = pd.DataFrame({"engine": ["a", "a", "b", "a", "b", "a"],
+                          "tokens": [4, 4, 4, 1, 4, 4],
+                          "start_ns": [30, 10, 5, 20, 1, 40]}, index=[7, 3, 9, 1, 2, 5])
+    assert first_of_shape(steps).to_dict() == {7: False, 3: True, 9: False, 1: True,
+                                               2: True, 5: False}

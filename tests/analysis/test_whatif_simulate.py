@@ -170,3 +170,24 @@ def test_prefill_holds_kv_blocks_until_the_decode_side_pulled_them():
     unbounded = tuple(replace(g, kv_blocks=None) for g in groups)
     res = Simulator(Deployment(unbounded, Link(None), ov)).run(Load(2, 2, (999,), (1,)))
     assert sorted(r.ttft_ms for r in res.requests) == pytest.approx([121.98, 121.98])
+
+
+def test_simulated_legs_add_up_to_each_requests_ttft():
+    # The per-leg prediction (helper 20c): every simulated request's legs (overheads, queues,
+    # steps, handshake, link wait, wire) sum to its TTFT, disaggregated and aggregated, with
+    # queues forming (8 users on engines of 2 sequences, a slow link, a handshake).
+    ov = Overheads(((3.0, 5.0, 7.0, 11.0), (1.0, 2.0, 0.5, 4.0)))
+    groups = (WorkerGroup(PREFILL, 1, StepCost(2.0, per_prefill_token_ms=0.1), max_batch=2,
+                          token_budget=250),
+              WorkerGroup(DECODE, 1, StepCost(30.0, per_decode_seq_ms=10.0), max_batch=2))
+    dis = Deployment(groups, Link(1e-4, handshake_ms=40.0), ov, kv_bytes_per_token=10.0)
+    agg = Deployment((WorkerGroup(AGGREGATED, 1, StepCost(1.0, 0.1, 1.0), max_batch=2),),
+                     overheads=ov)
+    for dep, legs in ((dis, {"kv.link_wait", "decode.queue", "prefill.queue"}),
+                      (agg, {"aggregated.queue"})):
+        res = Simulator(dep, seed=3).run(Load(8, 40, (100, 200), (4,), warmup=2))
+        assert len(res.requests) == 42
+        for r in res.requests:
+            assert sum(r.legs.values()) == pytest.approx(r.ttft_ms)
+        for leg in legs:  # the queues the load must form
+            assert max(r.legs[leg] for r in res.requests) > 0, leg

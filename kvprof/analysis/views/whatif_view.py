@@ -44,6 +44,16 @@ def whatif_text(data: dict[str, Any]) -> list[str]:
             f"p99 {_ms(w['predicted_ttft_p99_ms'])} ms against "
             f"{_ms(w['measured_ttft_p99_ms'])} ms ({_pct(w['error_p99_pct'])}). Predicted figures "
             "are the model's, not measurements; `kvprof whatif` asks it about other deployments.")
+    if w.get("predicted_legs_ms") and w.get("measured_legs_ms"):
+        from kvprof.analysis.whatif.compare import leg_table
+
+        gaps = sorted((d, k) for k, _, _, d in leg_table(w["predicted_legs_ms"],
+                                                         w["measured_legs_ms"])
+                      if d is not None)
+        big = sorted(gaps, key=lambda x: -abs(x[0]))[:3]
+        out.append(f"Per leg at {w['predicted_level']} (predicted - measured, mean ms per "
+                   "request): " + ", ".join(f"{k} {d:+,.0f}" for d, k in big)
+                   + " (`kvprof whatif` prints every leg).")
     cal = w.get("calibration") or {}
     out += [f"Calibration thin: {t}" for t in cal.get("thin", [])]
     out += list(w.get("notes", []))

@@ -5,7 +5,11 @@ aiperf records (concurrency, ISL/OSL, warm-up) and, when the run has them, engin
 (``kvprof.analysis.loaders.steps``). What each input gives:
 
 * step records: each engine step's duration against its prefill tokens and decode sequences, a
-  least-squares ``StepCost`` per role (prefill / decode / aggregated);
+  ``StepCost`` per role (prefill / decode / aggregated) through the median step of each batch
+  composition, one per calibration level (a simulated level uses the nearest; a role with
+  too few steps at a level uses the law pooled over the levels); each engine's first step at
+  a new shape (its kernel build) left out; the measured/modelled ratio of every other step
+  kept per role;
 * without step records: prefill time against input tokens from the prefill-compute leg, and a
   decode step from the decode first-token leg per level against the level's batch per worker;
 * the transfer: its wire part (the transfer split's wire_ms where present, else the bytes at the
@@ -78,6 +82,7 @@ class Calibration:
     kv_blocks: dict[str, int] = field(default_factory=dict)  # per role; absent = unbounded
     costs_by_level: dict[int, dict[str, StepCost]] = field(default_factory=dict)
     step_ratios: tuple[float, ...] = ()
+    step_ratios_by_role: tuple = ()
     block_tokens: int = 16
     thin: list[str] = field(default_factory=list)
     samples: dict[str, int] = field(default_factory=dict)
@@ -90,11 +95,15 @@ class Calibration:
                                    self.max_batch, self.token_budget,
                                    self.kv_blocks.get(role), self.block_tokens)
                        for role, cost in self.costs.items() if role in counts)
+        # Each level runs with the cost law of the calibration level nearest to it: engines
+        # that share cores with the frontend and the client run the same batch slower or
+        # faster as the load (and whatever else runs on the machine) changes.
         by_level = tuple((lv, {r: c for r, c in costs.items() if r in counts})
                          for lv, costs in sorted(self.costs_by_level.items()))
         return Deployment(groups, link or Link(self.link_gbytes_per_s, self.handshake_ms),
                           self.overheads, self.kv_bytes_per_token, router,
-                          costs_by_level=by_level, step_ratios=self.step_ratios)
+                          costs_by_level=by_level, step_ratios=self.step_ratios,
+                          step_ratios_by_role=self.step_ratios_by_role)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,14 +156,20 @@ def _fit(x_cols: list[list[float]], y: list[float],
     return out
 
 
-def _trimmed_mean(values) -> float:
-    """Mean of the middle 80%: a step that compiled a new shape or lost its core for
-    seconds does not set every step's cost, yet slow steps still count (unlike a median)."""
+def _typical(values) -> float:
+    """A composition's typical step time: the median. A step that lost its core or built a
+    kernel does not set the law; the slow tail comes back through the step ratios."""
     import numpy as np
 
-    v = np.sort(np.asarray(values, float))
-    k = int(len(v) * 0.1)
-    return float(v[k:len(v) - k].mean()) if len(v) > 2 * k else float(np.median(v))
+    return float(np.median(np.asarray(values, float)))
+
+
+def first_of_shape(steps: pd.DataFrame) -> pd.Series:
+    """True for each engine's first step at a number of scheduled tokens (the whole run,
+    warm-up included): the CPU backend builds its kernels for a new shape on that step."""
+    key = ["engine", "tokens"] if "tokens" in steps else ["engine", "prefill_tokens",
+                                                          "decode_seqs"]
+    return ~steps.sort_values("start_ns").duplicated(key).reindex(steps.index)
 
 
 def load_levels(aiperf: pd.DataFrame) -> dict[int, Load]:
@@ -229,13 +244,49 @@ def _overhead_samples(req: pd.DataFrame, wire: pd.Series | None) -> list[tuple[f
     return rows
 
 
-def _step_ratios(steps, aiperf, levels, kind, costs, by_level) -> tuple[float, ...]:
+# The model's legs as the measured breakdown has them (compare.LEGS, the KV link's three
+# simulated parts shown as one "kv.transfer"): queue, compute and transfer legs by name,
+# every other leg by where it sits in its chain (before prefill: "in", ... after: "out").
+QUEUE_LEGS = {"prefill.scheduled": "prefill.queue", "engine.scheduled": "aggregated.queue",
+              "kv.ready": "decode.queue", "decode.scheduled": "decode.queue",
+              "prefill.first_token": "prefill.compute", "engine.first_token":
+              "aggregated.compute", "decode.first_token": "decode.compute",
+              "kv.handshake.end": "kv.handshake"}
+STAGE_LEG = ("in", "mid", "kv.transfer", "out")
+
+
+def measured_legs(req: pd.DataFrame, concurrency: int) -> dict[str, float]:
+    """Mean ms per model leg of the measured requests at one level (the breakdown's legs,
+    grouped as the simulator's), for the per-leg comparison with a prediction."""
+    done = req[~req["warmup"].astype(bool) & req["ttft_ms"].notna()
+               & (req["concurrency"] == concurrency)]
+    sums: dict[str, float] = {}
+    for _, row in done.iterrows():
+        stage = 0
+        for col in _chain_legs(req, str(row["chain"])):
+            name = col.removeprefix(LEG)
+            if name in PREFILL_END:
+                stage = 1
+            elif name in TRANSFER:
+                stage = 2
+            elif name in FIRST_TOKEN:
+                stage = 3
+            v = row[col]
+            if v == v:
+                key = QUEUE_LEGS.get(name, STAGE_LEG[stage])
+                sums[key] = sums.get(key, 0.0) + float(v)
+        un = row.get("unaccounted_ms", 0.0)
+        sums["out"] = sums.get("out", 0.0) + (float(un) if un == un else 0.0)
+    return {k: v / len(done) for k, v in sums.items()} if len(done) else {}
+
+
+def _step_ratios(steps, aiperf, levels, kind, costs, by_level) -> tuple:
     """Each calibration step's measured time over the cost the model gives it, clipped to
     [0.1, 5]: a step over 5x its cost is a stall (a compile on a new batch shape, a core lost
     for seconds) that the model keeps, but not at full length, each time it draws it."""
     import numpy as np
 
-    out: list[float] = []
+    roles: dict[str, list[float]] = {}
     for lv in levels:
         own = _steps_in_levels(steps, aiperf, [lv], fallback=False)
         own = own[(own["prefill_tokens"] > 0) | (own["decode_seqs"] > 0)]
@@ -246,8 +297,9 @@ def _step_ratios(steps, aiperf, levels, kind, costs, by_level) -> tuple[float, .
                     + cost.per_decode_seq_ms * grp["decode_seqs"]).to_numpy(float)
             ms = grp["duration_ms"].to_numpy(float)
             ok = pred > 0
-            out += list(np.clip(ms[ok] / pred[ok], 0.1, 5.0))
-    return tuple(float(x) for x in out)
+            r = [float(x) for x in np.clip(ms[ok] / pred[ok], 0.1, 5.0)]
+            roles.setdefault(role, []).extend(r)
+    return tuple((role, tuple(v)) for role, v in roles.items())
 
 
 def _enough(steps: pd.DataFrame, role: str, kind: str) -> bool:
@@ -324,7 +376,7 @@ def block_tokens_from_spans(spans: pd.DataFrame, aiperf: pd.DataFrame | None) ->
 
 def _step_costs(steps: pd.DataFrame, kind: str, thin: list[str]) -> tuple[dict, dict]:
     """StepCost per role from engine step records, fitted in two parts: decode-only steps
-    give base + per-sequence (a line through each batch size's trimmed mean, weighted by its
+    give base + per-sequence (a line through each batch size's median, weighted by its
     count); steps with prefill give the per-token cost of what they took beyond that."""
     steps = steps.copy()
     steps["ms"] = steps["duration_ms"] if "duration_ms" in steps else \
@@ -342,7 +394,7 @@ def _step_costs(steps: pd.DataFrame, kind: str, thin: list[str]) -> tuple[dict, 
         dec = grp[grp["prefill_tokens"] == 0]
         by_batch = dec.groupby("decode_seqs")["ms"]
         sizes = [float(b) for b in by_batch.groups]
-        means = [_trimmed_mean(v) for _, v in by_batch]
+        means = [_typical(v) for _, v in by_batch]
         n = [len(v) for _, v in by_batch]
         if len(sizes) >= 2:
             base, per_seq = _fit([sizes], means, n)
@@ -357,10 +409,10 @@ def _step_costs(steps: pd.DataFrame, kind: str, thin: list[str]) -> tuple[dict, 
         if not sizes and only.ngroups >= 2:
             # Prefill-only engine: base and per-token from the prompt sizes it saw.
             base, per_tok = _fit([[float(t) for t in only.groups]],
-                                 [_trimmed_mean(v) for _, v in only], [len(v) for _, v in only])
+                                 [_typical(v) for _, v in only], [len(v) for _, v in only])
         elif len(pre):
             extra = pre["ms"] - base - per_seq * pre["decode_seqs"]
-            per_tok = max(_trimmed_mean(extra / pre["prefill_tokens"]), 0.0)
+            per_tok = max(_typical(extra / pre["prefill_tokens"]), 0.0)
         costs[role] = StepCost(base, per_tok, per_seq)
         few = sorted(int(b) for b, k in zip(sizes, n, strict=True) if k < MIN_SAMPLES)
         if few:
@@ -456,6 +508,10 @@ def calibrate(req: pd.DataFrame, aiperf: pd.DataFrame, steps: pd.DataFrame | Non
             else req.get("decode_engine")
         workers = {AGGREGATED: int(engine.nunique()) if engine is not None else 1}
     if steps is not None and len(steps):
+        # A step at a token count its engine had not run before builds that shape's kernels
+        # (seconds on the warm-up, 0.2-0.35 s later on, against 15-60 ms for the same shape
+        # after): a one-off, kept out of the cost laws and of the step ratios.
+        steps = steps[~first_of_shape(steps)]
         costs, counts = _step_costs(_steps_in_levels(steps, aiperf, levels), kind, thin)
         by_level = {}
         for lv in levels:
@@ -466,13 +522,17 @@ def calibrate(req: pd.DataFrame, aiperf: pd.DataFrame, steps: pd.DataFrame | Non
                 lv_costs, _ = _step_costs(own, kind, [])
             except BadInputError:
                 continue
-            if all(_enough(own, role, kind) for role in lv_costs):
-                by_level[lv] = lv_costs
+            # Per role: a role with too few steps at this level keeps the pooled law.
+            enough = {r: c for r, c in lv_costs.items() if _enough(own, r, kind)}
+            if enough:
+                by_level[lv] = {**costs, **enough}
         step_source = "step records"
         limits = _engine_limits(steps)
         limits["kv_blocks"] = _kv_blocks(steps, kind)
         limits["costs_by_level"] = by_level
-        limits["step_ratios"] = _step_ratios(steps, aiperf, levels, kind, costs, by_level)
+        # Ratios to each level's own law, per role (a decode step's tail is not a prefill's).
+        limits["step_ratios_by_role"] = _step_ratios(steps, aiperf, levels, kind, costs,
+                                                     by_level)
         if block_tokens:
             limits["block_tokens"] = block_tokens
         else:

@@ -11,6 +11,7 @@ from typing import Any
 from kvprof.analysis.whatif.compare import (
     PREDICTED,
     Row,
+    fmt_ms,
     measured,
     predict,
     render_table,
@@ -164,9 +165,13 @@ def run_from_traces(*, traces: str, aiperf: Path, one_clock: bool, client_host: 
     out["rows"] = [r.to_dict() for r in rows]
     top = traced[-1]
     if len(traced) > 1 and top not in calibrate_on:
+        from kvprof.analysis.whatif.calibrate import measured_legs
+
         out["validation"] = {"calibrated_on": calibrate_on, "predicted_level": top,
                              "error_pct": replay[top].error_mean_pct,
-                             "error_p99_pct": replay[top].error_p99_pct}
+                             "error_p99_pct": replay[top].error_p99_pct,
+                             "predicted_legs_ms": replay[top].legs_ms,
+                             "measured_legs_ms": measured_legs(req, top)}
     out["_rows"] = rows
     return out
 
@@ -227,6 +232,18 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"Validation: calibrated on {v['calibrated_on']}, level {v['predicted_level']}"
                      f" predicted within {v['error_pct']:+.0f}% (mean TTFT), "
                      f"{v['error_p99_pct']:+.0f}% (p99).")
+        if v.get("predicted_legs_ms"):
+            from kvprof.analysis.whatif.compare import leg_table
+
+            lines += ["", f"Per leg at C={v['predicted_level']}, mean ms (the predicted column is "
+                      "a prediction; each column sums to its mean TTFT):"]
+            table = [("leg", "measured", "predicted", "predicted - measured")]
+            table += [(k, fmt_ms(m), fmt_ms(p), "-" if d is None else f"{d:+,.0f}")
+                      for k, m, p, d in leg_table(v["predicted_legs_ms"],
+                                                  v.get("measured_legs_ms") or {})]
+            widths = [max(len(r[i]) for r in table) for i in range(4)]
+            lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+                      .rstrip() for r in table]
     rec = (result.get("summary") or {}).get("recommendation")
     if rec:
         lines.append("Lowest predicted mean TTFT per level: "

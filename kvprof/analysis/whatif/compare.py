@@ -12,6 +12,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+# The simulated legs in path order (simulate.py); the overheads in/mid/kv.fixed/out are the
+# calibration's per-request samples, the rest the model's own queues, steps and link.
+LEGS = ("in", "prefill.queue", "prefill.compute", "aggregated.queue", "aggregated.compute",
+        "mid", "kv.handshake", "kv.link_wait", "kv.wire", "kv.fixed", "decode.queue",
+        "decode.compute", "out")
 MIN_SIM_REQUESTS = 400  # pooled over repeats: the predicted p99 stands on enough requests
 PREDICTED = "predicted"
 MEASURED = "measured"
@@ -31,6 +36,8 @@ class Row:
     busiest_engine: float | None = None  # busy fraction of the busiest engine (predicted)
     error_mean_pct: float | None = None
     error_p99_pct: float | None = None
+    # Predicted rows: the mean of each simulated leg (LEGS order), which sum to the mean TTFT.
+    legs_ms: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -50,6 +57,7 @@ def predict(dep: Deployment, loads: list[Load], seed: int = 0,
             min_requests: int = MIN_SIM_REQUESTS) -> dict[int, Row]:
     """Simulate the levels in order (as the sweep ran them), pooled over a few repeats."""
     per_level: dict[int, list[float]] = {ld.concurrency: [] for ld in loads}
+    legs: dict[int, dict[str, float]] = {ld.concurrency: {} for ld in loads}
     busy: dict[int, list[float]] = {ld.concurrency: [] for ld in loads}
     least = min(ld.requests for ld in loads)
     repeats = max(1, math.ceil(min_requests / max(least, 1)))
@@ -58,9 +66,17 @@ def predict(dep: Deployment, loads: list[Load], seed: int = 0,
         for ld in loads:
             res = sim.run(ld)
             per_level[ld.concurrency] += res.ttft()
+            for r in res.requests:
+                if not r.warmup:
+                    acc = legs[ld.concurrency]
+                    for k, v in r.legs.items():
+                        acc[k] = acc.get(k, 0.0) + v
             busy[ld.concurrency].append(max(res.busy_fraction.values(), default=0.0))
     return {c: Row(PREDICTED, dep.label(), c, len(v), _mean(v), _quantile(v, 0.5),
-                   _quantile(v, 0.99), _mean(busy[c])) for c, v in per_level.items()}
+                   _quantile(v, 0.99), _mean(busy[c]),
+                   legs_ms={k: legs[c].get(k, 0.0) / len(v) for k in LEGS if k in legs[c]}
+                   if v else None)
+            for c, v in per_level.items()}
 
 
 def measured(req: pd.DataFrame, label: str) -> dict[int, Row]:
@@ -93,7 +109,7 @@ def validate(req: pd.DataFrame, aiperf: pd.DataFrame, steps: pd.DataFrame | None
              block_tokens: int | None = None) -> dict[str, Any]:
     """report.json's ``whatif``: calibrate on the lower levels, predict the highest, and
     replay every level with the model calibrated on the lower ones."""
-    from kvprof.analysis.whatif.calibrate import calibrate, load_levels
+    from kvprof.analysis.whatif.calibrate import calibrate, load_levels, measured_legs
 
     loads = load_levels(aiperf)
     levels = sorted(loads)
@@ -130,6 +146,8 @@ def validate(req: pd.DataFrame, aiperf: pd.DataFrame, steps: pd.DataFrame | None
             "predicted_ttft_p99_ms": pred[top].ttft_p99_ms,
             "measured_ttft_p99_ms": meas[top].ttft_p99_ms,
             "error_p99_pct": pred[top].error_p99_pct,
+            "predicted_legs_ms": pred[top].legs_ms,
+            "measured_legs_ms": measured_legs(req, top),
         })
     out["levels"] = [r.to_dict() for lv in levels for r in (meas[lv], pred[lv])]
     out["calibration"] = cal.to_dict()
@@ -138,8 +156,24 @@ def validate(req: pd.DataFrame, aiperf: pd.DataFrame, steps: pd.DataFrame | None
                      "nothing (run two or more levels to check a prediction)"])
     out["notes"].append("not modelled: preemption, chunked prefill of one prompt over several "
                         "steps, CPU contention between processes sharing cores (beyond the step "
-                        "times and legs measured at the nearest calibration level)")
+                        "times measured at the calibration levels and the legs measured at the "
+                        "nearest one); measured_legs_ms beside predicted_legs_ms shows where "
+                        "the prediction parts from the measurement")
     return out
+
+
+def leg_table(predicted: dict[str, float], measured: dict[str, float]) -> list[tuple]:
+    """(leg, measured ms, predicted ms, predicted - measured) in path order; the KV link's
+    simulated parts (wait, wire, fixed) summed into kv.transfer as the breakdown has it."""
+    pred = dict(predicted)
+    link = sum(pred.pop(k, 0.0) for k in ("kv.link_wait", "kv.wire", "kv.fixed"))
+    if any(k in predicted for k in ("kv.link_wait", "kv.wire", "kv.fixed")):
+        pred["kv.transfer"] = link
+    order = [k for k in LEGS if k not in ("kv.link_wait", "kv.wire", "kv.fixed")]
+    order.insert(order.index("decode.queue"), "kv.transfer")
+    return [(k, measured.get(k), pred.get(k),
+             None if k not in pred or k not in measured else pred[k] - measured[k])
+            for k in order if k in pred or k in measured]
 
 
 def fmt_ms(v: float | None) -> str:

@@ -107,12 +107,16 @@ class Deployment:
     kv_bytes_per_token: float = 0.0
     router: str = "round_robin"  # or "least_loaded"
     name: str = ""
-    # (level, {role: StepCost}) per calibration level: engines on shared cores slow down
-    # with load, so a level runs with the costs seen nearest to it. Empty: groups' own costs.
+    # (level, {role: StepCost}) per calibration level: engines on shared cores run the same
+    # batch faster or slower as the load changes, so a level runs with the costs seen
+    # nearest to it. Empty: the groups' own costs at every level.
     costs_by_level: tuple = ()
     # Measured step time over fitted step time, one per calibration step: each simulated
     # step draws one, so steps vary as the real ones did (their slow tail included).
     step_ratios: tuple[float, ...] = ()
+    # The same per role (prefill / decode / aggregated), when calibrated per role: a role's
+    # steps draw from their own ratios (a decode step's tail is not a prefill step's).
+    step_ratios_by_role: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def group(self, role: str) -> WorkerGroup | None:
         return next((g for g in self.groups if g.role == role and g.count > 0), None)
@@ -184,6 +188,9 @@ class _Req:
     first_token: float = math.nan
     prefill_worker: int = -1
     queued_ms: float = 0.0
+    # Where its time went, in ms per simulated leg (LEGS), for the per-leg comparison.
+    legs: dict = field(default_factory=dict)
+    mark: float = 0.0  # when the current leg began
 
 
 @dataclass
@@ -216,6 +223,7 @@ class RequestResult:
     ttft_ms: float
     latency_ms: float
     warmup: bool
+    legs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -249,6 +257,7 @@ class Simulator:
                        key=lambda lv: (abs(math.log(lv[0] / load.concurrency)), -lv[0]))[1]
             dep = replace(dep, groups=tuple(replace(g, cost=near.get(g.role, g.cost))
                                             for g in dep.groups))
+        ratios_of = dict(dep.step_ratios_by_role)
         engines = {role: [_Engine(role, i, g) for i in range(g.count)]
                    for role in ROLES if (g := dep.group(role))}
         link_free = [0.0] * (len(engines.get(DECODE, [])))
@@ -318,8 +327,12 @@ class Simulator:
             if not admitted and not decodes:
                 return
             dt = g.cost.step_ms(tokens, decodes)
-            if dep.step_ratios:
-                dt *= dep.step_ratios[self.rng.randrange(len(dep.step_ratios))]
+            ratios = ratios_of.get(e.role) or dep.step_ratios
+            if ratios:
+                dt *= ratios[self.rng.randrange(len(ratios))]
+            for r in admitted:
+                r.legs[f"{e.role}.queue"] = t - r.mark
+                r.legs[f"{e.role}.compute"] = dt
             e.busy, e.busy_ms, e.steps = True, e.busy_ms + dt, e.steps + 1
             push(t + dt, "step_end", e, admitted)
 
@@ -355,8 +368,11 @@ class Simulator:
 
         def complete(r: _Req, t: float) -> None:
             end = max(t + r.overhead[3], r.first_token)
+            legs = {"in": r.overhead[0], **r.legs, "out": r.overhead[3]}
+            if dep.disaggregated:
+                legs.update({"mid": r.overhead[1], "kv.fixed": r.overhead[2]})
             done.append(RequestResult(load.concurrency, r.isl, r.osl, r.sent,
-                                      r.first_token - r.sent, end - r.sent, r.warmup))
+                                      r.first_token - r.sent, end - r.sent, r.warmup, legs))
             if not load.arrival_rate_per_s:
                 send(r.user, end)
 
@@ -372,6 +388,8 @@ class Simulator:
             start = max(t + handshake, link_free[d.index])
             wire = dep.link.wire_ms(r.isl * dep.kv_bytes_per_token)
             link_free[d.index] = start + wire
+            r.legs.update({"kv.handshake": handshake, "kv.link_wait": start - t - handshake,
+                           "kv.wire": wire})
             # The decode side has pulled the KV (its post, wire and notice all done): the
             # prefill engine frees the blocks it held meanwhile (kv.hold).
             push(start + wire + r.overhead[2], "kv_free", p, g_blocks(p, r.isl + 1))
@@ -389,6 +407,7 @@ class Simulator:
             now, _, kind, payload = heapq.heappop(heap)
             if kind == "arrive":
                 e, r = payload
+                r.mark = now
                 e.waiting.append(r)
                 # Scheduled after everything else at this instant: arrivals at the same
                 # time share the engine's next step, as they share vLLM's next schedule().
