@@ -111,17 +111,72 @@ def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
             + "-" + fmt.format(max(values) * scale) + "]")
 
 
+def schedstat_at(rev: str):
+    """kvprof/collectors/schedstat.py as it was at git revision `rev`, as a module."""
+    import importlib.util
+
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:kvprof/collectors/schedstat.py"],
+                         capture_output=True, text=True, check=True).stdout
+    name = f"schedstat_at_{rev}".replace("~", "_").replace("^", "_")
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    exec(compile(src, f"schedstat@{rev}", "exec"), mod.__dict__)
+    return mod
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--also", metavar="REV", help="a 5th configuration: the schedstat sampler "
+                    "as it was at this git revision (e.g. HEAD), side by side with today's")
+    args = ap.parse_args()
+    old = schedstat_at(args.also) if args.also else None
     watched = spawn_watched()
     try:
-        run(watched)
+        run(watched, old, args.also)
+        if old is not None:
+            sampler_side_by_side(old, args.also)
     finally:
         for proc in watched:
             proc.kill()
             proc.wait()
 
 
-def run(watched: list[subprocess.Popen]) -> None:
+def sampler_side_by_side(old, rev: str, rounds: int = 40, ticks: int = 40) -> None:  # noqa: ANN001
+    """The schedstat sampler alone, today's and `rev`'s, watching the same spawned node,
+    round by round in alternating order: a direct ratio, without the rest of the collector
+    (whose noise the difference of two configurations above carries)."""
+    samplers = {"today": SchedstatSampler(watch_attach=False, watch_names=[WATCH_MARK],
+                                          interval_s=INTERVAL_S),
+                rev: old.SchedstatSampler(watch_attach=False, watch_names=[WATCH_MARK],
+                                          interval_s=INTERVAL_S)}
+    for sampler in samplers.values():
+        for _ in range(TICKS):
+            sampler.sample()
+            time.sleep(TICK_GAP_S)
+    spent: dict[str, list[float]] = {name: [] for name in samplers}
+    names = list(samplers)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            sampler = samplers[name]
+            start = time.process_time()
+            for _ in range(ticks):
+                sampler.sample()
+                time.sleep(TICK_GAP_S)
+            spent[name].append((time.process_time() - start) / ticks)
+    med = {k: statistics.median(v) for k, v in spent.items()}
+    least = {k: min(v) for k, v in spent.items()}
+    print(f"schedstat sampler alone, today vs {rev}, {rounds} alternating rounds x {ticks} "
+          f"ticks (load average {os.getloadavg()[0]:.1f}): median {med['today'] * 1e3:.3f} vs "
+          f"{med[rev] * 1e3:.3f} ms CPU/tick ({pct(med['today']):.3f} vs {pct(med[rev]):.3f} "
+          f"% of a core; ratio {med['today'] / med[rev]:.2f}), least-disturbed "
+          f"{least['today'] * 1e3:.3f} vs {least[rev] * 1e3:.3f} (ratio "
+          f"{least['today'] / least[rev]:.2f})")
+
+
+def run(watched: list[subprocess.Popen], old=None, rev: str | None = None) -> None:  # noqa: ANN001
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         sysfs = ib_tree_with_8_ports(tmp_path / "sys")
@@ -142,8 +197,14 @@ def run(watched: list[subprocess.Popen]) -> None:
             WITH_SCHEDSTAT: [lambda r, _s: latest.update(r),
                              lambda r, s: parquet.write(r, sticky=s)],
         }
-        loops = {name: CollectorLoop(list(schedule) + ([Scheduled(schedstat)]
-                                                       if name == WITH_SCHEDSTAT else []),
+        extra = {WITH_SCHEDSTAT: schedstat}
+        if old is not None:
+            at = f"  same, schedstat@{rev}"
+            configs[at] = configs[WITH_SCHEDSTAT]
+            extra[at] = old.SchedstatSampler(watch_attach=False, watch_names=[WATCH_MARK],
+                                             interval_s=INTERVAL_S)
+        loops = {name: CollectorLoop(list(schedule) + ([Scheduled(extra[name])]
+                                                       if name in extra else []),
                                      INTERVAL_S, sinks)
                  for name, sinks in configs.items()}
         k = 0
@@ -222,6 +283,14 @@ def run(watched: list[subprocess.Popen]) -> None:
           f"+{pct(with_ss[0]) - pct(base[0]):.2f} % of a core (median), "
           f"+{(with_ss[1] - base[1]) * 1e3:.3f} ms = +{pct(with_ss[1]) - pct(base[1]):.2f} % "
           "(least-disturbed)")
+    if old is not None:
+        then = own[f"  same, schedstat@{rev}"]
+        print(f"schedstat sampling today vs at {rev}, side by side: "
+              f"{(with_ss[0] - base[0]) * 1e3:.3f} vs {(then[0] - base[0]) * 1e3:.3f} ms CPU/tick "
+              f"(median; ratio {(with_ss[0] - base[0]) / max(1e-9, then[0] - base[0]):.2f}), "
+              f"{(with_ss[1] - base[1]) * 1e3:.3f} vs {(then[1] - base[1]) * 1e3:.3f} "
+              f"(least-disturbed; ratio "
+              f"{(with_ss[1] - base[1]) / max(1e-9, then[1] - base[1]):.2f})")
     for name in ("+ Prometheus + Parquet", WITH_SCHEDSTAT):
         median_pct = pct(own[name][0]) + extra
         min_pct = pct(own[name][1]) + extra

@@ -10,7 +10,14 @@ recorder). Today minus before is what the step record (the vllm.engine.step tupl
 Goal (issue 19): <= 1 us per step. Thread CPU time medians (a loaded 2-core machine
 preempts us; CPU time leaves that out), wall beside it.
 
-    .venv/bin/python bench/step_record_cost.py [--steps 20000] [--rounds 15]
+The buffer is drained every --drain-every steps outside the timed loop, as the recorder's
+export thread does every flush interval (0.5 s: 500 steps of a 1 ms engine step, fewer of
+real ones; at the drain the export thread, not the engine, frees the SchedulerOutputs the
+records keep). --drain-every 0 keeps a whole round's records (20,000 steps' SchedulerOutputs,
+tens of MB) alive as the first version of this bench did: that measures the page faults and
+garbage-collector passes of an ever-growing heap, which no engine sees.
+
+    .venv/bin/python bench/step_record_cost.py [--steps 20000] [--rounds 15] [--drain-every 500]
 """
 
 from __future__ import annotations
@@ -51,34 +58,51 @@ class Scheduler:
 BEFORE = "fe62056"  # the last commit without step records
 
 
-def _hooks_before():
-    """The scheduler probes as they were before the step records (None without git)."""
+def _hooks_before(rev: str = BEFORE):
+    """The scheduler probes as they were at commit `rev` (None without git)."""
     import subprocess
     import types
 
     try:
         src = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "show",
-                              f"{BEFORE}:kvprof/probes/hooks.py"], capture_output=True,
+                              f"{rev}:kvprof/probes/hooks.py"], capture_output=True,
                              text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    mod = types.ModuleType("kvprof_hooks_before")
+    mod = types.ModuleType(f"kvprof_hooks_{rev}")
     exec(compile(src, "hooks_before.py", "exec"), mod.__dict__)
     return mod
 
 
-def _run(sched: Scheduler, steps: int, mro) -> tuple[int, int]:
-    t_cpu, t_wall = time.thread_time_ns(), time.perf_counter_ns()
-    for _ in range(steps):
-        so = sched.schedule()
-        sched.update_from_output(so, mro)
-    return time.thread_time_ns() - t_cpu, time.perf_counter_ns() - t_wall
+def _run(sched: Scheduler, steps: int, mro, drain, every: int) -> tuple[int, int]:
+    """CPU and wall ns of `steps` steps; drain() (the export thread's job) runs untimed
+    after every `every` steps (0: at the end only)."""
+    every = every or steps
+    cpu = wall = 0
+    done = 0
+    while done < steps:
+        n = min(every, steps - done)
+        t_cpu, t_wall = time.thread_time_ns(), time.perf_counter_ns()
+        for _ in range(n):
+            so = sched.schedule()
+            sched.update_from_output(so, mro)
+        cpu += time.thread_time_ns() - t_cpu
+        wall += time.perf_counter_ns() - t_wall
+        drain()
+        done += n
+    return cpu, wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20000, help="steps per round")
     ap.add_argument("--rounds", type=int, default=15, help="alternating rounds")
+    ap.add_argument("--drain-every", type=int, default=500,
+                    help="steps between drains of the buffer, as the export thread's flush "
+                         "(0: once per round)")
+    ap.add_argument("--also", action="append", default=[], metavar="REV",
+                    help="also run the scheduler probes of this git revision (e.g. HEAD, to "
+                         "compare a change side by side); repeatable")
     args = ap.parse_args()
 
     from kvprof.probes import hooks
@@ -100,26 +124,43 @@ def main() -> None:
             inst._wrap(cls, name, getattr(mod, "scheduler_" + name), f"bench.{name}")
     if old is not None:
         variants["before"] = Before()
+    extra = {}
+    for rev in args.also:
+        mod = _hooks_before(rev)
+        if mod is None:
+            sys.exit(f"Error: cannot read kvprof/probes/hooks.py at {rev} with git")
+        cls = type(f"At_{rev}", (Scheduler,), {})
+        for name in ("schedule", "update_from_output"):
+            inst._wrap(cls, name, getattr(mod, "scheduler_" + name), f"bench.{rev}.{name}")
+        variants[rev] = cls()
+        extra[rev] = mod
     buf: deque = deque()
     hooks.set_emit(buf.append)
-    if old is not None:
-        old.set_emit(buf.append)
+    for mod in (old, *extra.values()):
+        if mod is not None:
+            mod.set_emit(buf.append)
     mro = NS(kv_connector_output=None)
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    # Interleaved chunk by chunk (one drain interval each), the order rotating, so that every
+    # variant meets the same moments of the machine's load.
+    every = args.drain_every or args.steps
+    names = list(variants)
     try:
         for s in variants.values():
-            _run(s, 2000, mro)  # warm-up
-        for _ in range(args.rounds):
-            for name, s in variants.items():
-                cpu, wall = _run(s, args.steps, mro)
-                res[name].append((cpu / args.steps, wall / args.steps))
-                buf.clear()  # the export thread's job; not part of the step
+            _run(s, 2000, mro, buf.clear, every)  # warm-up
+        for r in range(args.rounds):
+            for c in range(max(1, args.steps // every)):
+                k = (r + c) % len(names)
+                for name in names[k:] + names[:k]:
+                    cpu, wall = _run(variants[name], every, mro, buf.clear, every)
+                    res[name].append((cpu / every, wall / every))
     finally:
         hooks.set_emit(None)
         hooks.reset_state()
-        if old is not None:
-            old.set_emit(None)
-            old.reset_state()
+        for mod in (old, *extra.values()):
+            if mod is not None:
+                mod.set_emit(None)
+                mod.reset_state()
     med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v))
            for k, v in res.items()}
     added_cpu = med["probed"][0] - med["bare"][0]
@@ -138,6 +179,11 @@ def main() -> None:
     print(f"step record    : {step_cpu:8.0f} ns CPU  {step_wall:8.0f} ns wall per step "
           "(today - before; goal <= 1000 ns)")
     print("verdict        :", "OK" if step_cpu <= 1000 else "OVER the 1 us goal")
+    for rev in extra:
+        print(f"step record at {rev}: {med[rev][0] - med['before'][0]:8.0f} ns CPU  "
+              f"{med[rev][1] - med['before'][1]:8.0f} ns wall per step (today's: "
+              f"{step_cpu:.0f} ns CPU; today / {rev}: "
+              f"{step_cpu / max(1.0, med[rev][0] - med['before'][0]):.2f})")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,24 @@ class Scheduler:
         return {}
 
 
-def test_each_step_becomes_a_span_with_its_batch():
+IMPLEMENTATIONS = ["c", "python"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def step_impl(request, monkeypatch):
+    """The step record's two implementations: C (kvprof/probes/_fastrec.c, where built) and
+    Python (no compiler at install, or KVPROF_PURE_PYTHON); probes made inside the test use
+    the chosen one."""
+    if request.param == "c":
+        if hooks._c_step_begin is None:
+            pytest.skip("kvprof.probes._fastrec with the step record is not built here")
+    else:
+        monkeypatch.setattr(hooks, "_c_step_begin", None)
+        monkeypatch.setattr(hooks, "_c_step_end", None)
+    return request.param
+
+
+def test_each_step_becomes_a_span_with_its_batch(step_impl):
     events = []
     hooks.set_emit(events.append)
     try:
@@ -85,6 +102,92 @@ def test_each_step_becomes_a_span_with_its_batch():
     assert table["kv_loads_started"].tolist() == [1, -1]
     assert (table["schedule_end_ns"] <= table["execute_end_ns"]).all()
     assert (table["execute_end_ns"] <= table["end_ns"]).all()
+
+
+def _step_events(sched, outputs, mro_of) -> list[tuple]:
+    """The events of one step per SchedulerOutput in `outputs` through the probes now made."""
+    events = []
+    hooks.set_emit(events.append)
+    try:
+        schedule = hooks.scheduler_schedule(type(sched).schedule)
+        update = hooks.scheduler_update_from_output(type(sched).update_from_output)
+        for out in outputs:
+            sched.out = out
+            so = schedule(sched)
+            update(sched, so, mro_of(out))
+        assert not hooks._STEP_START  # every step's start taken back
+    finally:
+        hooks.set_emit(None)
+        hooks.reset_state()
+    return events
+
+
+def _untimed(events):
+    """Events with their times (ints from the clock) replaced by their order."""
+    out = []
+    for e in events:
+        if e[0] != ev.STEP:
+            out.append(e[:2])  # (kind, request id): the rest are times
+            continue
+        _, info, t, t_end, so, kvo = e
+        assert info is not None and info[0] <= info[1] <= t <= t_end
+        out.append((ev.STEP, info[2:], so, kvo))
+    return out
+
+
+def test_the_c_step_record_is_the_python_one():
+    """Same events from both implementations (times aside): a scheduler with KV blocks, one
+    without (the step's timing alone), a model runner output without kv_connector_output,
+    and more outputs than the start-time table keeps (shutdown: never passed back)."""
+    if hooks._c_step_begin is None:
+        pytest.skip("kvprof.probes._fastrec with the step record is not built here")
+    outs = [NS(scheduled_new_reqs=[NS(req_id=f"r{i}")] if i == 1 else [],
+               num_scheduled_tokens={f"r{i}": 1}, total_num_scheduled_tokens=1,
+               preempted_req_ids=None, kv_connector_metadata=None) for i in range(3)]
+
+    class Bare:  # no kv_cache_manager, no get_request_counts
+        out = None
+
+        def schedule(self):
+            return self.out
+
+        def update_from_output(self, scheduler_output, model_runner_output):
+            return {}
+
+    kvo = NS(finished_recving={"r0"})
+    runs = {}
+    for impl in IMPLEMENTATIONS:
+        saved = hooks._c_step_begin, hooks._c_step_end
+        if impl == "python":
+            hooks._c_step_begin = hooks._c_step_end = None
+        try:
+            runs[impl] = (_step_events(Scheduler(), outs, lambda o: NS(kv_connector_output=kvo)),
+                          _step_events(Bare(), outs, lambda o: object()))
+        finally:
+            hooks._c_step_begin, hooks._c_step_end = saved
+    for c_events, py_events in zip(runs["c"], runs["python"], strict=True):
+        assert _untimed(c_events) == _untimed(py_events)
+    with_blocks, bare = (_untimed(x) for x in runs["c"])
+    assert with_blocks[0] == (ev.STEP, (2, 5, 90, 100), outs[0], kvo)
+    assert (ev.SCHEDULED, "r1") in with_blocks
+    assert bare[0] == (ev.STEP, (-1, -1, -1, -1), outs[0], None)
+    # Outputs never passed back: the table keeps the last 64, in C as in Python.
+    sched = Scheduler()
+    for impl in IMPLEMENTATIONS:
+        saved = hooks._c_step_begin
+        if impl == "python":
+            hooks._c_step_begin = None
+        try:
+            schedule = hooks.scheduler_schedule(Scheduler.schedule)
+            kept = []
+            for i in range(70):
+                sched.out = NS(scheduled_new_reqs=[], i=i)
+                kept.append(sched.out)  # alive: distinct ids
+                schedule(sched)
+            assert list(hooks._STEP_START) == [id(o) for o in kept[-64:]], impl
+        finally:
+            hooks._c_step_begin = saved
+            hooks.reset_state()
 
 
 def test_no_step_spans_give_an_empty_table_with_every_column():

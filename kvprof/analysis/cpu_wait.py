@@ -7,7 +7,8 @@ decode engine's processes for theirs. The schedstat collector sampled, per watch
 and interval, the run-queue wait of the thread that waited most
 (kvprof.analysis.loaders.cpu_waits). A leg that overlaps intervals where its process waited
 for a core gets that wait, pro rata of the overlap (the wait is taken as spread evenly over
-its interval), from the process of its role that waited most in the window: the cause
+its interval, or over its own length before the interval's end when it is longer), from
+the process of its role that waited most in the window: the cause
 "CPU contention (process X waited N ms for a core)".
 
 The leg windows are on the report's reference clock and the samples on the collecting
@@ -96,26 +97,37 @@ def leg_windows(milestones: dict[str, tuple], requests: pd.DataFrame) -> pd.Data
 
 
 def _cumulative(waits: pd.DataFrame):
-    """Knots (t, cumulative wait) of one process, the wait spread evenly in each interval."""
+    """Knots (t, cumulative wait) of one process: each interval's wait spread evenly over
+    the interval, or, when it is longer than the interval, over the wait's own length
+    before the interval's end.
+
+    Why: the kernel adds a wait to a thread's schedstat only when the thread gets a core
+    (sched_info_arrive), so a 250 ms wait shows up whole in the one 20 ms interval where it
+    ended; spread over that interval alone, most of it fell after the leg it delayed
+    (tests/probes/test_known_delays.py, the CPU-hog place)."""
     import numpy as np
 
     w = waits.sort_values("time_ns")
     end = w["time_ns"].to_numpy(dtype=float)
-    start = end - w["interval_ns"].to_numpy(dtype=float)
+    interval = w["interval_ns"].to_numpy(dtype=float)
     per = w["top_thread_wait_ms"].to_numpy(dtype=float)
     # Without the top-thread gauge (an older collector), the summed wait capped at the
     # interval: never more than the wall time that passed.
-    fallback = np.minimum(w["runqueue_wait_ms"].to_numpy(dtype=float),
-                          w["interval_ns"].to_numpy(dtype=float) / 1e6)
+    fallback = np.minimum(w["runqueue_wait_ms"].to_numpy(dtype=float), interval / 1e6)
     per = np.where(np.isnan(per), fallback, per)
-    per = np.nan_to_num(per, nan=0.0)
-    before = np.concatenate([[0.0], np.cumsum(per)[:-1]])
-    x = np.empty(2 * len(end))
-    y = np.empty(2 * len(end))
-    x[0::2], x[1::2] = start, end
-    y[0::2], y[1::2] = before, before + per
+    per = np.maximum(np.nan_to_num(per, nan=0.0), 0.0)
+    span = np.maximum(np.maximum(interval, per * 1e6), 1.0)
+    # A sum of ramps (they overlap where a long wait reaches back over earlier intervals):
+    # piecewise linear, its slope changing by +rate where a ramp starts and -rate where it
+    # ends.
+    rate = per / span
+    x = np.concatenate([end - span, end])
+    dslope = np.concatenate([rate, -rate])
     order = np.argsort(x, kind="stable")
-    return x[order], np.maximum.accumulate(y[order]), end, w["top_thread"].to_numpy(dtype=object)
+    x, dslope = x[order], dslope[order]
+    slope = np.cumsum(dslope)
+    y = np.concatenate([[0.0], np.cumsum(slope[:-1] * np.diff(x))])
+    return x, np.maximum.accumulate(y), end, w["top_thread"].to_numpy(dtype=object)
 
 
 def effective_role(role: str, service: str, process: str) -> str:
@@ -175,9 +187,15 @@ def attribute(windows: pd.DataFrame, waits: pd.DataFrame,
     where the collector watched them; otherwise every watched process of the side's role.
     Not the process that recorded the leg's end alone: the work of a leg crosses processes
     (an EngineCore span, the worker's compute), and the own process measured ~0 wait while
-    the leg grew (tests/probes/test_known_delay_cpu_hog.py, 19b's report). Known limit: a
-    busy-polling neighbour of the same engine waits whenever the leg's process runs, so
-    the side's maximum can name a competitor and overstate the wait. One row
+    the leg grew (19b's report, a continuous hog on the decode core). Known limit: a
+    busy-polling thread "waits for a core" whenever anything else runs on its core, and
+    vLLM's EngineCore and workers poll their shared-memory queues with sched_yield between
+    steps and while a step is in flight. The collector leaves a thread that polled through
+    an interval out of the top-thread wait (kvprof.collectors.schedstat), but not one kept
+    off its core longer than an interval: on a busy machine a polling EngineCore can lose its
+    core to another process for a whole sleep of its worker (EEVDF pushes a yielding thread's
+    deadline back), and the side's maximum then overstates the wait (a 250 ms sleep read as
+    273 ms of the EngineCore's wait in one stretch, issue 19's known-delay run). One row
     per (key, leg) with a candidate: the process that waited most in the window (pid,
     process, the thread that waited most around the window's middle) and ``wait_ms`` (0 when
     it did not wait). Legs without a watched process: no row (no measurement, no cause).

@@ -4,12 +4,14 @@ For every watched process the sampler reads, per thread, ``<proc>/<pid>/task/<ti
 (time on a CPU, time waiting on a run queue, in ns) every tick, and at every
 SWITCHES_EVERY_SCANS-th full scan the thread's ``nonvoluntary_ctxt_switches`` from its
 ``status`` when the thread ran since then (a thread that did not run was not preempted).
-Threads that neither ran nor waited since their last read are "cold" and read again only
-at the next full scan (every ``discover_every_s``): most threads of a serving process
+Threads that neither ran nor waited for ``cold_after_s`` (1 s) are "cold" and read again
+only at the next full scan (every ``discover_every_s``): most threads of a serving process
 sleep (thread pools, tokenizer and exporter threads), and reading them every tick would
-cost the most for nothing. A cold
-thread that wakes up shows its wait at the next full scan, at most ``discover_every_s``
-late; the counters stay exact. It emits per process:
+cost the most for nothing. A cold thread that wakes up shows its wait at the next full
+scan, at most ``discover_every_s`` late; the counters stay exact. The grace second keeps an
+engine's threads hot between requests: a thread that had gone cold after one quiet tick
+showed a 250 ms wait up to 2 s late, in another request's legs (issue 19's CPU-hog test).
+It emits per process:
 
 * ``kvprof_process_runqueue_wait_seconds`` / ``kvprof_process_cpu_seconds`` /
   ``kvprof_process_nonvoluntary_switches``: counters summed over the process's threads,
@@ -18,10 +20,25 @@ late; the counters stay exact. It emits per process:
   waited most in the last interval, with its name in label ``thread``. The analysis uses this
   one (kvprof/analysis/cpu_wait.py): threads of one process wait side by side, so their sum
   can exceed the interval, while one thread's wait is time the process lost on one path.
+  A thread that was *polling* in the interval is left out of it: one that never slept
+  (time on a CPU + time waiting >= POLL_RUNNABLE of the interval) yet ran under
+  POLL_SLICE_CPU_NS per time slice, i.e. a loop that yields the core as soon as it gets it
+  (vLLM's EngineCore and workers spin on sched_yield for 1 s after each message of their
+  shared-memory queues, shm_broadcast.py). Its wait is the others' turn on the core it gave
+  away, not work held up: counted, it read every sleep or long step of a process as "CPU
+  contention" (issue 19's known-delay tests: a 250 ms sleep showed +228..265 ms of it).
+  A wait longer than the interval (plus POLL_TURN_NS) is never polling: the kernel adds a
+  wait when the thread gets its core back, and a polling thread's waits are each the length
+  of another thread's turn, so only a thread kept off its core for longer than a tick (a
+  hog, a real-time task) shows one; the known-delay CPU hog is exactly that. Shorter
+  starvation of a thread that polls is lost with the polling (the price of not naming a
+  sleep as contention).
+  The process sum above keeps every thread's wait.
 
 Which processes: those started under ``kvprof attach`` (their environment carries
 ``KVPROF_ENABLED=1``, with KVPROF_ROLE and KVPROF_SERVICE_NAME: found in Kubernetes too, from
-a DaemonSet with ``hostPID`` and ``--proc /host/proc``, no shared folder needed), plus
+a DaemonSet with the node's procfs at ``--proc /host/proc``, no hostPID and no shared folder
+needed; another user's environ takes CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH), plus
 ``--watch-pid [ROLE=]PID`` and ``--watch-name [ROLE=]REGEX`` (a regular expression searched
 in the command line; the matching process's descendants are watched too, e.g. aiperf's
 worker processes). New processes are looked for every ``discover_every_s``; only processes
@@ -39,6 +56,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic_ns
 
 from kvprof import semconv
 from kvprof.collectors.base import (
@@ -54,9 +72,19 @@ from kvprof.errors import UsageError
 log = logging.getLogger("kvprof.collectors")
 
 DISCOVER_EVERY_S = 2.0  # full scans: new processes and threads, cold threads re-read
+COLD_AFTER_S = 1.0  # a thread unchanged this long is read only at full scans
 SWITCHES_EVERY_SCANS = 3  # involuntary switches: read at every 3rd full scan (6 s)
 RELIST_EVERY_SCANS = 10  # a process's thread list: listed again at least every 10th scan
 DEFAULT_INTERVAL_S = 0.1
+# Polling (see above): measured, a Python sched_yield loop runs 5-13 us per slice; a thread
+# doing real work between preemptions runs CFS slices of ~0.75-3 ms, and one that waits for
+# messages sleeps between them (runnable well under the whole interval).
+POLL_SLICE_CPU_NS = 20_000
+POLL_MIN_SLICES = 3
+POLL_RUNNABLE = 0.9
+# One other thread's turn on the core (a CFS slice, a few ms; 25 ms covers a loaded run
+# queue): a polling thread's waits straddle the interval's ends by at most one.
+POLL_TURN_NS = 25_000_000
 SOURCE_ATTACH = "attach"
 SOURCE_PID = "pid"
 SOURCE_NAME = "name"
@@ -64,6 +92,10 @@ ROLE_CLIENT = "client"
 _ENV_MARK = f"{semconv.ENV_ENABLED}=1".encode()
 _NIVCSW = b"nonvoluntary_ctxt_switches:"
 _ROLE_PREFIX = re.compile(r"^([A-Za-z][\w.-]*)=(.+)$")
+_sample_of = tuple.__new__
+_M_WAIT, _M_CPU = semconv.METRIC_PROCESS_RUNQUEUE_WAIT, semconv.METRIC_PROCESS_CPU
+_M_SWITCHES = semconv.METRIC_PROCESS_NONVOLUNTARY_SWITCHES
+_M_WAIT_MAX = semconv.METRIC_PROCESS_THREAD_WAIT_MAX
 
 
 def parse_schedstat(data: bytes) -> tuple[int, int, int]:
@@ -157,11 +189,15 @@ class _Process:
     fds: list[int] = field(default_factory=list)
     cpu: list[int] = field(default_factory=list)
     wait: list[int] = field(default_factory=list)
+    slices: list[int] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)  # monotonic ns of the last read
     hot: list[bool] = field(default_factory=list)
+    calm: list[int] = field(default_factory=list)  # reads in a row that found no change
     ran: list[bool] = field(default_factory=list)
     raw: list[bytes] = field(default_factory=list)  # the file as last read
     hot_idx: list[int] = field(default_factory=list)  # positions of the hot threads
     links: int = -1  # st_nlink of <pid>/task at the last listing
+    entity: str = ""  # the samples' entity, "pid<pid>"
     scans: int = 0
 
 
@@ -173,7 +209,7 @@ class SchedstatSampler:
     def __init__(self, proc: Path | str = "/proc", *, watch_pids: Iterable[str] = (),
                  watch_names: Iterable[str] = (), watch_attach: bool = True,
                  discover_every_s: float = DISCOVER_EVERY_S,
-                 interval_s: float = DEFAULT_INTERVAL_S):
+                 interval_s: float = DEFAULT_INTERVAL_S, cold_after_s: float = COLD_AFTER_S):
         self.proc = str(proc)
         self.pids = [parse_watch_pid(s) for s in watch_pids]
         self.names = [parse_watch_name(s) for s in watch_names]
@@ -181,12 +217,16 @@ class SchedstatSampler:
         # Counted in ticks, not seconds: a late tick must not shift the full scans, and the
         # benchmark (ticks back to back) scans as often per tick as a live collector.
         self.scan_every = max(1, round(discover_every_s / interval_s))
+        self.cold_after = max(1, round(cold_after_s / interval_s))
         self.procs: dict[int, _Process] = {}
         self._tick = 0
         self._switches = False
         self._decided: dict[int, tuple[str, str, str] | None] = {}  # pid -> (role, service, src)
         self._ppid: dict[int, int] = {}
         self._problem: str | None = None
+        self._names: set[str] = set()  # <proc>'s entries at the last full scan
+        self._listed: set[int] = set()  # and the pids among them
+        self._wanted: set[int] = set()  # pids decided to be watched
         # The collector's own command line names what it watches for (--watch-name aiperf):
         # never watch ourselves when sampling this machine's own procfs.
         self._self = os.getpid() if os.path.realpath(self.proc) == "/proc" else None
@@ -200,8 +240,19 @@ class SchedstatSampler:
 
     # -- discovery ------------------------------------------------------------------------
     def _read(self, *parts: str | int) -> bytes:
-        with open(os.path.join(self.proc, *map(str, parts)), "rb") as fh:
-            return fh.read()
+        # os.open/os.read, not open(): a file object cost more than the read itself here,
+        # and full scans read comm (and new processes' environ, cmdline, stat) this way.
+        fd = os.open(os.path.join(self.proc, *map(str, parts)), os.O_RDONLY)
+        try:
+            data = os.read(fd, 65536)
+            if len(data) == 65536:  # a long environ or command line: the rest too
+                chunks = [data]
+                while chunk := os.read(fd, 65536):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            return data
+        finally:
+            os.close(fd)
 
     def _decide(self, pid: int, depth: int = 0) -> tuple[str, str, str] | None:
         """Whether ``pid`` is watched, and as what: (role, service, source) or None."""
@@ -250,22 +301,31 @@ class SchedstatSampler:
         return None
 
     def _discover(self) -> None:
+        # Set differences against the last listing: only pids new since then (and watched
+        # ones not being sampled, e.g. after a failed read) are looked at in Python; a node
+        # runs hundreds to thousands of processes, each scan looked at every one.
         try:
-            listed = {int(n) for n in os.listdir(self.proc) if n.isdigit()}
+            names = set(os.listdir(self.proc))
         except OSError as err:
             self._problem = f"cannot list {self.proc}: {err.strerror or err}"
             return
         self._problem = None
+        gone = {int(n) for n in self._names - names if n.isdigit()}
+        fresh = {int(n) for n in names - self._names if n.isdigit()}
+        self._names = names
+        listed = self._listed = (self._listed - gone) | fresh
         # Forget pids that are gone, so a reused pid is looked at afresh.
-        for pid in [p for p in self._decided if p not in listed]:
-            del self._decided[pid]
+        for pid in gone:
+            self._decided.pop(pid, None)
             self._ppid.pop(pid, None)
-        for pid in sorted(listed):
+            self._wanted.discard(pid)
+        for pid in sorted((fresh - self._decided.keys()) | (self._wanted - self.procs.keys())):
             if pid in self.procs:
                 continue
             verdict = self._decide(pid)
             if verdict is None:
                 continue
+            self._wanted.add(pid)
             try:
                 comm, _, start = parse_stat(self._read(pid, "stat"))
             except (OSError, ValueError, IndexError):
@@ -273,7 +333,8 @@ class SchedstatSampler:
             role, service, source = verdict
             labels = {"pid": str(pid), "process": comm, "role": role, "service": service,
                       "source": source}
-            self.procs[pid] = _Process(pid, start, comm, role, service, source, labels=labels)
+            self.procs[pid] = _Process(pid, start, comm, role, service, source, labels=labels,
+                                       entity=f"pid{pid}")
             log.debug("schedstat: watching pid %d (%s, role %s)", pid, comm, role)
         for pid, p in list(self.procs.items()):
             if pid not in listed:
@@ -347,7 +408,10 @@ class SchedstatSampler:
         keep = [old.get(t, -1) for t in tids]
         p.cpu = [p.cpu[i] if i >= 0 else 0 for i in keep]
         p.wait = [p.wait[i] if i >= 0 else 0 for i in keep]
+        p.slices = [p.slices[i] if i >= 0 else 0 for i in keep]
+        p.seen = [p.seen[i] if i >= 0 else 0 for i in keep]
         p.hot = [p.hot[i] if i >= 0 else True for i in keep]
+        p.calm = [p.calm[i] if i >= 0 else 0 for i in keep]
         p.ran = [p.ran[i] if i >= 0 else True for i in keep]
         p.raw = [p.raw[i] if i >= 0 else b"" for i in keep]
         p.tids, p.fds = tids, [p.threads[t].fd for t in tids]
@@ -386,13 +450,13 @@ class SchedstatSampler:
             if not p.threads:
                 self._drop(pid)
                 continue
-            labels = p.labels
-            out.append(Sample(semconv.METRIC_PROCESS_RUNQUEUE_WAIT, p.wait_ns / 1e9,
-                              f"pid{pid}", labels, True))
-            out.append(Sample(semconv.METRIC_PROCESS_CPU, p.cpu_ns / 1e9, f"pid{pid}", labels,
-                              True))
-            out.append(Sample(semconv.METRIC_PROCESS_NONVOLUNTARY_SWITCHES, float(p.nivcsw),
-                              f"pid{pid}", labels, True))
+            labels, entity = p.labels, p.entity
+            # Samples built as tuples (tuple.__new__): NamedTuple's Python-level __new__
+            # cost more than half of the emitting, 4 samples per process and tick.
+            out.append(_sample_of(Sample, (_M_WAIT, p.wait_ns / 1e9, entity, labels, True)))
+            out.append(_sample_of(Sample, (_M_CPU, p.cpu_ns / 1e9, entity, labels, True)))
+            out.append(_sample_of(Sample, (_M_SWITCHES, float(p.nivcsw), entity, labels,
+                                           True)))
             if p.primed:
                 # One labels dict per (process, thread name), reused: sinks cache the
                 # labels' JSON by the dict's identity.
@@ -401,8 +465,8 @@ class SchedstatSampler:
                     if len(p.thread_labels) > 256:
                         p.thread_labels.clear()
                     tl = p.thread_labels[top_name] = {**labels, "thread": top_name}
-                out.append(Sample(semconv.METRIC_PROCESS_THREAD_WAIT_MAX, top_wait / 1e9,
-                                  f"pid{pid}", tl))
+                out.append(_sample_of(Sample, (_M_WAIT_MAX, top_wait / 1e9, entity, tl,
+                                               False)))
             p.primed = True
         if not out:
             result.no_data.append(NoData(WHOLE_COLLECTOR, ALL_METRICS, self._nobody()))
@@ -420,7 +484,9 @@ class SchedstatSampler:
             return 0, ""
         hot_idx: list[int] = []
         fds, pread = p.fds, os.pread
-        cpu_l, wait_l, ran = p.cpu, p.wait, p.ran
+        cpu_l, wait_l, ran, calm = p.cpu, p.wait, p.ran, p.calm
+        slices_l, seen_l, now = p.slices, p.seen, monotonic_ns()
+        cold_after = self.cold_after
         top_wait, top_i, d_cpu_sum, d_wait_sum = 0, -1, 0, 0
         gone = []
         for i in idx:
@@ -429,23 +495,32 @@ class SchedstatSampler:
             except OSError:
                 raw = b""
             if raw == raw_l[i]:
-                hot[i] = False
+                calm[i] += 1
+                if calm[i] < cold_after:
+                    hot_idx.append(i)
+                else:
+                    hot[i] = False
                 continue
+            calm[i] = 0
             fields = raw.split()  # parse_schedstat, inlined: this loop is the hot path
             if len(fields) < 3:
                 gone.append(p.tids[i])  # the thread exited (ESRCH) since the last listing
                 continue
-            cpu, wait = int(fields[0]), int(fields[1])
+            cpu, wait, slices = int(fields[0]), int(fields[1]), int(fields[2])
             raw_l[i] = raw
             hot_idx.append(i)
-            d_cpu, d_wait = cpu - cpu_l[i], wait - wait_l[i]
-            cpu_l[i], wait_l[i] = cpu, wait
+            d_cpu, d_wait, d_slices = cpu - cpu_l[i], wait - wait_l[i], slices - slices_l[i]
+            cpu_l[i], wait_l[i], slices_l[i] = cpu, wait, slices
+            elapsed, seen_l[i] = now - seen_l[i], now
             hot[i] = True
             if d_cpu:
                 ran[i] = True
             d_cpu_sum += d_cpu
             d_wait_sum += d_wait
-            if d_wait > top_wait:
+            if d_wait > top_wait and not (
+                    d_slices >= POLL_MIN_SLICES and d_cpu < d_slices * POLL_SLICE_CPU_NS
+                    and d_cpu + d_wait >= POLL_RUNNABLE * elapsed
+                    and d_wait <= elapsed + POLL_TURN_NS):
                 top_wait, top_i = d_wait, i
         p.cpu_ns += d_cpu_sum
         p.wait_ns += d_wait_sum

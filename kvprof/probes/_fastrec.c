@@ -1304,9 +1304,163 @@ static PyTypeObject HooksType = {
     .tp_members = Hooks_members,
 };
 
+/* -- engine steps ------------------------------------------------------------------------- */
+/* The EngineCore step record (hooks.scheduler_schedule / scheduler_update_from_output):
+ * the very tuples the Python probes build, each in one call. Every step pays these, and in
+ * Python their cost was mostly the calls themselves (time.time_ns(), the tuple, the emit):
+ * bench/step_record_cost.py. Errors raise into the probe, which reports the hook failed. */
+static PyObject *s_kv_cache_manager, *s_block_pool, *s_free_block_queue, *s_num_free_blocks,
+    *s_num_gpu_blocks, *s_get_request_counts, *s_kv_connector_output, *minus_one;
+
+/* step_begin(starts, scheduler, output, t): starts[id(output)] = (t, now, running, waiting,
+ * KV blocks free, KV blocks total), the counts from the scheduler's get_request_counts();
+ * (t, now, -1, -1, -1, -1) for a scheduler without these, as the Python probe's
+ * `except Exception`. */
+static PyObject *
+step_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "step_begin(starts: dict, scheduler, output, t)");
+        return NULL;
+    }
+    PyObject *starts = args[0], *sched = args[1], *out = args[2], *t = args[3];
+    PyObject *t1 = PyLong_FromLongLong(now_ns());
+    if (t1 == NULL)
+        return NULL;
+    PyObject *counts = NULL, *free_blocks = NULL, *total = NULL, *pool = NULL, *tmp, *info;
+    tmp = PyObject_GetAttr(sched, s_kv_cache_manager);
+    if (tmp != NULL) {
+        pool = PyObject_GetAttr(tmp, s_block_pool);
+        Py_DECREF(tmp);
+    }
+    if (pool != NULL) {
+        counts = PyObject_CallMethodNoArgs(sched, s_get_request_counts);
+        if (counts != NULL && !(PyTuple_CheckExact(counts) && PyTuple_GET_SIZE(counts) == 2)) {
+            /* `running, waiting = ...` unpacks any pair */
+            tmp = PySequence_Tuple(counts);
+            Py_SETREF(counts, tmp);
+            if (counts != NULL && PyTuple_GET_SIZE(counts) != 2) {
+                PyErr_SetString(PyExc_ValueError, "get_request_counts(): not a pair");
+                Py_CLEAR(counts);
+            }
+        }
+        if (counts != NULL) {
+            tmp = PyObject_GetAttr(pool, s_free_block_queue);
+            if (tmp != NULL) {
+                free_blocks = PyObject_GetAttr(tmp, s_num_free_blocks);
+                Py_DECREF(tmp);
+            }
+            if (free_blocks != NULL)
+                total = PyObject_GetAttr(pool, s_num_gpu_blocks);
+        }
+        Py_DECREF(pool);
+    }
+    if (total == NULL) {
+        Py_XDECREF(counts);
+        Py_XDECREF(free_blocks);
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            Py_DECREF(t1);
+            return NULL;
+        }
+        PyErr_Clear();
+        info = PyTuple_Pack(6, t, t1, minus_one, minus_one, minus_one, minus_one);
+        Py_DECREF(t1);
+    }
+    else {
+        /* Flat, as in Python: a tuple of ints, which the garbage collector stops tracking
+         * at its first pass (the counts pair nested inside would keep it tracked longer). */
+        info = PyTuple_New(6);
+        if (info == NULL) {
+            Py_DECREF(t1);
+            Py_DECREF(counts);
+            Py_DECREF(free_blocks);
+            Py_DECREF(total);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(info, 0, Py_NewRef(t));
+        PyTuple_SET_ITEM(info, 1, t1);
+        PyTuple_SET_ITEM(info, 2, Py_NewRef(PyTuple_GET_ITEM(counts, 0)));
+        PyTuple_SET_ITEM(info, 3, Py_NewRef(PyTuple_GET_ITEM(counts, 1)));
+        PyTuple_SET_ITEM(info, 4, free_blocks);
+        PyTuple_SET_ITEM(info, 5, total);
+        Py_DECREF(counts);
+    }
+    if (info == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromVoidPtr(out);  /* id(output) */
+    if (key == NULL) {
+        Py_DECREF(info);
+        return NULL;
+    }
+    int rc = PyDict_SetItem(starts, key, info);
+    Py_DECREF(key);
+    Py_DECREF(info);
+    if (rc < 0)
+        return NULL;
+    if (PyDict_GET_SIZE(starts) > 64) {  /* outputs never passed back (shutdown) */
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        if (PyDict_Next(starts, &pos, &k, &v)) {
+            Py_INCREF(k);
+            rc = PyDict_DelItem(starts, k);
+            Py_DECREF(k);
+            if (rc < 0)
+                return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* step_end(emit, kind, info, t, scheduler_output, model_runner_output):
+ * emit((kind, info, t, now, scheduler_output, model_runner_output.kv_connector_output or
+ * None when it has no such attribute)). */
+static PyObject *
+step_end(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "step_end(emit, kind, info, t, so, mro)");
+        return NULL;
+    }
+    PyObject *kvo = PyObject_GetAttr(args[5], s_kv_connector_output);
+    if (kvo == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        kvo = Py_NewRef(Py_None);
+    }
+    PyObject *t2 = PyLong_FromLongLong(now_ns());
+    PyObject *event = t2 == NULL ? NULL : PyTuple_New(6);
+    if (event == NULL) {
+        Py_XDECREF(t2);
+        Py_DECREF(kvo);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(event, 0, Py_NewRef(args[1]));
+    PyTuple_SET_ITEM(event, 1, Py_NewRef(args[2]));
+    PyTuple_SET_ITEM(event, 2, Py_NewRef(args[3]));
+    PyTuple_SET_ITEM(event, 3, t2);
+    PyTuple_SET_ITEM(event, 4, Py_NewRef(args[4]));
+    PyTuple_SET_ITEM(event, 5, kvo);
+    PyObject *r = PyObject_CallOneArg(args[0], event);
+    Py_DECREF(event);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"step_begin", (PyCFunction)(void (*)(void))step_begin, METH_FASTCALL,
+     "step_begin(starts, scheduler, output, t): note a step's schedule() (hooks.py)."},
+    {"step_end", (PyCFunction)(void (*)(void))step_end, METH_FASTCALL,
+     "step_end(emit, kind, info, t, so, mro): emit a step's record (hooks.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastrec",
-    "The API-server hooks' request-path work in C (see api_hooks.py).", -1, NULL,
+    "The API-server hooks' request-path work in C (see api_hooks.py), and the engine "
+    "step record (hooks.py).", -1, module_methods,
 };
 
 PyMODINIT_FUNC
@@ -1332,7 +1486,16 @@ PyInit__fastrec(void)
     INTERN(s_trace_headers, "trace_headers");
     INTERN(s_new_token_ids, "new_token_ids");
     INTERN(s_finish_reason, "finish_reason");
+    INTERN(s_kv_cache_manager, "kv_cache_manager");
+    INTERN(s_block_pool, "block_pool");
+    INTERN(s_free_block_queue, "free_block_queue");
+    INTERN(s_num_free_blocks, "num_free_blocks");
+    INTERN(s_num_gpu_blocks, "num_gpu_blocks");
+    INTERN(s_get_request_counts, "get_request_counts");
+    INTERN(s_kv_connector_output, "kv_connector_output");
 #undef INTERN
+    if ((minus_one = PyLong_FromLong(-1)) == NULL)
+        return NULL;
     if (PyType_Ready(&HooksType) < 0 || PyType_Ready(&RecordType) < 0
             || PyType_Ready(&EndingType) < 0
             || PyType_Ready(&AsgiType) < 0)

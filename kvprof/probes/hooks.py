@@ -13,6 +13,7 @@ recording is swallowed and reported once, never raised into vLLM.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from time import monotonic_ns, time_ns
 from typing import Any
@@ -48,6 +49,14 @@ from kvprof.probes.ids import (
 )
 
 log = logging.getLogger(__name__)
+
+try:  # the engine step record in C, built at install where a C compiler is (setup.py)
+    from kvprof.probes._fastrec import step_begin as _c_step_begin
+    from kvprof.probes._fastrec import step_end as _c_step_end
+except ImportError:  # not built, or a build from before the step record: the Python here
+    _c_step_begin = _c_step_end = None
+if os.environ.get("KVPROF_PURE_PYTHON"):
+    _c_step_begin = _c_step_end = None
 
 Probe = Callable[..., Any]
 HookFactory = Callable[[Callable[..., Any]], Probe]
@@ -131,12 +140,34 @@ def scheduler_add_request(wrapped: Callable[..., Any]) -> Probe:
 
 
 def scheduler_schedule(wrapped: Callable[..., Any]) -> Probe:
+    begin = _c_step_begin
+    if begin is not None:
+        # The same as the Python probe below, the step's part in one C call
+        # (_fastrec.step_begin: the same tuple, into the same dict).
+        def schedule_c(self, *args, **kwargs):
+            t = time_ns()
+            out = wrapped(self, *args, **kwargs)
+            try:
+                begin(_STEP_START, self, out, t)
+                new = out.scheduled_new_reqs
+                if new:  # empty on most steps
+                    for r in new:
+                        rid = r.req_id
+                        _AWAIT_FIRST.add(rid)
+                        _EMIT((SCHEDULED, rid, t))
+            except Exception:
+                _hook_failed("Scheduler.schedule")
+            return out
+        return schedule_c
+
     def schedule(self, *args, **kwargs):
         t = time_ns()
         out = wrapped(self, *args, **kwargs)
         try:
             # What the step's record needs from the scheduler at this moment; the batch
-            # itself is read from `out` in the export thread.
+            # itself is read from `out` in the export thread. A flat tuple of ints, which the
+            # garbage collector stops tracking at its first pass (the counts pair nested
+            # inside would keep it tracked longer) while it waits for the export thread.
             try:
                 pool = self.kv_cache_manager.block_pool
                 running, waiting = self.get_request_counts()
@@ -169,17 +200,29 @@ def _report_freed() -> None:
 
 
 def scheduler_update_from_output(wrapped: Callable[..., Any]) -> Probe:
+    end = _c_step_end
+
     def update_from_output(self, *args, **kwargs):
         t = time_ns()
         out = wrapped(self, *args, **kwargs)
         try:
-            so = args[0] if args else kwargs.get("scheduler_output")
+            if len(args) == 2:  # how EngineCore calls it
+                so, mro = args
+            else:
+                so = args[0] if args else kwargs.get("scheduler_output")
+                mro = args[1] if len(args) > 1 else kwargs.get("model_runner_output")
             info = _STEP_START.pop(id(so), None)
-            step = info[0] if info is not None else t
-            mro = args[1] if len(args) > 1 else kwargs.get("model_runner_output")
-            _EMIT((STEP, info, t, time_ns(), so, getattr(mro, "kv_connector_output", None)))
+            if end is not None:  # _fastrec.step_end: the same event, emitted in one C call
+                end(_EMIT, STEP, info, t, so, mro)
+            else:
+                try:
+                    kvo = mro.kv_connector_output
+                except AttributeError:
+                    kvo = None
+                _EMIT((STEP, info, t, time_ns(), so, kvo))
             waiting = _AWAIT_FIRST
             if waiting:  # some request is still before its first token
+                step = info[0] if info is not None else t
                 for outs in out.values():
                     for o in outs.outputs:
                         rid = o.request_id

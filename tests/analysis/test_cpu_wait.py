@@ -88,6 +88,21 @@ def test_a_leg_gets_its_process_wait_pro_rata_of_the_overlap():
     assert summary["processes"][0]["pid"] == 7
 
 
+def test_a_wait_longer_than_its_interval_lies_before_the_interval_end():
+    # The kernel adds a wait to schedstat when the thread gets its core back: a CPU hog took
+    # the decode worker's core for 250 ms in (100.0, 100.25], and the collector (20 ms ticks)
+    # saw all of it in the tick that ended at 100.26. The leg it delayed ended at 100.252.
+    ticks = [(100.0 + 0.02 * i, 0.0, 0.0) for i in range(14)]  # up to 100.26
+    ticks[13] = (100.26, 0.25, 0.25)
+    waits = cpu_waits_from_samples(_samples(9, "decode", "worker", ticks))
+    att = cpu_wait.attribute(_windows([
+        ("hit", "decode", -30, 252),   # the leg the hog delayed: nearly all of the wait
+        ("next", "decode", 252, 400),  # the next leg: what lay after 100.252 only
+    ]), waits).set_index("key")
+    assert att.loc["hit", "wait_ms"] == pytest.approx(242.0)
+    assert att.loc["next", "wait_ms"] == pytest.approx(8.0)
+
+
 def test_leg_sides_follow_the_process_that_records_the_leg_end():
     assert cpu_wait.leg_side("client.first") == "client"
     assert cpu_wait.leg_side("router.recv") == "router"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +61,10 @@ def test_base_security_rules():
     sc = c["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
-    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+    # Every capability dropped; added back only the two that reading another user's
+    # /proc/<pid>/environ needs (CPU-wait discovery; test_collector_caps_find_attach_processes)
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == ["DAC_READ_SEARCH", "SYS_PTRACE"]
     assert "nvidia.com/gpu" not in str(c["resources"])  # GPU access without requesting one
     assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
     env = {e["name"]: e for e in c["env"]}
@@ -148,3 +154,63 @@ def test_dockerfile_has_no_torch():
     runs = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "FROM python:3.11-slim" in text
     assert "torch" not in runs and "vllm" not in runs.lower() and "[bench" not in runs
+
+
+def _discovered(caps: list[str], hostproc: Path, pid: int) -> bool:
+    """Whether the schedstat sampler, run as the DaemonSet runs it (uid 0 with only `caps`,
+    in a PID namespace of its own, the node's procfs mounted read-only elsewhere), finds
+    `pid` as a process started under kvprof attach."""
+    bounding = ",".join(["-all", *(f"+{c.lower()}" for c in caps)])
+    code = ("import sys; from kvprof.collectors.schedstat import SchedstatSampler; "
+            "s = SchedstatSampler(sys.argv[1], interval_s=0.1); s.sample(); "
+            "print(int(sys.argv[2]) in s.procs)")
+    inner = ["unshare", "--pid", "--fork", "--mount-proc", "--",
+             "setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--",
+             sys.executable, "-c", code, str(hostproc), str(pid)]
+    script = 'mount --bind -o ro /proc "$1" && shift && exec "$@"'
+    out = subprocess.run(["unshare", "--mount", "--", "sh", "-c", script, "sh", str(hostproc),
+                          *inner], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() == "True"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("unshare") and
+                                               shutil.which("setpriv")),
+                    reason="needs root, unshare and setpriv (util-linux)")
+def test_collector_caps_find_attach_processes(tmp_path):
+    """The DaemonSet's capabilities are what CPU-wait discovery needs, measured on this
+    kernel: with them the sampler finds another user's `kvprof attach` process through the
+    node's procfs from its own PID namespace (so no hostPID), without either one it does not."""
+    (ds,) = by_kind(render("base"), "DaemonSet")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    caps = c["securityContext"]["capabilities"].get("add") or []
+    try:
+        probe = subprocess.run(["unshare", "--mount", "--pid", "--fork", "true"],
+                               capture_output=True, timeout=30)
+    except OSError:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("cannot make namespaces here (unshare failed)")
+    hostproc = tmp_path / "hostproc"
+    hostproc.mkdir()
+    tmp_path.chmod(0o755)
+    # Another user's engine: uid 65534, started under kvprof attach (its environment).
+    target = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "120"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KVPROF_ENABLED": "1",
+             "KVPROF_ROLE": "decode"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{target.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "the target process did not start"
+            time.sleep(0.02)
+        assert _discovered(caps, hostproc, target.pid), (
+            f"with the DaemonSet's capabilities {caps} the sampler does not find another "
+            "user's kvprof attach process")
+        for missing in ("SYS_PTRACE", "DAC_READ_SEARCH"):
+            assert not _discovered([x for x in caps if x != missing], hostproc, target.pid), (
+                f"found without {missing}: the manifest asks for more than it needs")
+    finally:
+        target.kill()
+        target.wait()

@@ -12,6 +12,10 @@ every place in turn. Places:
 - ``decode_first_step``: decode worker, a step that carries a new request (execute_model).
 - ``prefill_step``: prefill worker, a step that carries a new request (execute_model).
 - ``decode_intake``: decode EngineCore, before the scheduler takes a request (add_request).
+- ``cpu_hog``: decode worker, after the compute of a step that carries a new request: asks
+  the CPU hog (tests/probes/delay_site/cpu_hog.py, a real-time busy loop pinned to this
+  engine's core, listening on the FIFO named by KVPROF_TEST_HOG_FIFO) to take the core for
+  that many ms. The worker is runnable all along: the time is a run-queue wait, not a sleep.
 """
 
 import json
@@ -34,6 +38,22 @@ def _delay(place):
     ms = _cache["delays"].get(place)
     if ms:
         time.sleep(ms / 1000)
+
+
+def _hog(place):
+    """Hand the core to the CPU hog for the place's ms (it preempts this thread at once)."""
+    ms = _cache["delays"].get(place)
+    fifo = os.environ.get("KVPROF_TEST_HOG_FIFO")
+    if not ms or not fifo:
+        return
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"{float(ms)}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def _role():
@@ -75,6 +95,8 @@ def _patch_runner(module):
         # threads cold for it (tens of ms more on this machine than was injected).
         if scheduler_output.scheduled_new_reqs:
             _delay("decode_first_step" if _role() == "decode" else "prefill_step")
+            if _role() == "decode":
+                _hog("cpu_hog")
         return out
 
     cls.execute_model = execute_model
