@@ -89,10 +89,13 @@ def json_depth(data: bytes | str) -> int:
         data = data.encode("utf-8", "surrogatepass")
     import numpy as np
 
-    arr = np.frombuffer(data, dtype=np.uint8)
     level, quick = 0, 0
-    for i in range(0, len(arr), _CHUNK):
-        depth = np.cumsum(_DELTA[arr[i:i + _CHUNK]], dtype=np.int32)
+    for i in range(0, len(data), _CHUNK):
+        # Only the brackets move the count: dropping every other byte first (bytes.translate,
+        # C speed) leaves ~4% of an OTLP file for NumPy; over every byte it was the loader's
+        # largest step (issue 24: 5 CPU-s of 15 on the bench's 506 MB).
+        brackets = data[i:i + _CHUNK].translate(None, _NOT_BRACKETS)
+        depth = np.cumsum(_DELTA[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int32)
         if len(depth):
             quick = max(quick, level + int(depth.max()))
             level += int(depth[-1])
@@ -110,7 +113,8 @@ def _delta_table():
     return t
 
 
-_CHUNK = 1 << 24
+_CHUNK = 1 << 26
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class _LazyDelta:

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -299,6 +300,45 @@ def _receive(d: Path, *extra: str, output: Path | None = None) -> list[str]:
 
 def _collect(d: Path, *extra: str) -> list[str]:
     return ["collect", "--no-nvml", "--listen", "", *extra]
+
+
+# ClickHouse (kvprof.analysis.clickhouse): one chDB-backed server per corpus run, holding the
+# golden traces in the exporter's otel_traces table plus an "other" and an "endless" table.
+_CH: dict = {}
+_CH_LOCK = threading.Lock()
+
+
+def _clickhouse(env: Env, table: str = "otel_traces", *opts: str) -> str:
+    """clickhouse:// URL of ``table`` on the corpus's server (tests/clickhouse_server.py),
+    started on first use and stopped by corpus_env (or when this process's pipe closes)."""
+    with _CH_LOCK:
+        if "proc" not in _CH:
+            proc = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "clickhouse_server.py"), "--traces",
+                 str(env.golden / "traces")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True, start_new_session=True)
+            _CH["proc"], _CH["port"] = proc, int(proc.stdout.readline().split()[1])
+    q = "&".join((f"table={table}", *opts))
+    return f"clickhouse://127.0.0.1:{_CH['port']}/otel?{q}"
+
+
+def _stop_clickhouse() -> None:
+    proc = _CH.pop("proc", None)
+    if proc is not None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        proc.stdout.close()
+
+
+def _closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- the corpus -------------------------------------------------------------------------------
@@ -671,6 +711,39 @@ def cases() -> list[Case]:
     add(Case("microbench-decode-tp-too-large", "numeric_options",
              lambda d, e: ["microbench", *MB_SMALL, "--tokens", "16", "--decode-tp", "100000"],
              needle="--decode-tp", codes=(2, 3, 4), timeout=60))
+    # Traces where fleets keep them (issue 24): ClickHouse unreachable, not there, of another
+    # schema, too slow; --engine chdb meets malformed files as the pandas loader does.
+    add(Case("report-clickhouse-unreachable", "clickhouse",
+             lambda d, e: _report(d, e, f"clickhouse://127.0.0.1:{_closed_port()}/otel"),
+             needle="cannot reach ClickHouse", codes=(4,), outputs=("report.json",)))
+    add(Case("report-clickhouse-no-database-in-url", "clickhouse",
+             lambda d, e: _report(d, e, "clickhouse://127.0.0.1:8123"),
+             needle="no database", codes=(3,), outputs=("report.json",)))
+    add(Case("report-clickhouse-no-such-table", "clickhouse",
+             lambda d, e: _report(d, e, _clickhouse(e, "nope")),
+             needle="has no table otel.nope", codes=(3,), outputs=("report.json",)))
+    add(Case("report-clickhouse-other-schema", "clickhouse",
+             lambda d, e: _report(d, e, _clickhouse(e, "other")),
+             needle="not the OpenTelemetry Collector ClickHouse exporter's", codes=(3,),
+             outputs=("report.json",)))
+    add(Case("report-clickhouse-query-timeout", "clickhouse",
+             lambda d, e: _report(d, e, _clickhouse(e, "endless", "timeout=1")),
+             needle="did not finish reading", codes=(4,), outputs=("report.json",)))
+    add(Case("report-clickhouse-empty-window", "clickhouse",
+             lambda d, e: _report(d, e, _clickhouse(e), "--service", "no-such-service"),
+             needle="no span kvprof reads", codes=(3,), outputs=("report.json",)))
+    add(Case("report-clickhouse-table", "clickhouse",
+             lambda d, e: _report(d, e, _clickhouse(e)), expect="warn", needle="Wrote",
+             outputs=("report.json",), check=_same_summary))
+    add(Case("report-engine-unknown", "clickhouse",
+             lambda d, e: _report(d, e, None, "--engine", "spark"), needle="--engine",
+             codes=(2,), outputs=("report.json",)))
+    for name in ("start-list", "traceId-number", "resourceSpans-string", "jaeger-data-string"):
+        add(Case(f"report-chdb-traces-{name}", "clickhouse",
+                 lambda d, e, text=bad_types[name]: _report(
+                     d, e, _traces_plus(d, e, "bad.jsonl", text), "--engine", "chdb"),
+                 expect="warn", needle="bad.jsonl", outputs=("report.json",),
+                 check=_same_summary))
     return c
 
 
@@ -759,6 +832,7 @@ def corpus_env(root: Path | None = None):
         yield Env(root=root, golden=golden, baseline=baseline, ro_dir=ro if ro_ok else None,
                   tiny_fs=tiny if tiny_ok else None)
     finally:
+        _stop_clickhouse()
         for m, ok in ((ro, ro_ok), (tiny, tiny_ok)):
             if ok:
                 subprocess.run(["umount", "-l", str(m)], capture_output=True)

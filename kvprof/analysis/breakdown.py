@@ -197,6 +197,48 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
                     dynamo_records: pd.DataFrame | None = None) -> RequestBreakdown:
     """Per-request legs, phases, skew-corrected TTFT and unaccounted time.
 
+    Arguments as ``breakdown_part``; the two halves are public so that
+    kvprof.analysis.stream can run the first on shards of requests, pool their constraints
+    into one skew estimate, then finish each shard.
+    """
+    part = breakdown_part(spans, aiperf, client_host, one_clock, dynamo_records)
+    return finish_breakdown(part, estimate_skew(part.constraints, part.reference))
+
+
+@dataclass
+class BreakdownPart:
+    """The half of a breakdown that needs no skew estimate: the request table so far, its
+    milestones per chain and the causal constraints (what estimate_skew reads)."""
+
+    req: pd.DataFrame
+    labels: np.ndarray
+    per_chain: dict
+    clocks: list
+    client: object
+    notes: list
+    hops: list
+    constraints: pd.DataFrame
+    reference: str | None
+    base: int
+    starts: pd.DataFrame
+    ends: pd.DataFrame
+    clock_mat: np.ndarray
+    slot_names: list
+    records: dict
+    native: object
+    transfer_status: np.ndarray
+    hop_notes: list = field(default_factory=list)  # the notes of ``hops`` (in ``notes`` too)
+
+
+def breakdown_part(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
+                   client_host: str | None = None, one_clock: bool = False,
+                   dynamo_records: pd.DataFrame | None = None,
+                   base: int | None = None) -> BreakdownPart:
+    """Everything of build_breakdown up to the skew estimate.
+
+    ``base``: the earliest start of all spans (default: of these spans); shards of one
+    run share it, so that client times (float64 nanoseconds) round alike in every shard.
+
     ``client_host``: the host the load generator ran on, when known: its timestamps are then
     on that host's clock (no skew to estimate); otherwise the client is a clock of its own.
     ``one_clock``: every span and the client were timed by one clock (one machine): nothing
@@ -231,7 +273,8 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
         len(spans), None, dtype=object)
     slot_codes, slot_names = _slot_codes(spans, names, key, role)
     # Times relative to the earliest span keep float64 exact to the nanosecond.
-    base = int(spans["start_ns"].min()) if len(spans) else 0
+    if base is None:
+        base = int(spans["start_ns"].min()) if len(spans) else 0
     start = (spans["start_ns"].to_numpy() - base).astype(float)
     end = (spans["end_ns"].to_numpy() - base).astype(float)
     clock_codes, clock_names = pd.factorize(_as_text(spans["clock"]))
@@ -295,7 +338,33 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     constraints = (pd.concat([c[list(CONSTRAINT_COLUMNS)] for c in cons], ignore_index=True)
                    if cons else pd.DataFrame(columns=list(CONSTRAINT_COLUMNS)))
     prefill_clocks = sorted(str(c) for c in req["prefill_clock"].dropna().unique())
-    skew = estimate_skew(constraints, prefill_clocks[0] if prefill_clocks else None)
+    # Coarse legs' span attributes and the transfer status need the spans: taken now, so a
+    # part holds no span (the streamed path keeps a part per shard).
+    native = ((co.slot_attributes(spans, key, slot_codes, slot_names, n_keys), records)
+              if any(c in co.COARSE_CHAINS for c in per_chain) else None)
+    return BreakdownPart(
+        req=req, labels=keys.labels, per_chain=per_chain, clocks=clocks, client=client,
+        notes=notes, hops=hops, constraints=constraints,
+        reference=prefill_clocks[0] if prefill_clocks else None, base=base, starts=starts,
+        ends=ends, clock_mat=mat["clock"], slot_names=slot_names, records=records,
+        native=native, transfer_status=_transfer_status(req, spans, key, names, n_keys),
+        hop_notes=hop_notes)
+
+
+def finish_breakdown(part: BreakdownPart, skew: SkewResult,
+                     first_contact: bool = True) -> RequestBreakdown:
+    """The legs on the corrected clocks and the TTFT per request (``first_contact``: also
+    order the requests and mark each pair's first; the streamed path does that once over
+    all shards)."""
+    import numpy as np
+    import pandas as pd
+
+    req, per_chain, clocks, client, notes = (part.req, part.per_chain, part.clocks,
+                                             part.client, list(part.notes))
+    starts, ends, slot_names, records, base = (part.starts, part.ends, part.slot_names,
+                                               part.records, part.base)
+    mat = {"clock": part.clock_mat}
+    n_keys = len(req)
     offset = np.array([skew.offsets_ns.get(c, 0.0) for c in clocks])
 
     # --- legs ------------------------------------------------------------------------------
@@ -307,23 +376,19 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
     req["start_ns"] = np.nan
     ttft_client = client.ttft_ms if client is not None else np.full(n_keys, np.nan)
     milestones: dict[str, tuple] = {}
-    native = None
     for chain_name, (rows, t, c) in per_chain.items():
         chain = lg.CHAINS[chain_name]
         corrected = t + np.where(c >= 0, offset[np.maximum(c, 0)], 0.0)
         table = lg.compute_legs(corrected, chain, ttft_client[rows])
         if chain_name in co.COARSE_CHAINS:  # fill the gaps with coarse legs (coarse.py)
-            if native is None:
-                native = (co.slot_attributes(spans, key, slot_codes, slot_names, n_keys),
-                          records)
             points = co.COARSE_CHAINS[chain_name]
             ct, cc = co.coarse_times(points, rows, starts, ends, mat["clock"], slot_names,
-                                     *native, req["dynamo_ttft_ms"].to_numpy())
+                                     *part.native, req["dynamo_ttft_ms"].to_numpy())
             fill = co.fill_gaps(table, corrected, points,
                                 ct + np.where(cc >= 0, offset[np.maximum(cc, 0)], 0.0))
             for j, p in enumerate(points[1:], start=1):
                 req.iloc[rows, req.columns.get_loc(LEG + p.id)] = fill.legs_ms[:, j]
-        milestones[chain_name] = (np.asarray(keys.labels)[rows],
+        milestones[chain_name] = (np.asarray(part.labels)[rows],
                                   np.where(table.kept, corrected + base, np.nan))
         for j, m in enumerate(chain[1:], start=1):
             req.iloc[rows, req.columns.get_loc(LEG + m.id)] = table.legs_ms[:, j]
@@ -358,21 +423,25 @@ def build_breakdown(spans: pd.DataFrame, aiperf: pd.DataFrame | None = None,
         # GB/s from the wire time alone where NIXL's telemetry measured it (issue 19).
         x_ms = req[LEG + "kv.wire.end"].where(req[LEG + "kv.wire.end"] > 0, x_ms)
     req["transfer_gbps"] = req["kv_bytes"] / (x_ms / 1e3) / 1e9
-    req["transfer_status"] = _transfer_status(req, spans, key, names, n_keys)
+    req["transfer_status"] = part.transfer_status
+    if first_contact:
+        req = mark_first_contact(req)
+    skipped = int(req["ttft_ms"].isna().sum())
+    if skipped:
+        notes.append(f"{skipped} requests have neither an aiperf TTFT nor two milestones; "
+                     "they are left out of the percentiles.")
+    return RequestBreakdown(requests=req.reset_index() if first_contact else req, skew=skew,
+                            notes=notes, milestones=milestones, propagation=part.hops)
 
-    # --- first contact per (prefill engine, decode engine) pair ---------------------------
+
+def mark_first_contact(req: pd.DataFrame) -> pd.DataFrame:
+    """Requests in start order, with each (prefill engine, decode engine) pair's first."""
     req = req.sort_values("start_ns", kind="stable")
     req["pair"] = req["prefill_engine"].astype(str) + " -> " + req["decode_engine"].fillna(
         "(aggregated)").astype(str)
     req["pair_index"] = req.groupby("pair", sort=False).cumcount()
     req["first_contact"] = req["pair_index"] == 0
-    skipped = int(req["ttft_ms"].isna().sum())
-    if skipped:
-        notes.append(f"{skipped} requests have neither an aiperf TTFT nor two milestones; "
-                     "they are left out of the percentiles.")
-    return RequestBreakdown(requests=req.reset_index(), skew=skew, notes=notes,
-                            milestones=milestones,
-                            propagation=hops)
+    return req
 
 
 def _slot_matrices(key, slot, n_slots, n_keys, start, end, clock) -> dict[str, np.ndarray]:

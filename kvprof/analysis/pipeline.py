@@ -42,6 +42,13 @@ class ReportInputs:
     # NVIDIA Dynamo's request_end records (frontend log / request-trace sink files); files in
     # the traces folder that hold such records are read too (kvprof.analysis.coarse uses them).
     dynamo_log: Path | list[Path] | None = None
+    # Who reads trace files: "pandas" (kvprof's loader) or "chdb" (the SQL of
+    # kvprof.analysis.clickhouse, in-process); a clickhouse:// source is read by its server.
+    engine: str = "pandas"
+    # Streamed analysis (kvprof.analysis.stream): "auto" (when the local trace files pass
+    # stream.STREAM_BYTES), "on", "off"; ``shards``: how many shards of requests (None: by size).
+    stream: str = "auto"
+    shards: int | None = None
 
 
 @dataclass
@@ -129,14 +136,16 @@ class Sources:
     should: Any = None
     notes: list[str] = field(default_factory=list)
     dynamo_records: Any = None  # request_end records (loaders.dynamo_records), None if none
+    streamed: bool = False  # spans_load holds no spans (kvprof.analysis.stream)
 
 
 def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
     """Step 1: read every input given; what was read (and skipped) goes into ``data['inputs']``."""
+    from kvprof.analysis.clickhouse.load import load_trace_source
     from kvprof.analysis.loaders.aiperf import load_aiperf_records
-    from kvprof.analysis.loaders.traces import load_spans, require_kvprof_spans
+    from kvprof.analysis.loaders.traces import require_kvprof_spans
 
-    spans_load = load_spans(inputs.traces, inputs.service, inputs.lookback)
+    spans_load = load_trace_source(inputs.traces, inputs.service, inputs.lookback, inputs.engine)
     foreign_only = require_kvprof_spans(spans_load, inputs.traces)
     aiperf = load_aiperf_records(inputs.aiperf) if inputs.aiperf else None
     src = Sources(spans_load=spans_load, aiperf=aiperf)
@@ -470,9 +479,14 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": {}, "notes": [],  # filled below; keys first so the JSON reads top-down
     }
-    src = load_sources(inputs, data)
-    bd = build_breakdown(src.spans_load.spans, src.aiperf, inputs.client_host, inputs.one_clock,
-                         dynamo_records=src.dynamo_records)
+    from kvprof.analysis import stream
+
+    if stream.wanted(inputs):  # more spans than memory holds: shard by shard
+        src, bd = stream.load_streamed(inputs, data)
+    else:
+        src = load_sources(inputs, data)
+        bd = build_breakdown(src.spans_load.spans, src.aiperf, inputs.client_host,
+                             inputs.one_clock, dynamo_records=src.dynamo_records)
     data["notes"] = [*src.notes, *bd.notes]
     # aiperf's warm-up requests stay in the request list and the first-contact view (one may
     # be a pair's first contact); every statistic is over the measured ones, as aiperf's.
@@ -487,16 +501,19 @@ def build_report(inputs: ReportInputs, with_plots: bool = True) -> Report:
     data["levels"] = level_view(req)
     data["phase_stats"] = phase_stats(req)
     data["pairs"] = pair_view(all_req)
-    links = add_links(data, bd, src, with_plots)
+    # A streamed run keeps no span table: the sections that read it are left out (a note).
+    links = None if src.streamed else add_links(data, bd, src, with_plots)
     add_side_inputs(data, inputs)
-    cpu = cpu_waits(bd, src)
-    add_causes(data, req, done, links, src.should, bd=bd, src=src, cpu=cpu)
+    cpu = None if src.streamed else cpu_waits(bd, src)
+    add_causes(data, req, done, links, src.should, bd=None if src.streamed else bd, src=src,
+               cpu=cpu)
     add_requests(data, req, all_req)
     add_request_causes(data, all_req)
     add_figures_data(data, req)
     add_cpu_waits(data, cpu, req)
-    add_whatif(data, all_req, src)
-    add_capacity(data, bd, src, inputs)
+    if not src.streamed:
+        add_whatif(data, all_req, src)
+        add_capacity(data, bd, src, inputs)
     figures = data.pop("_plots", {})
     if data["percentiles"] and with_plots:
         figures["stacked_percentiles"] = plots.stacked_percentiles(data["percentiles"])

@@ -14,14 +14,24 @@ traces_app = typer.Typer(help="Convert traces between OTLP JSON, Jaeger JSON and
 
 def report(
     traces: str = typer.Option(
-        ..., "--traces", help="OTLP/Jaeger JSON file or directory, or a Jaeger URL."
+        ..., "--traces", help="OTLP/Jaeger JSON file or directory, a Jaeger URL, or the "
+        "OpenTelemetry Collector ClickHouse exporter's table: clickhouse://[USER:PASSWORD@]"
+        "HOST:8123/DB[?table=otel_traces&timeout=300] (its HTTP interface; the spans are "
+        "selected and flattened by SQL on the server, within --lookback of the newest span)."
     ),
+    engine: str = typer.Option(
+        "pandas", "--engine", metavar="pandas|chdb",
+        help="Who reads local trace files: pandas (kvprof's loader) or chdb (ClickHouse "
+        "in-process, pip install chdb: the same SQL as clickhouse://). Same report either way."),
     samples: Path | None = typer.Option(None, "--samples", help="Collector Parquet directory."),
     aiperf: Path | None = typer.Option(None, "--aiperf", help="aiperf artifact directory."),
     microbench: Path | None = typer.Option(None, "--microbench", help="microbench --json file."),
     placement: Path | None = typer.Option(None, "--placement", help="Placement records dir."),
-    service: str | None = typer.Option(None, "--service", help="With a Jaeger URL: service."),
-    lookback: str = typer.Option("1h", "--lookback", help="With a Jaeger URL: time window."),
+    service: str | None = typer.Option(
+        None, "--service", help="With a Jaeger URL: service; with clickhouse://: only traces "
+        "that passed through this service."),
+    lookback: str = typer.Option(
+        "1h", "--lookback", help="With a Jaeger URL or clickhouse://: time window (1h, 30m)."),
     vllm_log: list[Path] = typer.Option(
         [], "--vllm-log",
         help="vLLM worker log (repeatable): 'KV Transfer metrics' lines (decode) and NIXL KV "
@@ -52,6 +62,16 @@ def report(
     fmt: str | None = typer.Option(
         None, "--format", help="html, md or json.  [default: from --out's suffix, else html]"),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
+    stream: str = typer.Option(
+        "auto", "--stream",
+        help="auto, on or off: break the traces down shard by shard of requests (one shard's "
+        "spans in memory at a time; the request table is kept whole: 12M spans peaked at "
+        "6.4 GB); auto streams local trace files over 1 GiB. Same legs and summary; the "
+        "sections that read every span at once (causes, CPU waits, capacity, what-if, link "
+        "counters) are left out."),
+    shards: int | None = typer.Option(
+        None, "--shards", help="With --stream: how many shards of requests [default: one "
+        "per 128 MB of trace files]."),
 ) -> None:
     """Break each request's TTFT into the legs of its path (client, router or Dynamo frontend,
     each engine's API server and EngineCore, KV wait/transfer/ready, first token, the way back)
@@ -63,6 +83,7 @@ def report(
         placement=placement, service=service, lookback=lookback, out=out,
         fmt="json" if json_out else fmt, vllm_log=vllm_log or None, vllm_metrics=vllm_metrics,
         client_host=client_host, one_clock=one_clock, dynamo_log=dynamo_log or None,
+        engine=engine, stream=stream, shards=shards,
     )
     typer.echo(summary, err=True)
 

@@ -418,7 +418,9 @@ def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,
                        vllm_log: Path | list[Path] | None = None,
                        vllm_metrics: Path | None = None, client_host: str | None = None,
                        one_clock: bool = False,
-                       dynamo_log: Path | list[Path] | None = None) -> str:
+                       dynamo_log: Path | list[Path] | None = None,
+                       engine: str = "pandas", stream: str = "auto",
+                       shards: int | None = None) -> str:
     """The body of `kvprof report`; returns the one-line summary the CLI prints.
 
     ``fmt`` None: from ``out``'s suffix (html without one); ``out`` None: out/report.<fmt>."""
@@ -426,11 +428,20 @@ def run_report_command(traces: str, samples: Path | None, aiperf: Path | None,
     from kvprof.outputs import check_output
 
     check_output(out, "--out")  # before minutes of work, not after (issue 21)
+    if stream not in ("auto", "on", "off"):
+        from kvprof.errors import UsageError
+
+        raise UsageError(f"--stream {stream}: not auto, on or off",
+                         hint="--stream on breaks large traces down shard by shard.")
+    if shards is not None:
+        from kvprof.inputs import option_number
+
+        option_number(shards, "--shards", minimum=1, strict=False)
     report = build_report(ReportInputs(
         traces=traces, samples=samples, aiperf=aiperf, microbench=microbench,
         placement=placement, vllm_log=vllm_log, vllm_metrics=vllm_metrics, service=service,
         lookback=lookback, client_host=client_host, one_clock=one_clock,
-        dynamo_log=dynamo_log),
+        dynamo_log=dynamo_log, engine=engine, stream=stream, shards=shards),
         with_plots=fmt_name == "html")
     path = write_report(report, out, fmt_name)
     s = report.data["summary"]

@@ -29,6 +29,27 @@ def whatif_table(data: dict[str, Any]) -> tuple[list[str], list[list]] | None:
     return header, rows
 
 
+# The model's legs (kvprof.analysis.whatif.simulate) in the report's words: coarser than the
+# breakdown's (queue and compute per engine role, the stages between them as one leg each).
+_MODEL_LEGS = {"in": "client -> first engine (frontend, router, API server)",
+               "mid": "prefill -> decode hand-off (besides the KV transfer)",
+               "out": "decode -> client (first token out)",
+               "kv.transfer": "KV transfer", "kv.handshake": "NIXL handshake",
+               "kv.link_wait": "KV waiting for the link", "kv.wire": "KV on the wire",
+               "kv.fixed": "KV transfer's fixed cost"}
+_MODEL_PARTS = {"queue": "scheduler queue", "compute": "compute"}
+
+
+def model_leg_words(leg: str) -> str:
+    """A what-if model leg ('decode.queue', 'kv.wire', 'in') in words."""
+    if leg in _MODEL_LEGS:
+        return _MODEL_LEGS[leg]
+    role, _, part = leg.partition(".")
+    if part in _MODEL_PARTS:
+        return f"{role} engine's {_MODEL_PARTS[part]}"
+    return leg
+
+
 def whatif_text(data: dict[str, Any]) -> list[str]:
     """The validation sentence and where the calibration is thin."""
     w = data.get("whatif") or {}
@@ -52,7 +73,8 @@ def whatif_text(data: dict[str, Any]) -> list[str]:
                       if d is not None)
         big = sorted(gaps, key=lambda x: -abs(x[0]))[:3]
         out.append(f"Per leg at {w['predicted_level']} (predicted - measured, mean ms per "
-                   "request): " + ", ".join(f"{k} {d:+,.0f}" for d, k in big)
+                   "request): " + ", ".join(f"{model_leg_words(k)} {d:+,.0f}"
+                                            for d, k in big)
                    + " (`kvprof whatif` prints every leg).")
     cal = w.get("calibration") or {}
     out += [f"Calibration thin: {t}" for t in cal.get("thin", [])]
