@@ -160,6 +160,13 @@ def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
     if aiperf is not None:
         data["inputs"]["aiperf"] = {"source": str(inputs.aiperf), "records": int(len(aiperf))}
     load_dynamo_records(inputs, src, data)
+    load_side_inputs(inputs, src, data)
+    return src
+
+
+def load_side_inputs(inputs: ReportInputs, src: Sources, data: dict[str, Any]) -> None:
+    """Step 1c: the collector's samples and the microbench results, when given (the same for
+    an in-memory and a streamed report)."""
     if inputs.samples:
         from kvprof.analysis.loaders.samples import load_samples
 
@@ -173,7 +180,6 @@ def load_sources(inputs: ReportInputs, data: dict[str, Any]) -> Sources:
 
         src.should = load_microbench(inputs.microbench)
         data["should_cost"] = src.should.to_dict()
-    return src
 
 
 def load_dynamo_records(inputs: ReportInputs, src: Sources, data: dict[str, Any]) -> None:

@@ -745,7 +745,7 @@ def load_streamed(inputs, data: dict[str, Any]):
         require_kvprof_spans,
         trace_files,
     )
-    from kvprof.analysis.pipeline import Sources, load_dynamo_records
+    from kvprof.analysis.pipeline import Sources, load_dynamo_records, load_side_inputs
 
     path = Path(str(inputs.traces))
     candidates = [str(p) for p in (trace_files(path) if path.is_dir() else [])
@@ -779,17 +779,5 @@ def load_streamed(inputs, data: dict[str, Any]):
         "spans_skipped": load.spans_skipped, "parents_dropped": load.parents_dropped,
         "streamed_shards": result.shards}
     data["inputs"] = {"traces": data["inputs"].pop("traces"), **data["inputs"]}
-    if inputs.samples:
-        from kvprof.analysis.loaders.samples import load_samples
-
-        src.samples_load = load_samples(inputs.samples)
-        data["inputs"]["samples"] = {
-            "source": str(inputs.samples), "files": len(src.samples_load.files),
-            "samples": int(len(src.samples_load.samples)),
-            "skipped": [{"file": f, "why": w} for f, w in src.samples_load.skipped]}
-    if inputs.microbench:
-        from kvprof.analysis.loaders.microbench_results import load_microbench
-
-        src.should = load_microbench(inputs.microbench)
-        data["should_cost"] = src.should.to_dict()
+    load_side_inputs(inputs, src, data)
     return src, result.breakdown

@@ -149,12 +149,8 @@ def scheduler_schedule(wrapped: Callable[..., Any]) -> Probe:
             out = wrapped(self, *args, **kwargs)
             try:
                 begin(_STEP_START, self, out, t)
-                new = out.scheduled_new_reqs
-                if new:  # empty on most steps
-                    for r in new:
-                        rid = r.req_id
-                        _AWAIT_FIRST.add(rid)
-                        _EMIT((SCHEDULED, rid, t))
+                if out.scheduled_new_reqs:  # empty on most steps
+                    _note_scheduled(out.scheduled_new_reqs, t)
             except Exception:
                 _hook_failed("Scheduler.schedule")
             return out
@@ -179,16 +175,21 @@ def scheduler_schedule(wrapped: Callable[..., Any]) -> Probe:
             starts[id(out)] = info
             if len(starts) > 64:  # outputs never passed back (shutdown) must not pile up
                 del starts[next(iter(starts))]
-            new = out.scheduled_new_reqs
-            if new:  # empty on most steps
-                for r in new:
-                    rid = r.req_id
-                    _AWAIT_FIRST.add(rid)
-                    _EMIT((SCHEDULED, rid, t))
+            if out.scheduled_new_reqs:  # empty on most steps
+                _note_scheduled(out.scheduled_new_reqs, t)
         except Exception:
             _hook_failed("Scheduler.schedule")
         return out
     return schedule
+
+
+def _note_scheduled(new: Any, t: int) -> None:
+    """The requests a step scheduled for the first time: their 'scheduled' event, and each
+    awaits its first token."""
+    for r in new:
+        rid = r.req_id
+        _AWAIT_FIRST.add(rid)
+        _EMIT((SCHEDULED, rid, t))
 
 
 def _report_freed() -> None:
