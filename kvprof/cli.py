@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     if rc == 130:
         # Typer turns Ctrl-C into a silent exit code 130: say it (issue 21).
         sys.stderr.write("Interrupted.\n")
+    # The work is done and its outputs written: a Ctrl-C from here on would land in the
+    # interpreter's shutdown (thread joins, atexit) and end the process by the signal itself
+    # (exit -2, no message), so the command's own exit status stands.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -705,9 +705,9 @@ def cases() -> list[Case]:
     # Ctrl-C: "Interrupted." and exit 130, no half-written output
     add(Case("report-sigint", "signals", _big_report, expect="interrupted",
              outputs=("report.json",), during=_sigint_while_reading("big")))
-    add(Case("compare-sigint", "signals",
-             lambda d, e: _compare(d, SEED_AIPERF / "agg", SEED_AIPERF / "disagg"),
-             expect="interrupted", outputs=("cmp/compare.json",), during=_sigint_after(0.8)))
+    add(Case("compare-sigint", "signals", lambda d, e: _many_levels_compare(d),
+             expect="interrupted", outputs=("cmp/compare.json",),
+             during=_sigint_while_reading("big")))
     add(Case("microbench-decode-tp-too-large", "numeric_options",
              lambda d, e: ["microbench", *MB_SMALL, "--tokens", "16", "--decode-tp", "100000"],
              needle="--decode-tp", codes=(2, 3, 4), timeout=60))
@@ -857,6 +857,18 @@ def _big_report(d: Path, env: Env) -> list[str]:
     return _report(d, env, d / "big" / "traces", "--aiperf", str(d / "big" / "aiperf"))
 
 
+def _many_levels_compare(d: Path) -> list[str]:
+    """A comparison of 1,500 concurrency levels a side: still reading its inputs when Ctrl-C
+    comes (the seed's 7 levels took 0.9 s in all, and a fixed 0.8 s sleep raced its end)."""
+    for side in ("agg", "disagg"):
+        src = (SEED_AIPERF / side / "c1" / "profile_export_aiperf.json").read_bytes()
+        for c in range(1, 1501):
+            level = d / "big" / side / f"c{c}"
+            level.mkdir(parents=True)
+            (level / "profile_export_aiperf.json").write_bytes(src)
+    return _compare(d, d / "big" / "agg", d / "big" / "disagg")
+
+
 def _sigint_while_reading(subdir: str, timeout: float = 60.0):
     """Ctrl-C once the command has one of its input files open: its work is under way, so the
     signal tests the interrupt path, not a race with start-up or with a run already done
@@ -870,13 +882,6 @@ def _sigint_while_reading(subdir: str, timeout: float = 60.0):
                 if any(os.readlink(fd).startswith(inputs) for fd in fds.iterdir()):
                     break
             time.sleep(0.002)
-        proc.send_signal(signal.SIGINT)
-    return during
-
-
-def _sigint_after(delay: float):
-    def during(d: Path, proc: subprocess.Popen) -> None:
-        time.sleep(delay)
         proc.send_signal(signal.SIGINT)
     return during
 
