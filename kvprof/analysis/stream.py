@@ -342,13 +342,13 @@ def stream_breakdown(source: str | Path, aiperf: pd.DataFrame | None = None,
     from kvprof.analysis.loaders.otlp import SpanProblems
     from kvprof.analysis.loaders.traces import (
         EXPECTED,
-        SPAN_HINT,
         SpanLoad,
         _Columns,
         _file_verdict,
         _load_file,
         _readable,
         _span_notes,
+        no_spans_error,
         trace_files,
     )
     from kvprof.analysis.skew import estimate_skew
@@ -441,11 +441,7 @@ def stream_breakdown(source: str | Path, aiperf: pd.DataFrame | None = None,
                 files.append(str(p))
         skipped = deep_files + skipped
         if not traces:
-            detail = "; ".join(f"{Path(f).name}: {w}" for f, w in skipped[:5])
-            raise BadInputError(
-                f"no spans could be read from {path}" + (f" ({detail})" if detail else ""),
-                hint=SPAN_HINT if any(sp.skipped for _, sp in per_file)
-                else f"Expected {EXPECTED}.")
+            raise no_spans_error(path, skipped, per_file)
         shard_of, link_shard, moved = _shard_of_traces(traces, links, shards)
         del traces, links
         for c in chunks:

@@ -364,6 +364,16 @@ def _span_notes(per_file: list[tuple[str, SpanProblems]]) -> list[str]:
     return notes
 
 
+def no_spans_error(path: Path, skipped: list[tuple[str, str]],
+                   per_file: list[tuple[str, SpanProblems]]) -> BadInputError:
+    """The error for traces of which no span could be read: the first files' reasons, and a
+    hint on the span shape when some spans were there but malformed."""
+    detail = "; ".join(f"{Path(f).name}: {why}" for f, why in skipped[:5])
+    return BadInputError(
+        f"no spans could be read from {path}" + (f" ({detail})" if detail else ""),
+        hint=SPAN_HINT if any(sp.skipped for _, sp in per_file) else f"Expected {EXPECTED}.")
+
+
 def load_spans(source: str | Path, service: str | None = None, lookback: str = "1h") -> SpanLoad:
     """Load every span of a file, a directory or a Jaeger query URL into the span table.
 
@@ -427,12 +437,7 @@ def load_spans(source: str | Path, service: str | None = None, lookback: str = "
             if read:
                 files.append(str(p))
         if not len(cols) and not tables:
-            detail = "; ".join(f"{Path(f).name}: {why}" for f, why in skipped[:5])
-            any_spans = any(sp.skipped for _, sp in per_file)
-            raise BadInputError(
-                f"no spans could be read from {path}" + (f" ({detail})" if detail else ""),
-                hint=SPAN_HINT if any_spans else f"Expected {EXPECTED}.",
-            )
+            raise no_spans_error(path, skipped, per_file)
     from kvprof.analysis.loaders.dynamo_records import holds_records
 
     for f, why in skipped:

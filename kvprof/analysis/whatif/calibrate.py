@@ -188,6 +188,18 @@ def load_levels(aiperf: pd.DataFrame) -> dict[int, Load]:
     return out
 
 
+def _stage_at(leg: str, stage: int) -> int:
+    """Where a chain's walk stands once it reaches ``leg``: 0 before the engine, 1 after
+    prefill, 2 in the transfer, 3 after the first token (``stage``: where it stood)."""
+    if leg in PREFILL_END:
+        return 1
+    if leg in TRANSFER:
+        return 2
+    if leg in FIRST_TOKEN:
+        return 3
+    return stage
+
+
 def _chain_legs(req: pd.DataFrame, chain: str) -> list[str]:
     """The leg columns of one chain, in that chain's path order."""
     from kvprof.analysis import legs as lg
@@ -217,12 +229,7 @@ def _overhead_samples(req: pd.DataFrame, wire: pd.Series | None) -> list[tuple[f
         for col in legs:
             name = col.removeprefix(LEG)
             v = row[col]
-            if name in PREFILL_END:
-                stage = 1
-            elif name in TRANSFER:
-                stage = 2
-            elif name in FIRST_TOKEN:
-                stage = 3
+            stage = _stage_at(name, stage)
             if v != v or name in SIMULATED:
                 continue
             if name == WIRE_LEG:
@@ -265,12 +272,7 @@ def measured_legs(req: pd.DataFrame, concurrency: int) -> dict[str, float]:
         stage = 0
         for col in _chain_legs(req, str(row["chain"])):
             name = col.removeprefix(LEG)
-            if name in PREFILL_END:
-                stage = 1
-            elif name in TRANSFER:
-                stage = 2
-            elif name in FIRST_TOKEN:
-                stage = 3
+            stage = _stage_at(name, stage)
             v = row[col]
             if v == v:
                 key = QUEUE_LEGS.get(name, STAGE_LEG[stage])
